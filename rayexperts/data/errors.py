@@ -1,0 +1,7 @@
+"""The data layer's one error type: a message that names the path, key or value at fault."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message names the file/column/value and how to fix it."""

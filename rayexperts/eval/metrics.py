@@ -1,0 +1,130 @@
+"""Evaluation as sufficient statistics: top-1 by shot group, per class, ECE, inter-expert KL.
+
+Each worker accumulates sums over its shard of the test set; :meth:`EvalAccumulator.all_reduce`
+adds them across workers, so every sample counts exactly once whatever the worker count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+GROUPS = ("many", "medium", "few")
+
+
+def ece_from_bins(count: np.ndarray, conf_sum: np.ndarray, correct_sum: np.ndarray) -> float:
+    """Expected calibration error: Σ_b (n_b/N) |acc_b − conf_b| over equal-width confidence bins."""
+    n = count.sum()
+    if n == 0:
+        return math.nan
+    nz = count > 0
+    gap = np.abs(correct_sum[nz] / count[nz] - conf_sum[nz] / count[nz])
+    return float((count[nz] / n * gap).sum())
+
+
+def expected_calibration_error(probs: Tensor, targets: Tensor, num_bins: int = 15) -> float:
+    """ECE of softmax probabilities ``probs`` [N, C] (15 bins as ECL)."""
+    acc = EvalAccumulator(["v"], probs.shape[1], num_bins, probs.device)
+    acc.update("v", probs.log(), targets)
+    return acc.ece("v")
+
+
+def pairwise_kl(expert_logits: Sequence[Tensor]) -> Tensor:
+    """Per sample, mean over ordered expert pairs of KL(p_k ‖ p_q) of the softmax predictions."""
+    logp = [F.log_softmax(z.float(), dim=1) for z in expert_logits]
+    k = len(logp)
+    total = torch.zeros(logp[0].shape[0], device=logp[0].device)
+    for a in range(k):
+        for b in range(k):
+            if a != b:
+                total += (logp[a].exp() * (logp[a] - logp[b])).sum(1)
+    return total / (k * (k - 1))
+
+
+class EvalAccumulator:
+    """Per-view sums: correct/total per class and confidence bins; per class expert-KL sums."""
+
+    def __init__(self, views: Sequence[str], num_classes: int, num_bins: int = 15, device=None):
+        self.views = list(views)
+        self.num_classes = num_classes
+        self.num_bins = num_bins
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        self.correct = {v: z(num_classes) for v in self.views}
+        self.total = {v: z(num_classes) for v in self.views}
+        self.bins = {v: z(3, num_bins) for v in self.views}  # count, confidence sum, correct sum
+        self.kl_sum = z(num_classes)
+        self.kl_count = z(num_classes)
+
+    def update(self, view: str, logits: Tensor, targets: Tensor) -> None:
+        probs = F.softmax(logits.float(), dim=1)
+        conf, pred = probs.max(1)
+        correct = (pred == targets).double()
+        c = self.num_classes
+        self.correct[view] += torch.bincount(targets, weights=correct, minlength=c)
+        self.total[view] += torch.bincount(targets, minlength=c).double()
+        b = torch.clamp((conf * self.num_bins).long(), max=self.num_bins - 1)
+        self.bins[view][0] += torch.bincount(b, minlength=self.num_bins).double()
+        self.bins[view][1] += torch.bincount(b, weights=conf.double(), minlength=self.num_bins)
+        self.bins[view][2] += torch.bincount(b, weights=correct, minlength=self.num_bins)
+
+    def update_expert_kl(self, expert_logits: Sequence[Tensor], targets: Tensor) -> None:
+        if len(expert_logits) < 2:
+            return
+        kl = pairwise_kl(expert_logits).double()
+        self.kl_sum += torch.bincount(targets, weights=kl, minlength=self.num_classes)
+        self.kl_count += torch.bincount(targets, minlength=self.num_classes).double()
+
+    def _tensors(self) -> list[Tensor]:
+        out = [self.kl_sum, self.kl_count]
+        for v in self.views:
+            out += [self.correct[v], self.total[v], self.bins[v]]
+        return out
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over all workers (no-op outside torch.distributed)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for t in self._tensors():
+                dist.all_reduce(t)
+
+    # -- summaries -------------------------------------------------------------------
+    def ece(self, view: str) -> float:
+        count, conf, corr = (x.cpu().numpy() for x in self.bins[view])
+        return ece_from_bins(count, conf, corr)
+
+    def per_class_accuracy(self, view: str) -> np.ndarray:
+        tot = self.total[view].cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(tot > 0, self.correct[view].cpu().numpy() / np.maximum(tot, 1), np.nan)
+
+    def summary(self, view: str, groups: np.ndarray, prefix: str = "") -> dict[str, float]:
+        """``top1``, ``top1_many/medium/few`` (NaN for an empty group), ``ece``, ``num_samples``."""
+        corr = self.correct[view].cpu().numpy()
+        tot = self.total[view].cpu().numpy()
+        out = {f"{prefix}top1": _ratio(corr.sum(), tot.sum())}
+        for g in GROUPS:
+            sel = groups == g
+            out[f"{prefix}top1_{g}"] = _ratio(corr[sel].sum(), tot[sel].sum())
+        out[f"{prefix}ece"] = self.ece(view)
+        out[f"{prefix}num_samples"] = int(tot.sum())
+        return out
+
+    def expert_kl_summary(self, groups: np.ndarray, prefix: str = "") -> dict[str, float]:
+        """Mean KL between experts' predictions, overall and per shot group (NCL Fig. 1/5b)."""
+        s, n = self.kl_sum.cpu().numpy(), self.kl_count.cpu().numpy()
+        if n.sum() == 0:
+            return {}
+        out = {f"{prefix}expert_kl": _ratio(s.sum(), n.sum())}
+        for g in GROUPS:
+            sel = groups == g
+            out[f"{prefix}expert_kl_{g}"] = _ratio(s[sel].sum(), n[sel].sum())
+        return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b > 0 else math.nan

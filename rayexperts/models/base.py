@@ -1,0 +1,40 @@
+"""The backbone contract every family follows: ``stem`` → ``stages`` → global average pool."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+class Backbone(nn.Module):
+    """A network cut into a stem and stages, so a multi-expert model can split it.
+
+    ``stage_channels[i]`` is the output channel count of ``stages[i]``; ``forward`` returns the
+    globally average-pooled feature ``v`` of shape ``[B, out_dim]``.
+    """
+
+    def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], stage_channels: Sequence[int]) -> None:
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.stage_channels = list(stage_channels)
+        self.out_dim = self.stage_channels[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x.mean(dim=(2, 3))
+
+
+class PooledStages(nn.Sequential):
+    """Stages applied in order, then global average pooling: ``[B, C, H, W]`` → ``[B, C']``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x).mean(dim=(2, 3))
+
+
+def scale_width(channels: int, width: float) -> int:
+    """``channels × width``, rounded, at least 1 (RIDE's "reduced dimension": 64 × 0.75 = 48)."""
+    return max(1, round(channels * width))

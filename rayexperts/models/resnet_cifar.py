@@ -1,0 +1,119 @@
+"""CIFAR ResNets (He et al. 2016, §4.2) and ``digitsnet``, a member of the same family for 8x8 digits.
+
+A 3x3 stem (conv–BN–ReLU, no max-pool) and three stages of basic blocks; ResNet-32 is
+3 stages × 5 blocks at widths 16/32/64 (METHODS.md "Two-stage backbones").
+
+Shortcut: where a block changes shape, a 1x1 conv + BN projection (He et al.'s option B).
+LDAM-DRW and RIDE ship this option but construct their networks with the parameter-free
+zero-padding option A, so ResNet-32 here has 0.47M parameters instead of their 0.46M.
+Convolutions are initialised with ``kaiming_normal_`` as in LDAM-DRW.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from rayexperts.models.base import Backbone, PooledStages, scale_width
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    stem_width: int
+    widths: tuple[int, ...]
+    blocks: int  # per stage
+    strides: tuple[int, ...] = (1, 2, 2)
+
+
+SPECS: dict[str, CifarSpec] = {
+    "resnet8": CifarSpec(16, (16, 32, 64), 1),
+    "resnet20": CifarSpec(16, (16, 32, 64), 3),
+    "resnet32": CifarSpec(16, (16, 32, 64), 5),
+    "digitsnet": CifarSpec(32, (32, 64, 128), 1),
+}
+
+
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3–BN–ReLU–conv3x3–BN, plus the (projected where needed) input, then ReLU."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _conv3x3(in_ch, out_ch, stride)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = _conv3x3(out_ch, out_ch)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def _init(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+
+
+def cifar_stages(name: str, start: int, width: float, in_channels: int) -> tuple[list[nn.Sequential], list[int]]:
+    """Stages ``start..end`` of ``name`` with filters × ``width``, fed ``in_channels`` channels."""
+    spec = SPECS[name]
+    stages, channels = [], []
+    for i in range(start, len(spec.widths)):
+        out_ch = scale_width(spec.widths[i], width)
+        blocks = [BasicBlock(in_channels if b == 0 else out_ch, out_ch, spec.strides[i] if b == 0 else 1)
+                  for b in range(spec.blocks)]
+        stages.append(nn.Sequential(*blocks))
+        channels.append(out_ch)
+        in_channels = out_ch
+    for stage in stages:
+        _init(stage)
+    return stages, channels
+
+
+def cifar_resnet(name: str, in_channels: int = 3) -> Backbone:
+    """The full network ``name`` (a key of :data:`SPECS`) for ``in_channels``-channel images."""
+    spec = SPECS[name]
+    stem = nn.Sequential(
+        _conv3x3(in_channels, spec.stem_width), nn.BatchNorm2d(spec.stem_width), nn.ReLU(inplace=True)
+    )
+    _init(stem)
+    stages, channels = cifar_stages(name, 0, 1.0, spec.stem_width)
+    return Backbone(stem, stages, channels)
+
+
+def cifar_expert_stages(name: str, start: int, width: float, in_channels: int) -> tuple[PooledStages, int]:
+    """Stages ``start..end`` at ``width`` followed by global pooling, and their output dimension."""
+    stages, channels = cifar_stages(name, start, width, in_channels)
+    return PooledStages(*stages), channels[-1] if channels else in_channels
+
+
+def resnet8(in_channels: int = 3) -> Backbone:
+    """1 basic block per stage, widths 16/32/64."""
+    return cifar_resnet("resnet8", in_channels)
+
+
+def resnet20(in_channels: int = 3) -> Backbone:
+    """3 basic blocks per stage, widths 16/32/64."""
+    return cifar_resnet("resnet20", in_channels)
+
+
+def resnet32(in_channels: int = 3) -> Backbone:
+    """5 basic blocks per stage, widths 16/32/64 (the CIFAR-LT backbone of all four papers)."""
+    return cifar_resnet("resnet32", in_channels)
+
+
+def digitsnet(in_channels: int = 1) -> Backbone:
+    """For 8x8 digits: stem → 32, 1 basic block per stage, widths 32/64/128, strides 1/2/2."""
+    return cifar_resnet("digitsnet", in_channels)

@@ -1,0 +1,30 @@
+"""Shared fixtures: one local Ray cluster per test session, the real CIFAR-10 file when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10_PARQUET = REPO.parent / "shared" / "data" / "cifar10-jpeg.parquet"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A 2-CPU local Ray cluster shared by every test that needs one (start-up costs 10–30 s)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cifar10_parquet() -> Path:
+    if not CIFAR10_PARQUET.exists():
+        pytest.skip(f"{CIFAR10_PARQUET} not present")
+    return CIFAR10_PARQUET
