@@ -137,7 +137,8 @@ class RunConfig:
     checkpoint_every: int = 1
     num_to_keep: int = 2
     max_failures: int = 0
-    verbose: bool = True
+    verbose: bool = True  # one progress line per epoch
+    ray_log_level: str = "WARNING"  # Ray Train's own logs (INFO shows every report)
 
 
 @dataclass
@@ -371,6 +372,12 @@ def load_config(
 
 def validate(cfg: DictConfig) -> None:
     """Value checks that the types alone cannot express."""
+    from rayexperts.methods import method_names  # lazy: the registry imports torch
+
+    if cfg.method not in method_names():
+        close = difflib.get_close_matches(cfg.method, method_names(), n=2)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown method {cfg.method!r} (key 'method'): choose one of {', '.join(method_names())}{hint}")
     choices = {
         "data.imbalance_type": ("exp", "step", "none"),
         "data.augment": ("standard", "randaugment", "autoaugment_cutout", "data_aug", "none"),

@@ -69,7 +69,8 @@ def _check_mask(mask: Tensor, logits_shape: torch.Size) -> Tensor:
 
 
 def _stack(tensors: Sequence[Tensor], name: str) -> Tensor:
-    """Stack one 2-D tensor per expert into ``[K, B, C]`` after checking they match."""
+    """Stack one 2-D tensor per expert into ``[K, B, C]`` after checking they match; half/bf16
+    inputs are promoted to float32 (the KL and log-softmax terms are computed in float32)."""
     if len(tensors) == 0:
         raise ValueError(f"{name} is empty: need one tensor per expert")
     shape = tensors[0].shape
@@ -77,7 +78,8 @@ def _stack(tensors: Sequence[Tensor], name: str) -> Tensor:
         _check_2d(t, f"{name}[{k}]")
         if t.shape != shape:
             raise ValueError(f"{name}[{k}] has shape {tuple(t.shape)}, {name}[0] has {tuple(shape)}")
-    return torch.stack(list(tensors))
+    stacked = torch.stack(list(tensors))
+    return stacked.float() if stacked.dtype in (torch.float16, torch.bfloat16) else stacked
 
 
 def _check_mode(mode: str) -> None:
@@ -86,19 +88,25 @@ def _check_mode(mode: str) -> None:
 
 
 # -- shared pieces --------------------------------------------------------------------
-def _pairwise_kl(prob: Tensor, log_prob: Tensor, detach_target: bool) -> Tensor:
+def _pairwise_kl(
+    prob: Tensor, log_prob: Tensor, detach_target: bool, student_weights: Tensor | None = None
+) -> Tensor:
     """``Σ_k Σ_{q≠k} KL(P_k ‖ P_q)`` per sample, ``[B]``, for ``prob``/``log_prob`` ``[K, B, C]``.
 
     ``log_prob`` must be finite where ``prob`` is 0 (callers replace ``-inf`` by 0 there).
     With ``detach_target`` the gradient flows only into the student side ``P_q``.
+    ``student_weights`` ``[K, B]``: each ``KL(P_k ‖ P_q)`` is multiplied by ``student_weights[q]``.
     """
     target_p = prob.detach() if detach_target else prob
     target_logp = log_prob.detach() if detach_target else log_prob
-    neg_entropy = (target_p * target_logp).sum(-1)  # [K, B]: Σ P_k log P_k
-    cross = torch.einsum("kbc,qbc->kqb", target_p, log_prob)  # [K, K, B]: Σ P_k log P_q
-    kl = neg_entropy.unsqueeze(1) - cross
+    # elementwise [K, K, B, C] rather than an einsum: no matmul, so no bf16 under autocast and
+    # no cancellation between Σ P log P and Σ P log Q
+    kl = (target_p.unsqueeze(1) * (target_logp.unsqueeze(1) - log_prob.unsqueeze(0))).sum(-1)
     diagonal = torch.eye(prob.shape[0], dtype=torch.bool, device=prob.device).unsqueeze(-1)
-    return kl.masked_fill(diagonal, 0.0).sum((0, 1))
+    kl = kl.masked_fill(diagonal, 0.0)
+    if student_weights is not None:
+        kl = kl * student_weights.unsqueeze(0)  # kl[k, q] is weighted by the student q's row
+    return kl.sum((0, 1))
 
 
 def _ncl_balanced_logits(stacked: Tensor, class_counts: Tensor, tau: float) -> Tensor:
@@ -178,7 +186,7 @@ def mutual_learning_loss(
         return (_pairwise_kl(log_p.exp(), log_p, detach_target=True) / (num_experts - 1)).mean()
     p = log_p.exp().detach()
     others = (1.0 - torch.eye(num_experts, dtype=p.dtype, device=p.device)) / (num_experts - 1)
-    p_avg = torch.einsum("lk,lbc->kbc", others, p)  # p̄_{−k}: a sum of non-negatives, never < 0
+    p_avg = (others.view(num_experts, num_experts, 1, 1) * p.unsqueeze(1)).sum(0)  # p̄_{−k} ≥ 0 exactly
     kl = (torch.xlogy(p_avg, p_avg) - p_avg * log_p).sum(-1)  # [K, B]
     return kl.sum(0).mean()
 
@@ -335,20 +343,25 @@ def logit_kd_loss(
     ``Σ_k Σ_{q≠k} Σ_i w_i τ² KL(softmax(z_i^k/τ) ‖ softmax(z_i^q/τ)) / (N K (K−1))``.
 
     ``weights``: the ``[B]`` BKT weights (:func:`bkt_weights`; treated as constants), all
-    ones if None. ``detach_target=False`` (default): ECL eq. 7 has no stop-gradient and
+    ones if None; or ``[K, B]``, one row per expert, where row ``q`` weights the pairs in which
+    expert ``q`` is the student (``w_i^q`` multiplies ``KL(… ‖ softmax(z_i^q/τ))``).
+    ``detach_target=False`` (default): ECL eq. 7 has no stop-gradient and
     "follow[s] NCL" online distillation, whose paper and official code both keep the
     gradient on both sides; ``True`` detaches ``softmax(z^k/τ)``. 0 for K = 1.
     """
     z = _stack(expert_logits, "expert_logits")
     num_experts, batch, _ = z.shape
-    if weights is not None and weights.shape != (batch,):
-        raise ValueError(f"weights must have shape [{batch}], got {tuple(weights.shape)}")
+    if weights is not None and weights.shape not in ((batch,), (num_experts, batch)):
+        raise ValueError(f"weights must have shape [{batch}] or [{num_experts}, {batch}], got {tuple(weights.shape)}")
     if num_experts == 1:
         return z.new_zeros(())
     log_p = (z / tau).log_softmax(-1)
-    per_sample = _pairwise_kl(log_p.exp(), log_p, detach_target)
-    if weights is not None:
-        per_sample = weights.detach().to(per_sample.dtype) * per_sample
+    if weights is not None and weights.dim() == 2:
+        per_sample = _pairwise_kl(log_p.exp(), log_p, detach_target, weights.detach().to(log_p.dtype))
+    else:
+        per_sample = _pairwise_kl(log_p.exp(), log_p, detach_target)
+        if weights is not None:
+            per_sample = weights.detach().to(per_sample.dtype) * per_sample
     return tau**2 * per_sample.mean() / (num_experts * (num_experts - 1))
 
 

@@ -18,7 +18,7 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -23,9 +23,9 @@ def exponential_counts(n_max: int, num_classes: int, imbalance_factor: float) ->
     _check_factor(imbalance_factor)
     if num_classes == 1:
         return np.array([n_max], dtype=np.int64)
-    i = np.arange(num_classes)
-    # Python floats, as in the reference code, so CIFAR-LT totals come out exactly.
-    return np.array([int(n_max * (1.0 / imbalance_factor) ** (k / (num_classes - 1))) for k in i], dtype=np.int64)
+    # Python float arithmetic, as in the reference code (Cao et al.), so totals match exactly.
+    counts = [int(n_max * (1.0 / imbalance_factor) ** (i / (num_classes - 1))) for i in range(num_classes)]
+    return np.array(counts, dtype=np.int64)
 
 
 def step_counts(

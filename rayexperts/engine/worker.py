@@ -9,6 +9,7 @@ reports metrics plus checkpoints.
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -206,6 +207,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg = from_dict(loop_config["config"])
+    logging.getLogger("ray.train").setLevel(str(cfg.run.ray_log_level))
     threads = int(loop_config.get("threads") or 0)
     if threads > 0:
         torch.set_num_threads(threads)

@@ -30,7 +30,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
 
 
 def default_run_name(cfg: DictConfig) -> str:
@@ -74,11 +74,13 @@ def check_existing_run(files: RunFiles, cfg: DictConfig) -> bool:
 
 def build_trainer(cfg: DictConfig, callbacks: list | None = None):
     """The ``TorchTrainer`` for ``cfg`` (run.name must be set)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rayexperts.engine.worker import train_loop_per_worker
 
+    # Worker prints go straight to stdout (Ray forwards them once) instead of through Train's logger.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     cpus, gpus, threads = worker_resources(cfg)
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
     return TorchTrainer(
@@ -95,6 +97,7 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
             failure_config=FailureConfig(max_failures=int(cfg.run.max_failures)),
             checkpoint_config=CheckpointConfig(num_to_keep=int(cfg.run.num_to_keep)),
             callbacks=callbacks,
+            logging_config=LoggingConfig(log_level=str(cfg.run.ray_log_level)),
         ),
     )
 

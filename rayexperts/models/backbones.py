@@ -144,10 +144,8 @@ def _torchvision_stages(name: str, start: int, width: float, in_channels: int) -
 
 
 def _torchvision_init(module: nn.Module) -> None:
-    """As torchvision's ResNet.__init__ (layers built after it default to PyTorch's init)."""
+    """Convolutions as torchvision's ResNet.__init__ initialises them (layers built after it would
+    keep PyTorch's default init; BatchNorm's default already matches)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)

@@ -1,0 +1,54 @@
+"""``python -m rayexperts.data describe NAME [key=value ...]``: per-class train counts,
+shot groups and split sizes of a data set. Bad input prints ``error: ...`` and exits 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from rayexperts.config import ConfigError, load_config
+from rayexperts.data.errors import DataError
+
+if TYPE_CHECKING:
+    from rayexperts.data.lt_dataset import LTDataset
+
+USAGE = "usage: python -m rayexperts.data describe NAME [key=value ...]"
+
+
+def describe(ds: LTDataset, many_threshold: int = 100, few_threshold: int = 20) -> str:
+    """The text report: a per-class table, the shot-group sizes and the split sizes."""
+    groups = ds.shot_groups(many_threshold, few_threshold)
+    width = max(5, *(len(n) for n in ds.class_names))
+    lines = [f"{ds.name}: {ds.num_classes} classes, image kind {ds.image_kind}", ""]
+    lines.append(f"{'class':>5}  {'name':<{width}}  {'train':>7}  group")
+    for c, (name, n, g) in enumerate(zip(ds.class_names, ds.train_counts, groups)):
+        lines.append(f"{c:>5}  {name:<{width}}  {n:>7}  {g}")
+    lines += ["", f"shot groups (many > {many_threshold}, few < {few_threshold}):", f"{'group':<6}  {'classes':>7}  {'images':>8}"]
+    for g in ("many", "medium", "few"):
+        in_group = groups == g
+        lines.append(f"{g:<6}  {int(in_group.sum()):>7}  {int(ds.train_counts[in_group].sum()):>8}")
+    ratio = ds.train_counts.max() / ds.train_counts.min()
+    val = len(ds.val) if ds.val is not None else 0
+    lines += ["", f"splits: train {len(ds.train)}  val {val}  test {len(ds.test)}  (imbalance ratio {ratio:.1f})"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or args[0] != "describe":
+        print(f"error: expected 'describe NAME'\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(None, [f"data.name={args[1]}", *args[2:]])
+        from rayexperts.data.datasets import build_dataset  # torch: only once the config is valid
+
+        ds = build_dataset(cfg.data)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(describe(ds, cfg.data.many_threshold, cfg.data.few_threshold))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""``digits-lt``: scikit-learn's bundled 8x8 digits, long-tailed; no files needed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rayexperts.data.lt_dataset import LTDataset, long_tail_split, make_dataset
+from rayexperts.data.sources import ArraySource
+
+TEST_PER_CLASS = 30
+
+
+def build_digits(data_cfg) -> LTDataset:
+    """Balanced test split of 30 images per class chosen with ``data.seed``; the LT train
+    split (``data.imbalance_*``, ``n_max`` = the smallest remaining class) from the rest,
+    in scikit-learn's order. Pixels 0..16 are scaled to uint8 0..255, shape ``[N, 1, 8, 8]``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
+    labels = digits.target.astype(np.int64)
+    rng = np.random.default_rng(data_cfg.seed)
+    test = np.sort(
+        np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:TEST_PER_CLASS] for c in range(10)])
+    )
+    rest = np.setdiff1d(np.arange(len(labels)), test)
+    class_names = [str(c) for c in range(10)]
+    train, val = long_tail_split(labels[rest], class_names, data_cfg, "digits-lt")
+    train, val = rest[train], rest[val]
+
+    def source(idx: np.ndarray) -> ArraySource:
+        return ArraySource(images[idx], labels[idx], "scikit-learn digits")
+
+    return make_dataset(
+        "digits-lt", class_names, source(train), source(test), source(val) if len(val) else None, "digits"
+    )

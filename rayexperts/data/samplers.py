@@ -1,0 +1,71 @@
+"""Rank-aware epoch samplers: instance, class-balanced and square-root (METHODS.md, samplers).
+
+Every epoch has one *global* list of ``n`` sampled indices, fixed by ``(seed, epoch)`` and
+independent of the number of ranks. Like ``DistributedSampler``, the list is padded by
+wrapping to a multiple of ``num_replicas`` and rank ``r`` takes positions ``r::num_replicas``:
+equal-length, disjoint shares that together cover the whole list. Class-balanced and
+square-root sampling draw with replacement through ``torch.multinomial`` on per-image
+weights ``p_c / n_c`` (the ``WeightedRandomSampler`` logic): class ``c`` with probability
+``p_c``, then one of its images uniformly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+SAMPLER_KINDS = ("instance", "class_balanced", "sqrt")
+
+
+def class_probabilities(counts: np.ndarray, kind: str) -> np.ndarray:
+    """Class sampling probabilities: ``∝ n_c`` (instance), ``1/C`` over the classes present
+    (class_balanced, METHODS.md ``p_j = 1/C``), or ``∝ sqrt(n_c)`` (sqrt)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if kind not in SAMPLER_KINDS:
+        raise ValueError(f"unknown sampler kind {kind!r}: choose one of {', '.join(SAMPLER_KINDS)}")
+    w = {"instance": counts, "class_balanced": (counts > 0).astype(np.float64), "sqrt": np.sqrt(counts)}[kind]
+    return w / w.sum()
+
+
+class EpochSampler(Sampler[int]):
+    """This rank's share of the epoch's sampled indices; call :meth:`set_epoch` every epoch."""
+
+    def __init__(
+        self, labels: np.ndarray, kind: str = "instance", num_replicas: int = 1, rank: int = 0, seed: int = 0
+    ):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if not len(self.labels):
+            raise ValueError("EpochSampler needs at least one label")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        if seed < 0:
+            raise ValueError(f"sampler seed must be >= 0, got {seed}")
+        counts = np.bincount(self.labels)
+        probs = class_probabilities(counts, kind)
+        self.kind, self.num_replicas, self.rank, self.seed = kind, num_replicas, rank, seed
+        self.weights = torch.from_numpy(probs[self.labels] / counts[self.labels])  # p_c / n_c per image
+        self.num_samples = math.ceil(len(self.labels) / num_replicas)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """The epoch's global sampled index list (length ``n``), a function of ``(seed, epoch)`` only."""
+        state = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
+        g = torch.Generator().manual_seed(int(state))
+        n = len(self.labels)
+        if self.kind == "instance":
+            return torch.randperm(n, generator=g).numpy()
+        return torch.multinomial(self.weights, n, replacement=True, generator=g).numpy()
+
+    def __iter__(self) -> Iterator[int]:
+        padded = np.resize(self.epoch_indices(self.epoch), self.num_samples * self.num_replicas)
+        return iter(padded[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

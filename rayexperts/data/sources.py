@@ -1,0 +1,98 @@
+"""Image sources: indexable ``(image, label)`` collections with a ``labels`` array.
+
+``ArraySource`` holds decoded uint8 CHW images in memory (digits, CIFAR) and returns
+uint8 tensors; ``FileSource`` and ``ParquetSource`` decode JPEG/PNG lazily with PIL
+and return RGB PIL images. The transforms of :mod:`rayexperts.data.transforms` accept both.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from rayexperts.data.errors import DataError
+
+
+class ImageSource:
+    """Base: ``len(src)``, ``src[i] -> (image, int label)``, ``src.labels`` (int64 ``[N]``)."""
+
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        """Where image ``i`` comes from (for error messages)."""
+        return f"image {i}"
+
+
+class ArraySource(ImageSource):
+    """In-memory uint8 images ``[N, C, H, W]``; items are uint8 CHW tensors."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, origin: str = "memory"):
+        if len(images) != len(labels):
+            raise DataError(f"{origin}: {len(images)} images but {len(labels)} labels")
+        self.images = np.ascontiguousarray(images, dtype=np.uint8)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.origin = origin
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.images[i]), int(self.labels[i])
+
+    def describe(self, i: int) -> str:
+        return f"image {i} of {self.origin}"
+
+
+def decode_image(data: bytes | str | Path, where: str) -> Image.Image:
+    """Decode an image file or bytes to an RGB PIL image; a corrupt or missing one raises
+    :class:`DataError` naming ``where``."""
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            return img.convert("RGB")
+    except FileNotFoundError as e:
+        raise DataError(f"image file {where} does not exist") from e
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {where}: {e}") from e
+
+
+class FileSource(ImageSource):
+    """Image files ``root / relative_path``, decoded lazily."""
+
+    def __init__(self, root: str | Path, paths: list[str], labels: np.ndarray):
+        self.root = Path(root)
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return decode_image(self.root / self.paths[i], self.describe(i)), int(self.labels[i])
+
+    def describe(self, i: int) -> str:
+        return f"'{self.root / self.paths[i]}'"
+
+
+class ParquetSource(ImageSource):
+    """Encoded images held as one Arrow binary array, decoded lazily; errors name the row."""
+
+    def __init__(self, path: str | Path, images: pa.Array, rows: np.ndarray, labels: np.ndarray, column: str):
+        self.path = str(path)
+        self.images = images
+        self.rows = np.asarray(rows, dtype=np.int64)  # row numbers in the file
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.column = column
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        data = self.images[i].as_py()
+        if data is None:
+            raise DataError(f"{self.describe(i)} holds no image (null)")
+        return decode_image(data, self.describe(i)), int(self.labels[i])
+
+    def describe(self, i: int) -> str:
+        return f"row {self.rows[i]} (column '{self.column}') of '{self.path}'"

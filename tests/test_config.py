@@ -1,0 +1,82 @@
+"""The config system: typed defaults, presets, dotted overrides, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from rayexperts.config import ConfigError, flatten, from_dict, list_presets, load_config, to_dict, valid_keys
+
+
+def test_defaults_and_overrides_are_typed():
+    cfg = load_config(None, ["train.lr=0.2", "model.num_experts=3", "loss.hard_ratio=0.25"])
+    assert cfg.train.lr == 0.2 and isinstance(cfg.train.lr, float)
+    assert cfg.model.num_experts == 3
+    assert cfg.loss.hard_ratio == 0.25
+
+
+def test_interface_keys_exist():
+    keys = set(valid_keys())
+    for key in [
+        "method", "data.name", "data.root", "data.imbalance_factor", "model.backbone", "model.num_experts",
+        "train.epochs", "train.batch_size", "train.lr", "seed", "scaling.num_workers", "scaling.use_gpu",
+        "run.storage_path", "run.name", "run.checkpoint_every", "tune.num_samples", "tune.scheduler",
+        "tune.metric", "loss.hard_ratio",
+    ]:
+        assert key in keys, key
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr'.*train\.lr"):
+        load_config(None, ["train.lrr=0.1"])
+
+
+def test_bad_value_names_key():
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(ConfigError, match="tune.scheduler"):
+        load_config(None, ["tune.scheduler=hyperband"])
+    with pytest.raises(ConfigError, match="imbalance_factor"):
+        load_config(None, ["data.imbalance_factor=0.5"])
+    with pytest.raises(ConfigError, match="divisible"):
+        load_config(None, ["train.batch_size=65", "scaling.num_workers=2"])
+
+
+def test_data_defaults_apply_without_preset():
+    cfg = load_config(None, ["method=mllt", "data.name=cifar100-lt"])
+    assert cfg.model.backbone == "resnet32" and cfg.train.epochs == 200
+    assert cfg.model.num_experts == 3 and cfg.model.classifier == "cosine"  # method defaults
+    cfg = load_config(None, ["method=ce", "data.name=digits-lt"])
+    assert cfg.model.backbone == "digitsnet" and cfg.data.image_size == 8
+
+
+def test_user_layers_beat_defaults():
+    cfg = load_config("cifar10_lt_if100_mllt", ["model.num_experts=2", "train.epochs=15"])
+    assert cfg.method == "mllt" and cfg.data.imbalance_factor == 100
+    assert cfg.model.num_experts == 2 and cfg.train.epochs == 15
+    assert cfg.train.milestones == [160, 180]
+
+
+def test_every_preset_loads():
+    names = list_presets()
+    assert names
+    for name in names:
+        load_config(name)
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.lrr.*bad\.yaml"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="no preset"):
+        load_config("cifar10_lt_if100_mlt")
+
+
+def test_round_trip_and_flatten():
+    cfg = load_config(None, ["method=mllt"])
+    again = from_dict(to_dict(cfg))
+    assert to_dict(again) == to_dict(cfg)
+    flat = flatten(cfg)
+    assert flat["model.num_experts"] == 3 and "teachers" in flat

@@ -1,0 +1,53 @@
+"""``python -m rayexperts.data describe``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from data_fixtures import data_cfg, make_cifar10_pickles
+
+from rayexperts.data import build_dataset
+from rayexperts.data.__main__ import main
+
+KEYS = ["data.imbalance_type=exp", "data.imbalance_factor=10", "data.val_per_class=0"]
+
+
+def test_describe_digits_in_a_subprocess():
+    done = subprocess.run(
+        [sys.executable, "-m", "rayexperts.data", "describe", "digits-lt", *KEYS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    counts = build_dataset(data_cfg(name="digits-lt", imbalance_factor=10)).train_counts
+    rows = [line.split() for line in done.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert [int(r[2]) for r in rows] == counts.tolist()
+    assert f"train {counts.sum()}  val 0  test 300" in done.stdout
+    assert "many" in done.stdout and "few" in done.stdout
+
+
+def test_bad_key_exits_2_naming_the_key():
+    done = subprocess.run(
+        [sys.executable, "-m", "rayexperts.data", "describe", "digits-lt", "data.imbalance_factr=3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "error: unknown config key 'data.imbalance_factr'" in done.stderr and "data.imbalance_factor" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_describe_tiny_cifar_and_data_errors(tmp_path, capsys):
+    make_cifar10_pickles(tmp_path)
+    assert main(["describe", "cifar10-lt", f"data.root={tmp_path}", *KEYS, "data.val_per_class=2"]) == 0
+    out = capsys.readouterr().out
+    assert "airplane" in out and "truck" in out and "val 20  test 30" in out
+    assert main(["describe", "cifar10-lt", f"data.root={tmp_path / 'nope'}"]) == 2
+    assert f"'{tmp_path / 'nope'}'" in capsys.readouterr().err
+    assert main(["describe", "digits-lt", "data.imbalance_factor=0.5"]) == 2
+    assert "data.imbalance_factor" in capsys.readouterr().err
+    assert main(["summarise", "digits-lt"]) == 2
+    assert "usage:" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""Augmentation presets, the MoCo key view and the dataset wrappers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from rayexperts.data import AUGMENTS, ArraySource, TransformedDataset, TwoView, build_transform, moco_transform
+from rayexperts.data.transforms import Cutout
+
+INPUTS = {
+    "digits": (torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8), (1, 8, 8)),
+    "cifar": (torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8), (3, 32, 32)),
+    "imagenet": (Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)), (3, 40, 40)),
+}
+
+
+@pytest.mark.parametrize("kind", list(INPUTS))
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_every_preset_gives_a_normalised_float_chw_tensor(kind, augment):
+    img, shape = INPUTS[kind]
+    for train in (True, False):
+        x = build_transform(kind, augment, train, image_size=40)(img)
+        assert type(x) is torch.Tensor and x.dtype == torch.float32 and tuple(x.shape) == shape
+        assert torch.isfinite(x).all()
+
+
+def test_test_transform_is_deterministic_and_normalises():
+    img, _ = INPUTS["cifar"]
+    t = build_transform("cifar", "standard", train=False)
+    assert torch.equal(t(img), t(img))
+    expected = (img.float() / 255 - torch.tensor([0.4914, 0.4822, 0.4465])[:, None, None]) / torch.tensor(
+        [0.2023, 0.1994, 0.2010]
+    )[:, None, None]
+    assert torch.allclose(t(img), expected, atol=1e-5)
+
+
+def test_imagenet_test_transform_resizes_then_centre_crops():
+    steps = build_transform("imagenet", "standard", train=False, image_size=224).transforms
+    assert isinstance(steps[0], v2.Resize) and steps[0].size == [256]
+    assert isinstance(steps[1], v2.CenterCrop) and steps[1].size == (224, 224)
+
+
+def test_data_aug_adds_jitter_and_noise_before_normalize():
+    steps = [type(t) for t in build_transform("cifar", "data_aug", train=True).transforms]
+    assert v2.ColorJitter in steps
+    assert steps.index(v2.ToDtype) < steps.index(v2.GaussianNoise) < steps.index(v2.Normalize)
+    noise = build_transform("cifar", "data_aug", train=True).transforms[steps.index(v2.GaussianNoise)]
+    assert noise.sigma == 0.01
+    digits = [type(t) for t in build_transform("digits", "data_aug", train=True).transforms]
+    assert v2.GaussianNoise in digits and v2.ColorJitter not in digits and v2.RandomHorizontalFlip not in digits
+
+
+def test_autoaugment_cutout_and_randaugment_presets():
+    steps = build_transform("cifar", "autoaugment_cutout", train=True).transforms
+    assert any(isinstance(t, v2.AutoAugment) and t.policy == v2.AutoAugmentPolicy.CIFAR10 for t in steps)
+    assert isinstance(steps[-1], Cutout) and steps[-1].size == 16
+    assert any(isinstance(t, v2.RandAugment) for t in build_transform("cifar", "randaugment", train=True).transforms)
+
+
+def test_cutout_zeroes_one_clipped_square():
+    torch.manual_seed(0)
+    for _ in range(20):
+        out = Cutout(16)(torch.ones(3, 32, 32))
+        rows, cols = torch.nonzero(out[0] == 0, as_tuple=True)
+        assert 0 < len(rows) <= 256 and (out[:, rows, cols] == 0).all()
+        assert len(rows) == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+
+
+@pytest.mark.parametrize("kind", list(INPUTS))
+def test_two_views_through_the_dataset_wrapper(kind):
+    img, shape = INPUTS[kind]
+    t_key = moco_transform(kind, image_size=40)
+    q, k = TwoView(build_transform(kind, "standard", True, 40), t_key)(img)
+    assert tuple(q.shape) == tuple(k.shape) == shape
+    if kind != "imagenet":
+        source = ArraySource(img[None].numpy().repeat(3, 0), np.array([0, 1, 2]))
+        ds = TransformedDataset(source, TwoView(t_key, t_key))
+        views = [ds[2] for _ in range(5)]
+        assert all(len(v) == 3 and v[2] == 2 for v in views) and ds.labels.tolist() == [0, 1, 2]
+        assert not all(torch.equal(x1, x2) for x1, x2, _ in views)
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="unknown data.augment 'mixup'"):
+        build_transform("cifar", "mixup", True)
+    with pytest.raises(ValueError, match="unknown image kind 'svhn'"):
+        moco_transform("svhn")

@@ -1,0 +1,45 @@
+"""End to end through Ray Train (1 worker): every method writes a complete run directory."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from helpers import quick_overrides
+from rayexperts.config import load_config
+from rayexperts.engine.results import METRIC_COLUMNS
+from rayexperts.launch.train import final_table, run_training
+
+pytestmark = pytest.mark.ray
+
+CASES = {
+    "ce": ["expert0", "expert0_pc"],
+    "bsce": ["expert0"],
+    "mllt": ["expert0", "expert1", "expert2", "ensemble", "expert0_pc", "expert1_pc", "expert2_pc", "ensemble_pc"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_method_run_directory(ray_cluster, tmp_path, method):
+    cfg = load_config(None, [f"method={method}", *quick_overrides(tmp_path, method, **{"train.epochs": 6})])
+    out = run_training(cfg)
+    run = tmp_path / "runs" / method
+    assert out["path"] == str(run)
+    assert (run / "config.yaml").exists()
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    classes = pd.read_parquet(run / "classes.parquet")
+    assert set(METRIC_COLUMNS) <= set(metrics.columns)
+    assert {"class_id", "train_count", "shot_group", "view", "accuracy"} <= set(classes.columns)
+    assert sorted(metrics["view"].unique()) == sorted(CASES[method])
+    assert metrics.groupby(["epoch", "view"]).size().max() == 1 and metrics["epoch"].nunique() == 6
+    assert {"loss", "lr", "images_per_sec"} <= set(metrics.columns)
+    last = metrics[metrics["epoch"] == 5]
+    assert (last["top1"] > 0.5).all(), last[["view", "top1"]]  # chance is 0.1
+    assert all(0 <= v <= 1 for v in last["ece"]) and not math.isnan(last["top1_many"].iloc[0])
+    assert set(classes["shot_group"]) <= {"many", "medium", "few"}
+    assert len(classes) == 10 * len(CASES[method])
+    table = final_table(metrics)
+    assert list(table.columns) == ["Many", "Medium", "Few", "All"]
+    assert list(run.glob("checkpoint_*/checkpoint.pt"))
