@@ -149,8 +149,9 @@ class TuneConfig:
     mode: str = "max"
     view: str = ""  # empty: the method's primary view
     max_concurrent: int = 0  # 0: as many as resources allow
-    grace_period: int = 1
-    reduction_factor: int = 2
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: int = 2  # ASHA: keep 1/reduction_factor of the trials at each rung
+    val_per_class: int = 20  # data.val_per_class a sweep sets when it is 0 (tuning never reads the test split)
 
 
 @dataclass
@@ -168,6 +169,8 @@ class CbdConfig:
     teacher_workers: int = 1
     teacher_epochs: int = 0  # 0: train.epochs
     student_backbone: str = ""  # empty: model.backbone
+    # The student's frozen teachers: run directories (paths or URIs); jobs/cbd_ens.py fills it in.
+    teacher_runs: list[str] = field(default_factory=list)
 
 
 def _default_teachers() -> list[TeacherSpec]:

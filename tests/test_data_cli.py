@@ -5,27 +5,29 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from data_fixtures import data_cfg, make_cifar10_pickles
+from data_fixtures import CIFAR10_NAMES, data_cfg, make_cifar10_pickles
 
-from rayexperts.data import build_dataset
+from rayexperts.data import build_dataset, exponential_counts
 from rayexperts.data.__main__ import main
 
 KEYS = ["data.imbalance_type=exp", "data.imbalance_factor=10", "data.val_per_class=0"]
 
 
-def test_describe_digits_in_a_subprocess():
+def test_describe_in_a_subprocess(tmp_path):
+    make_cifar10_pickles(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-m", "rayexperts.data", "describe", "digits-lt", *KEYS],
+        [sys.executable, "-m", "rayexperts.data", "describe", "cifar10-lt", f"data.root={tmp_path}", *KEYS],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    counts = build_dataset(data_cfg(name="digits-lt", imbalance_factor=10)).train_counts
+    counts = exponential_counts(20, 10, 10)  # the tiny folder has 20 training images per class
     rows = [line.split() for line in done.stdout.splitlines() if line[:5].strip().isdigit()]
+    assert [r[1] for r in rows] == CIFAR10_NAMES
     assert [int(r[2]) for r in rows] == counts.tolist()
-    assert f"train {counts.sum()}  val 0  test 300" in done.stdout
-    assert "many" in done.stdout and "few" in done.stdout
+    assert [r[3] for r in rows] == ["medium"] + ["few"] * 9  # 20 images: medium; 15 and fewer: few
+    assert f"train {counts.sum()}  val 0  test 30" in done.stdout
 
 
 def test_bad_key_exits_2_naming_the_key():
@@ -40,11 +42,11 @@ def test_bad_key_exits_2_naming_the_key():
     assert "Traceback" not in done.stderr
 
 
-def test_describe_tiny_cifar_and_data_errors(tmp_path, capsys):
-    make_cifar10_pickles(tmp_path)
-    assert main(["describe", "cifar10-lt", f"data.root={tmp_path}", *KEYS, "data.val_per_class=2"]) == 0
+def test_describe_in_process_and_data_errors(tmp_path, capsys):
+    assert main(["describe", "digits-lt", *KEYS, "data.val_per_class=2"]) == 0
     out = capsys.readouterr().out
-    assert "airplane" in out and "truck" in out and "val 20  test 30" in out
+    counts = build_dataset(data_cfg(name="digits-lt", imbalance_factor=10, val_per_class=2)).train_counts
+    assert f"train {counts.sum()}  val 20  test 300" in out and "shot groups" in out
     assert main(["describe", "cifar10-lt", f"data.root={tmp_path / 'nope'}"]) == 2
     assert f"'{tmp_path / 'nope'}'" in capsys.readouterr().err
     assert main(["describe", "digits-lt", "data.imbalance_factor=0.5"]) == 2

@@ -21,7 +21,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from rayexperts.data import (
-    DataError,
     FileSource,
     ParquetSource,
     TransformedDataset,
@@ -53,8 +52,8 @@ def test_digits_lt():
 def test_digits_val_split_is_disjoint_and_balanced():
     ds = build_dataset(data_cfg(name="digits-lt", val_per_class=5))
     assert np.bincount(ds.val.labels).tolist() == [5] * 10
-    flat = lambda src: {bytes(img) for img in src.images}  # noqa: E731
-    assert not flat(ds.val) & flat(ds.train) - flat(ds.test)
+    images = {split: {img.tobytes() for img in getattr(ds, split).images} for split in ("train", "val", "test")}
+    assert not images["val"] & images["train"] and not images["val"] & images["test"]
 
 
 def _assert_tiny_cifar(ds, val_per_class: int = 0):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -27,7 +29,10 @@ def _rewrite_parquet(path, column: str, row: int, value) -> None:
     table = pq.read_table(path)
     values = table.column(column).to_pylist()
     values[row] = value
-    pq.write_table(table.set_column(table.schema.get_field_index(column), column, pa.array(values, table.column(column).type)), path)
+    pq.write_table(
+        table.set_column(table.schema.get_field_index(column), column, pa.array(values, table.column(column).type)),
+        path,
+    )
 
 
 def test_unknown_data_set_name():
@@ -39,7 +44,9 @@ def test_missing_roots_name_the_path_and_how_to_get_the_data(tmp_path):
     assert "data.download=true" in msg and "cs.toronto.edu" in msg
     msg = _fails(str(tmp_path / "nope"), name="cifar100-lt", root=str(tmp_path / "nope"))
     assert "cifar-100-python" in msg and "cs.toronto.edu" in msg
-    _fails(f"Parquet file '{tmp_path / 'x.parquet'}' .*does not exist", name="cifar10-lt", root=str(tmp_path / "x.parquet"))
+    _fails(
+        f"Parquet file '{tmp_path / 'x.parquet'}' .*does not exist", name="cifar10-lt", root=str(tmp_path / "x.parquet")
+    )
     _fails(f"'{tmp_path / 'train'}' does not exist", name="imagefolder", root=str(tmp_path))
     _fails("not a directory", name="imagenet-lt", root=str(tmp_path / "nope"))
     _fails("data.root is not set", name="parquet")
@@ -59,7 +66,9 @@ def test_bad_split_file_lines_and_labels(tmp_path):
     (root / "ImageNet_LT_val.txt").write_text("val/n001/000.png 0\nval/n001/001.png zero\n")
     _fails(r"ImageNet_LT_val.txt:2: expected 'relative/path label'", name="imagenet-lt", root=str(root))
     (root / "ImageNet_LT_val.txt").write_text("val/n001/000.png 7\n")
-    _fails(r"label 7 of 'val/n001/000.png' in .*ImageNet_LT_val.txt' is out of range", name="imagenet-lt", root=str(root))
+    _fails(
+        r"label 7 of 'val/n001/000.png' in .*ImageNet_LT_val.txt' is out of range", name="imagenet-lt", root=str(root)
+    )
     (root / "ImageNet_LT_val.txt").write_text("val/n001/000.png 0\n")
     (root / "ImageNet_LT_train.txt").write_text("train/n001/000.png 0\ntrain/n003/000.png 2\n")
     _fails(r"class 1 \('1'\) has 0 training images", name="imagenet-lt", root=str(root))
@@ -135,4 +144,31 @@ def test_corrupt_images_name_the_file_or_row(tmp_path):
 
 def test_cifar_images_must_be_32x32(tmp_path):
     path = make_generic_parquet(tmp_path / "g.parquet", per_class=(1,) * 10)
-    _fails(r"row 0 \(column 'image'\).*CIFAR images are 32x32, found size \(8, 8\)", name="cifar10-lt", root=str(path), imbalance_type="none")
+    _fails(
+        r"row 0 \(column 'image'\).*CIFAR images are 32x32, found size \(8, 8\)",
+        name="cifar10-lt",
+        root=str(path),
+        imbalance_type="none",
+    )
+
+
+def test_download_fetches_the_pickles_or_reports_the_failure(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(root, train, download):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    _fails(
+        f"download to '{tmp_path}' failed \\(network unreachable\\)",
+        name="cifar10-lt",
+        root=str(tmp_path),
+        download=True,
+    )
+
+    def fake(root, train, download):
+        make_cifar10_pickles(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake)
+    ds = build_dataset(data_cfg(name="cifar10-lt", root=str(tmp_path), download=True, imbalance_type="none"))
+    assert len(ds.train) == 200

@@ -9,24 +9,31 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-_EXPORTS = {
-    "datasets": ("DATASETS", "build_dataset"),
-    "errors": ("DataError",),
-    "imbalance": (
-        "counts_from_labels",
-        "exponential_counts",
-        "profile_counts",
-        "select_first_n",
-        "shot_group",
-        "step_counts",
-    ),
-    "lt_dataset": ("LTDataset",),
-    "samplers": ("SAMPLER_KINDS", "EpochSampler"),
-    "sources": ("ArraySource", "FileSource", "ImageSource", "ParquetSource"),
-    "transforms": ("AUGMENTS", "TransformedDataset", "TwoView", "build_transform", "moco_transform"),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_MODULE_OF)
+__all__ = [
+    "AUGMENTS",
+    "DATASETS",
+    "SAMPLER_KINDS",
+    "ArraySource",
+    "DataError",
+    "EpochSampler",
+    "FileSource",
+    "ImageSource",
+    "LTDataset",
+    "ParquetSource",
+    "TransformedDataset",
+    "TwoView",
+    "build_dataset",
+    "build_transform",
+    "counts_from_labels",
+    "exponential_counts",
+    "moco_transform",
+    "profile_counts",
+    "select_first_n",
+    "shot_group",
+    "step_counts",
+]
+# Searched in this order on first use of a name (the cheap modules first).
+_MODULES = ("errors", "imbalance", "samplers", "sources", "lt_dataset", "transforms", "datasets")
 
 if TYPE_CHECKING:
     from rayexperts.data.datasets import DATASETS, build_dataset
@@ -46,11 +53,13 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'rayexperts.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"rayexperts.data.{_MODULE_OF[name]}"), name)
-    globals()[name] = value
-    return value
+    if name in __all__:
+        for module in _MODULES:
+            found = importlib.import_module(f"rayexperts.data.{module}")
+            if hasattr(found, name):
+                globals()[name] = value = getattr(found, name)
+                return value
+    raise AttributeError(f"module 'rayexperts.data' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -23,7 +23,11 @@ def describe(ds: LTDataset, many_threshold: int = 100, few_threshold: int = 20) 
     lines.append(f"{'class':>5}  {'name':<{width}}  {'train':>7}  group")
     for c, (name, n, g) in enumerate(zip(ds.class_names, ds.train_counts, groups)):
         lines.append(f"{c:>5}  {name:<{width}}  {n:>7}  {g}")
-    lines += ["", f"shot groups (many > {many_threshold}, few < {few_threshold}):", f"{'group':<6}  {'classes':>7}  {'images':>8}"]
+    lines += [
+        "",
+        f"shot groups (many > {many_threshold}, few < {few_threshold}):",
+        f"{'group':<6}  {'classes':>7}  {'images':>8}",
+    ]
     for g in ("many", "medium", "few"):
         in_group = groups == g
         lines.append(f"{g:<6}  {int(in_group.sum()):>7}  {int(ds.train_counts[in_group].sum()):>8}")

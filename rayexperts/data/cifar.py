@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,17 +21,39 @@ from rayexperts.data.lt_dataset import LTDataset, check_labels, long_tail_split,
 from rayexperts.data.parquet import class_names_from, read_columns
 from rayexperts.data.sources import ArraySource, decode_image
 
-# name -> (classes, pickle folder, training files, test file, label key, meta file, names key)
+
+class _Layout(NamedTuple):
+    """Where the official python-pickle archive keeps things."""
+
+    num_classes: int
+    folder: str
+    train_files: list[str]
+    test_file: str
+    label_key: str
+    meta_file: str
+    names_key: str
+
+
 _LAYOUT = {
-    "cifar10-lt": (10, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                   "labels", "batches.meta", "label_names"),
-    "cifar100-lt": (100, "cifar-100-python", ["train"], "test", "fine_labels", "meta", "fine_label_names"),
+    "cifar10-lt": _Layout(
+        10,
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        "test_batch",
+        "labels",
+        "batches.meta",
+        "label_names",
+    ),
+    "cifar100-lt": _Layout(100, "cifar-100-python", ["train"], "test", "fine_labels", "meta", "fine_label_names"),
 }
 _GET = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
 def build_cifar(data_cfg, name: str) -> LTDataset:
-    num_classes, folder = _LAYOUT[name][:2]
+    """``data.root``: a Parquet file, the pickle folder, or its parent (``data.download=true``
+    fetches the pickles there, by default into ``~/.cache/rayexperts/<name>``)."""
+    layout = _LAYOUT[name]
+    folder = layout.folder
     if not data_cfg.root and not data_cfg.download:
         raise DataError(
             f"{name}: data.root is not set: pass data.root=<dir>/{folder} (from {_GET}), a Parquet file "
@@ -38,8 +61,8 @@ def build_cifar(data_cfg, name: str) -> LTDataset:
         )
     root = Path(data_cfg.root or Path.home() / ".cache" / "rayexperts" / name).expanduser()
     if root.is_file() or root.suffix == ".parquet":
-        return _from_parquet(root, name, num_classes, data_cfg)
-    pickle_dir = next((d for d in (root, root / folder) if (d / _LAYOUT[name][3]).is_file()), None)
+        return _from_parquet(root, name, layout.num_classes, data_cfg)
+    pickle_dir = next((d for d in (root, root / folder) if (d / layout.test_file).is_file()), None)
     if pickle_dir is None:
         if not data_cfg.download:
             raise DataError(
@@ -71,16 +94,16 @@ def _unpickle(path: Path) -> dict:
 
 
 def _from_pickles(folder: Path, name: str, data_cfg) -> LTDataset:
-    num_classes, _, train_files, test_file, label_key, meta_file, names_key = _LAYOUT[name]
+    layout = _LAYOUT[name]
 
     def read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
         parts = [_unpickle(folder / f) for f in files]
         images = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts]).reshape(-1, 3, 32, 32)
-        return images, np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
+        return images, np.concatenate([np.asarray(p[layout.label_key], dtype=np.int64) for p in parts])
 
-    class_names = [str(n) for n in _unpickle(folder / meta_file)[names_key]][:num_classes]
-    train_x, train_y = read(train_files)
-    test_x, test_y = read([test_file])
+    class_names = [str(n) for n in _unpickle(folder / layout.meta_file)[layout.names_key]][: layout.num_classes]
+    train_x, train_y = read(layout.train_files)
+    test_x, test_y = read([layout.test_file])
     train, val = long_tail_split(train_y, class_names, data_cfg, f"the training files of '{folder}'")
     origin = str(folder)
     return make_dataset(
@@ -143,4 +166,4 @@ def decode_rows(path: Path, column: str, rows: np.ndarray) -> np.ndarray:
         if img is None or tuple(img.shape) != (3, 32, 32):
             found = "no image (null)" if img is None else f"size {tuple(img.shape[1:])}"
             raise DataError(f"row {r} (column '{column}') of '{path}': CIFAR images are 32x32, found {found}")
-    return torch.stack(decoded).numpy() if decoded else np.empty((0, 3, 32, 32), np.uint8)
+    return torch.stack(decoded).numpy()

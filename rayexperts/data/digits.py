@@ -20,9 +20,7 @@ def build_digits(data_cfg) -> LTDataset:
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
     labels = digits.target.astype(np.int64)
     rng = np.random.default_rng(data_cfg.seed)
-    test = np.sort(
-        np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:TEST_PER_CLASS] for c in range(10)])
-    )
+    test = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:TEST_PER_CLASS] for c in range(10)]))
     rest = np.setdiff1d(np.arange(len(labels)), test)
     class_names = [str(c) for c in range(10)]
     train, val = long_tail_split(labels[rest], class_names, data_cfg, "digits-lt")

@@ -28,9 +28,7 @@ def exponential_counts(n_max: int, num_classes: int, imbalance_factor: float) ->
     return np.array(counts, dtype=np.int64)
 
 
-def step_counts(
-    n_max: int, num_classes: int, imbalance_factor: float, minority_fraction: float = 0.5
-) -> np.ndarray:
+def step_counts(n_max: int, num_classes: int, imbalance_factor: float, minority_fraction: float = 0.5) -> np.ndarray:
     """Step profile (Cao et al. 2019): the last ``int(C * minority_fraction)`` classes keep
     ``floor(n_max / IF)`` images, the others ``n_max``."""
     _check_factor(imbalance_factor)
@@ -101,9 +99,7 @@ def split_long_tail(
         )
     rank = rank_in_class(labels)
     keep = np.minimum(np.asarray(target_counts, dtype=np.int64), source - val_per_class)
-    train = np.flatnonzero(rank < keep[labels])
-    val = np.flatnonzero(rank >= (source - val_per_class)[labels]) if val_per_class > 0 else np.array([], np.int64)
-    return train, val
+    return select_first_n(labels, keep), np.flatnonzero(rank >= (source - val_per_class)[labels])
 
 
 def shot_group(counts: np.ndarray, many_threshold: int = 100, few_threshold: int = 20) -> np.ndarray:

@@ -34,9 +34,7 @@ def class_probabilities(counts: np.ndarray, kind: str) -> np.ndarray:
 class EpochSampler(Sampler[int]):
     """This rank's share of the epoch's sampled indices; call :meth:`set_epoch` every epoch."""
 
-    def __init__(
-        self, labels: np.ndarray, kind: str = "instance", num_replicas: int = 1, rank: int = 0, seed: int = 0
-    ):
+    def __init__(self, labels: np.ndarray, kind: str = "instance", num_replicas: int = 1, rank: int = 0, seed: int = 0):
         self.labels = np.asarray(labels, dtype=np.int64)
         if not len(self.labels):
             raise ValueError("EpochSampler needs at least one label")

@@ -21,12 +21,18 @@ from rayexperts.data.sources import FileSource
 _LISTS = "github.com/zhmiao/OpenLongTailRecognition-OLTR or github.com/facebookresearch/classifier-balancing"
 # name -> (published train / val / test list names, where to get the images)
 PUBLISHED = {
-    "imagenet-lt": (("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt"),
-                    "ImageNet-2012 (image-net.org)"),
-    "places-lt": (("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt"),
-                  "Places365-Standard (places2.csail.mit.edu)"),
-    "inat2018": (("iNaturalist18_train.txt", None, "iNaturalist18_val.txt"),
-                 "iNaturalist 2018 (github.com/visipedia/inat_comp)"),
+    "imagenet-lt": (
+        ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt"),
+        "ImageNet-2012 (image-net.org)",
+    ),
+    "places-lt": (
+        ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt"),
+        "Places365-Standard (places2.csail.mit.edu)",
+    ),
+    "inat2018": (
+        ("iNaturalist18_train.txt", None, "iNaturalist18_val.txt"),
+        "iNaturalist 2018 (github.com/visipedia/inat_comp)",
+    ),
 }
 
 

@@ -1,11 +1,11 @@
 """Named augmentation presets (``data.augment``), the MoCo key view, and dataset wrappers.
 
 Every transform maps an image (uint8 CHW tensor or PIL image) to a normalised float CHW
-tensor (a plain ``torch.Tensor``). Geometry and colour ops run on uint8 images; ``ToImage`` + ``ToDtype`` then give
-floats in [0, 1], where the CBD ``data_aug`` teachers add Gaussian noise (σ = 0.01,
-clipped to [0, 1]) *before* ``Normalize``; Cutout runs last, on the normalised image
-(zero = the mean, as in DeVries & Taylor 2017). ``image_size`` sets the ImageNet crop
-only: CIFAR and digits images keep their native 32x32 and 8x8.
+tensor (a plain ``torch.Tensor``). Geometry and colour ops run on uint8 images; ``ToImage``
++ ``ToDtype`` then give floats in [0, 1], where the CBD ``data_aug`` teachers add Gaussian
+noise (σ = 0.01, clipped to [0, 1]) *before* ``Normalize``; Cutout runs last, on the
+normalised image (zero = the mean, as in DeVries & Taylor 2017). ``image_size`` sets the
+ImageNet crop only: CIFAR and digits images keep their native 32x32 and 8x8.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ class Cutout(torch.nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[-2:]
-        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        cy, cx, half = int(torch.randint(h, ())), int(torch.randint(w, ())), self.size // 2
         out = img.clone()
-        out[..., max(cy - self.size // 2, 0) : cy + self.size // 2, max(cx - self.size // 2, 0) : cx + self.size // 2] = 0
+        out[..., max(cy - half, 0) : cy + half, max(cx - half, 0) : cx + half] = 0
         return out
 
 
@@ -50,9 +50,11 @@ def _check_kind(image_kind: str) -> None:
 
 def _to_normalised(image_kind: str, noise: bool = False) -> list:
     mean, std = MEAN_STD[image_kind]
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)] + (
-        [v2.GaussianNoise(sigma=0.01)] if noise else []
-    ) + [v2.Normalize(mean, std), v2.ToPureTensor()]
+    return (
+        [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        + ([v2.GaussianNoise(sigma=0.01)] if noise else [])
+        + [v2.Normalize(mean, std), v2.ToPureTensor()]
+    )
 
 
 def _standard(image_kind: str, image_size: int) -> list:
@@ -97,7 +99,11 @@ def moco_transform(image_kind: str, image_size: int = 32) -> Callable:
     Digits: a random shift (±1 px) and scale (0.8–1.2) only."""
     _check_kind(image_kind)
     if image_kind == "digits":
-        ops = [v2.RandomAffine(degrees=0, translate=(0.125, 0.125), scale=(0.8, 1.2), interpolation=v2.InterpolationMode.BILINEAR)]
+        ops = [
+            v2.RandomAffine(
+                degrees=0, translate=(0.125, 0.125), scale=(0.8, 1.2), interpolation=v2.InterpolationMode.BILINEAR
+            )
+        ]
     else:
         ops = [
             v2.RandomResizedCrop(NATIVE_SIZE.get(image_kind, image_size), scale=(0.2, 1.0)),

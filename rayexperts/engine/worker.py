@@ -124,6 +124,8 @@ class Run:
         return _mean_over_workers(stats, sum_keys=("images_per_sec",))
 
     def evaluate(self) -> dict[str, EvalAccumulator]:
+        """Evaluate every view on the test (and val) split; each sample counts once over all workers."""
+        sync_buffers(self.model)
         return {
             prefix: evaluate(
                 self.method,
@@ -172,6 +174,14 @@ class Run:
             ignore_index=True,
         )
         return rows, classes
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Give every worker rank 0's buffers (BatchNorm statistics, MoCo queues) before evaluating,
+    so N workers evaluate exactly the model that rank 0 checkpoints."""
+    if is_distributed():
+        for buf in unwrap(model).buffers():
+            dist.broadcast(buf, src=0)
 
 
 def _mean_over_workers(stats: dict[str, float], sum_keys: tuple[str, ...] = ()) -> dict[str, float]:

@@ -55,8 +55,8 @@ class ProbeError(ValueError):
 
 @dataclass(frozen=True)
 class SGDSchedule:
-    """Mini-batch SGD (momentum 0.9) from a zero-initialised layer; ``milestones`` give ×0.1 steps,
-    none gives a per-epoch cosine decay to 0."""
+    """Mini-batch SGD with momentum 0.9: ``milestones`` give ×0.1 steps, none a per-epoch cosine
+    decay to 0."""
 
     epochs: int
     lr: float
@@ -175,18 +175,14 @@ def fit(
     return module.eval()
 
 
-def _linear(dim: int, num_classes: int, device: torch.device) -> nn.Linear:
-    layer = nn.Linear(dim, num_classes).to(device)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
 def train_linear(
     features: Tensor, labels: Tensor, num_classes: int, schedule: SGDSchedule, *, balanced: bool = False, seed: int = 0
 ) -> nn.Linear:
-    """A zero-initialised ``nn.Linear`` trained on frozen features (softmax regression)."""
-    layer = _linear(features.shape[1], num_classes, features.device)
+    """A zero-initialised ``nn.Linear`` trained on frozen features (softmax regression: convex, so no
+    random initialisation is needed)."""
+    layer = nn.Linear(features.shape[1], num_classes).to(features.device)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
     return fit(layer, features, labels, schedule, balanced=balanced, seed=seed)  # type: ignore[return-value]
 
 
@@ -264,8 +260,9 @@ def lws(
     seed: int = 0,
 ) -> Tensor:
     """Learnable weight scaling (Kang et al. 2020): ``z̃_j = f_j · z_j`` on the frozen classifier's
-    logits (``f_j W_j v + f_j b_j`` for a linear head), ``f`` learned with class-balanced sampling
-    of the train features. Works on logits, so it applies to linear and cosine heads alike."""
+    logits (``f_j W_j v + f_j b_j`` for a linear head, as the public implementations, e.g. MiSLAS, scale
+    the classifier's output), ``f`` learned with class-balanced sampling of the train features. It
+    works on logits, so it applies to linear and cosine heads alike."""
     scales = _ClassScales(train_logits.shape[1], train_logits.device)
     fit(scales, train_logits, train_labels, schedule, balanced=True, seed=seed)
     return _scores(scales, test_logits)
@@ -273,9 +270,10 @@ def lws(
 
 @torch.no_grad()
 def feature_distance(features_m: Tensor, features_n: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """ECL eq. 12 (seed 003, "Class-wise Average Feature Distance"), per class i:
+    """ECL eq. 12 (``../shared/seeds/003_*``, "Class-wise Average Feature Distance"), per class i:
     ``D_i^{m,n} = 1/|A_i| Σ_{t ∈ A_i} ‖v_t^m − v_t^n‖_2`` over the test images ``A_i`` of class i
-    (NaN for a class without images)."""
+    (NaN for a class without images). It is the mean of per-image distances between the two
+    experts' features of the same image, not the distance between their class means."""
     d = (features_m.float() - features_n.float()).norm(dim=1).double()
     sums = torch.bincount(labels, weights=d, minlength=num_classes)
     counts = torch.bincount(labels, minlength=num_classes).double()
@@ -306,7 +304,8 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
         raise ProbeError(f"no config.yaml in run directory {path}")
     from rayexperts.engine.worker import Run
 
-    cfg = from_dict(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True))  # type: ignore[arg-type]
+    resolved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
+    cfg = from_dict(resolved)  # type: ignore[arg-type]
     checkpoint = latest_checkpoint_dir(path)
 
     run = Run(cfg, 0, 1, torch.device(device))

@@ -1,0 +1,375 @@
+"""Search space (``tune_spaces/*.yaml``) → Ray Tune sweep whose trials are Ray Train runs.
+
+Each trial is a Tune function trainable that reserves no resources itself: it builds the
+trial's config, points ``run.storage_path``/``run.name`` at ``<sweep>/trials/<trial_id>``
+and calls :func:`~rayexperts.launch.train.run_training`, whose ``TorchTrainer`` asks for
+its own workers (Ray Train V2 inside Tune). ``tune.max_concurrent`` (0: as many trials as
+the cluster's CPUs/GPUs hold) caps how many Train runs start at once. The tuned metric is
+a validation metric only; the best trial's test accuracy is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from rayexperts.config import ConfigError, from_dict, load_config, to_dict, to_yaml, valid_keys, with_overrides
+from rayexperts.data.errors import DataError
+from rayexperts.engine.results import RunFiles, storage_uri
+
+DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint")
+TRIALS_DIR = "trials"
+TIME_ATTR = "epochs_done"
+# Keys Tune adds to every result; trials.parquet keeps only what the run reported.
+_TUNE_KEYS = {
+    "timestamp", "time_this_iter_s", "time_total_s", "time_since_restore", "pid", "hostname", "node_ip", "date",
+    "done", "training_iteration", "iterations_since_restore", "trial_id", "checkpoint_dir_name",
+    "should_checkpoint", "experiment_tag", "config",
+}
+
+# A trial only drives its Train run: no CPU, so the workers get every core. Tune needs a non-empty
+# request, so it asks for a sliver of the head node's marker resource, which also keeps the drivers
+# on the head node, the "safe node" Ray's Train + Tune guide recommends (at most 100 at a time).
+DRIVER_RESOURCES = {"cpu": 0, "node:__internal_head__": 0.01}
+
+Space = dict[str, dict[str, list]]  # dotted key -> {distribution: arguments}
+
+
+# ------------------------------------------------------------------------------- spaces
+
+
+def load_space(path: str | Path, cfg: DictConfig) -> Space:
+    """Read and check a search space: every key valid, every distribution well formed, and every
+    value it can produce accepted by ``cfg``; errors name the file and the key."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise ConfigError(f"search space file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read search space '{path}': {e}") from e
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"search space '{path}' must be a non-empty mapping of dotted config keys to distributions")
+    keys = set(valid_keys()) | {"teachers"}
+    space: Space = {}
+    for key, spec in raw.items():
+        where = f"search space '{path}', key '{key}'"
+        if key not in keys:
+            close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.5)
+            raise ConfigError(f"{where}: unknown config key" + (f"; did you mean {', '.join(close)}?" if close else ""))
+        space[key] = _check_distribution(spec, where)
+        for value in _probe_values(space[key]):
+            try:
+                with_overrides(cfg, {key: value}, f"value {value!r}")
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from e
+    return space
+
+
+def _check_distribution(spec: Any, where: str) -> dict[str, list]:
+    form = f"write it as {{DIST: ARGS}} with DIST one of {', '.join(DISTRIBUTIONS)}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{where}: {spec!r} is not a distribution; {form}")
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: unknown distribution '{kind}'; {form}")
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{where}: '{kind}' needs a non-empty list, got {args!r}")
+    if kind in ("uniform", "loguniform", "randint"):
+        numeric = all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+        if len(args) != 2 or not numeric or not args[0] < args[1]:
+            raise ConfigError(f"{where}: '{kind}' needs [low, high] numbers with low < high, got {args!r}")
+        if kind == "loguniform" and args[0] <= 0:
+            raise ConfigError(f"{where}: 'loguniform' needs low > 0, got {args!r}")
+        if kind == "randint" and not all(isinstance(a, int) for a in args):
+            raise ConfigError(f"{where}: 'randint' needs integers [low, high) , got {args!r}")
+    return {kind: args}
+
+
+def _probe_values(dist: dict[str, list]) -> list[Any]:
+    (kind, args), = dist.items()
+    if kind in ("choice", "grid"):
+        return list(args)
+    if kind == "randint":
+        return [args[0], args[1] - 1]
+    return [float(args[0]), float(args[1])]
+
+
+def to_param_space(space: Space) -> dict[str, Any]:
+    """Tune's ``param_space``: the same dotted keys, each a Tune domain."""
+    from ray import tune
+
+    makers = {
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    return {key: makers[kind](args) for key, dist in space.items() for kind, args in dist.items()}
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def sweep_config(cfg: DictConfig) -> DictConfig:
+    """Check the sweep's settings (before Ray starts) and turn on a validation split:
+    ``data.val_per_class`` := ``tune.val_per_class`` when it is 0."""
+    from rayexperts.data import build_dataset
+
+    cfg = with_overrides(cfg, {"data.val_per_class": cfg.data.val_per_class or cfg.tune.val_per_class})
+    if not str(cfg.tune.metric).startswith("val_"):
+        raise ConfigError(
+            f"tune.metric={cfg.tune.metric!r} is not a validation metric: sweeps never tune on the test split; "
+            "use val_top1, val_top1_few, ... (test accuracy of the best trial is reported beside it)"
+        )
+    if build_dataset(cfg.data).val is None:
+        raise ConfigError(
+            f"data set {cfg.data.name!r} gives no validation split (data.val_per_class={cfg.data.val_per_class}): "
+            "a sweep needs one (data.val_split for split files, val rows or a val/ folder for parquet/imagefolder)"
+        )
+    if not cfg.run.name:
+        from rayexperts.launch.train import default_run_name
+
+        cfg.run.name = "sweep-" + default_run_name(cfg)
+    return cfg
+
+
+def _cpu_share(cfg: DictConfig) -> float:
+    """CPUs per worker when ``scaling.cpus_per_worker`` is 0: the cluster split over
+    ``tune.max_concurrent`` trials, or 1 when that is 0 too."""
+    import ray
+
+    if cfg.tune.max_concurrent <= 0:
+        return 1.0
+    total = ray.cluster_resources().get("CPU", 1)
+    return float(max(1, math.floor(total / (cfg.tune.max_concurrent * cfg.scaling.num_workers))))
+
+
+def max_concurrent(cfg: DictConfig) -> int:
+    """``tune.max_concurrent``, or when 0 the number of trials the cluster's CPUs and GPUs hold
+    (trials reserve nothing, so Tune alone would start every trial at once)."""
+    import ray
+
+    if cfg.tune.max_concurrent > 0:
+        return int(cfg.tune.max_concurrent)
+    res = ray.cluster_resources()
+    n = cfg.scaling.num_workers
+    fits = [res.get("CPU", 1) / (n * cfg.scaling.cpus_per_worker)]
+    if cfg.scaling.use_gpu:
+        fits.append(res.get("GPU", 0) / (n * cfg.scaling.gpus_per_worker))
+    return max(1, math.floor(min(fits) + 1e-9))
+
+
+# ------------------------------------------------------------------------------- trials
+
+
+def _report_callback(cfg: DictConfig):
+    """Tune's ``TuneReportCallback`` adding ``epochs_done`` (ASHA's time) and, with ``tune.view``,
+    that view's metrics from the run's metrics.parquet; epochs without the tuned metric are skipped."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class TrialReport(TuneReportCallback):
+        def __init__(self, metric: str, view: str, storage: str, name: str) -> None:
+            super().__init__()
+            self.metric, self.view, self.storage, self.name = metric, view, storage, name
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = dict(metrics[0])
+            if self.view and self.view != m.get("view") and self.metric in m:
+                m.update(_view_metrics(self.storage, self.name, int(m["epoch"]), self.view))
+            if self.metric not in m:
+                return
+            m[TIME_ATTR] = int(m["epoch"]) + 1
+            super().after_report(run_context, [m, *metrics[1:]], checkpoint)
+
+    return TrialReport(str(cfg.tune.metric), str(cfg.tune.view), str(cfg.run.storage_path), str(cfg.run.name))
+
+
+def _view_metrics(storage: str, name: str, epoch: int, view: str) -> dict[str, Any]:
+    df = RunFiles(storage, name).read_table("metrics.parquet")
+    row = df[(df["epoch"] == epoch) & (df["view"] == view)] if df is not None else pd.DataFrame()
+    if row.empty:
+        views = sorted(df["view"].unique()) if df is not None else []
+        raise ValueError(f"tune.view={view!r} is not a view of this run; views: {', '.join(views)}")
+    return {k: v for k, v in row.iloc[0].items() if isinstance(v, (int, float, str))}
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], trials_storage: str) -> None:
+    """One Tune trial: the base config with the sampled ``params``, trained through Ray Train."""
+    import ray.tune
+
+    from rayexperts.launch.train import run_training
+
+    cfg = with_overrides(from_dict(base), params, "sweep trial")
+    cfg.run.storage_path = trials_storage
+    cfg.run.name = ray.tune.get_context().get_trial_id()
+    run_training(cfg, callbacks=[_report_callback(cfg)])
+
+
+def _trial_dirname(trial) -> str:
+    return f"tune_{trial.trial_id}"
+
+
+# ------------------------------------------------------------------------------- sweep
+
+
+def build_tuner(cfg: DictConfig, space: Space):
+    """The ``Tuner`` for a checked sweep config, restored when its directory holds one."""
+    from ray import tune
+    from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    path = sweep_uri(cfg)
+    trials_storage = f"{path}/{TRIALS_DIR}"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=to_dict(cfg), trials_storage=trials_storage), DRIVER_RESOURCES
+    )
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    if cfg.tune.scheduler == "asha":
+        scheduler = AsyncHyperBandScheduler(
+            time_attr=TIME_ATTR,
+            max_t=int(cfg.train.epochs),
+            grace_period=int(cfg.tune.grace_period),
+            reduction_factor=int(cfg.tune.reduction_factor),
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=to_param_space(space),
+        tune_config=tune.TuneConfig(
+            metric=str(cfg.tune.metric),
+            mode=str(cfg.tune.mode),
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(random_state=int(cfg.seed), max_concurrent=max_concurrent(cfg)),
+            num_samples=int(cfg.tune.num_samples),
+            trial_dirname_creator=_trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=str(cfg.run.name),
+            storage_path=storage_uri(cfg.run.storage_path),
+            verbose=1 if cfg.run.verbose else 0,
+        ),
+    )
+
+
+def sweep_uri(cfg: DictConfig) -> str:
+    """The sweep directory as Tune and Train want it (absolute path or URI)."""
+    return f"{storage_uri(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
+
+
+def check_same_sweep(files: RunFiles, cfg: DictConfig, space: Space) -> None:
+    """Write ``sweep.yaml`` (config + space); refuse to continue a sweep of another one."""
+    spec = {"config": to_dict(cfg), "space": space}
+    if files.exists("sweep.yaml"):
+        old = OmegaConf.to_container(OmegaConf.create(files.read_text("sweep.yaml")))
+        if old != spec:
+            raise ConfigError(
+                f"{files.path} holds a sweep of another config or search space; choose another run.name "
+                "or remove that directory"
+            )
+        print(f"[rayexperts] continuing the sweep in {files.path}", flush=True)
+    files.write_text("sweep.yaml", OmegaConf.to_yaml(OmegaConf.create(spec)))
+
+
+def trials_table(results, space: Space, cfg: DictConfig) -> pd.DataFrame:
+    """One row per trial: trial_id, status, run, each searched key, the last reported metrics."""
+    rows = []
+    for r in results:
+        metrics = {k: v for k, v in (r.metrics or {}).items() if k not in _TUNE_KEYS}
+        done = int(metrics.get(TIME_ATTR, 0))
+        status = "error" if r.error else ("completed" if done >= cfg.train.epochs else "stopped")
+        trial_id = Path(r.path).name.removeprefix("tune_")
+        row = {"trial_id": trial_id, "status": status, "run": f"{TRIALS_DIR}/{trial_id}"}
+        row.update({k: _cell(r.config.get(k)) for k in space})
+        row.update(metrics)
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+
+
+def _cell(value: Any) -> Any:
+    """Lists and mappings (e.g. ``teachers``) as JSON, so every column stays a Parquet scalar."""
+    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
+
+
+def best_trial(trials: pd.DataFrame, cfg: DictConfig) -> pd.Series | None:
+    """The best trial on ``tune.metric``, among those that ran every epoch when there are any."""
+    metric = str(cfg.tune.metric)
+    if metric not in trials:
+        return None
+    ok = trials[(trials["status"] != "error") & trials[metric].notna()]
+    if ok.empty:
+        return None
+    if (ok["status"] == "completed").any():
+        ok = ok[ok["status"] == "completed"]
+    order = ok[metric]
+    return ok.loc[order.idxmax() if cfg.tune.mode == "max" else order.idxmin()]
+
+
+def best_config(best: pd.Series, cfg: DictConfig) -> str:
+    """``best.yaml``: the best trial's full config, runnable with ``jobs/train.py --config``."""
+    files = RunFiles(f"{sweep_uri(cfg)}/{TRIALS_DIR}", str(best["trial_id"]))
+    trial = from_dict(OmegaConf.to_container(OmegaConf.create(files.read_text("config.yaml"))))
+    trial.run.storage_path, trial.run.name = cfg.run.storage_path, f"{cfg.run.name}-best"
+    metric = cfg.tune.metric
+    head = (
+        f"# best trial {best['trial_id']} of sweep {cfg.run.name}: {metric} = {best[metric]:.4f} (validation)\n"
+        f"# test top1 = {best.get('top1', math.nan):.4f} (reported, never tuned on)\n"
+    )
+    return head + to_yaml(trial)
+
+
+def run_sweep(cfg: DictConfig, space: Space) -> dict[str, Any]:
+    """Run (or continue) the sweep; writes trials.parquet and best.yaml into the sweep directory."""
+    from rayexperts.launch.train import ensure_ray
+
+    cfg = sweep_config(cfg)
+    ensure_ray()
+    if cfg.scaling.cpus_per_worker <= 0:
+        cfg.scaling.cpus_per_worker = _cpu_share(cfg)
+    files = RunFiles(cfg.run.storage_path, cfg.run.name)
+    check_same_sweep(files, cfg, space)
+    results = build_tuner(cfg, space).fit()
+    trials = trials_table(results, space, cfg)
+    files.write_table("trials.parquet", trials)
+    best = best_trial(trials, cfg)
+    if best is not None:
+        files.write_text("best.yaml", best_config(best, cfg))
+    return {"path": files.path, "trials": trials, "best": best, "config": cfg}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jobs/sweep.py", description="A Ray Tune sweep whose trials are training runs.")
+    parser.add_argument("--space", required=True, help="a search space YAML (tune_spaces/*.yaml)")
+    parser.add_argument("--config", help="a shipped preset name or a YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted config keys, e.g. tune.num_samples=16 tune.scheduler=fifo")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        space = load_space(args.space, cfg)
+        out = run_sweep(cfg, space)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    best, metric = out["best"], out["config"].tune.metric
+    shown = ["trial_id", "status", *space, metric, "top1"]
+    print(f"\nsweep directory: {out['path']}")
+    print(out["trials"][[c for c in shown if c in out["trials"]]].to_string(index=False))
+    if best is None:
+        print("no trial reported the tuned metric", file=sys.stderr)
+        return 1
+    test = best.get("top1", math.nan)
+    print(f"\nbest trial {best['trial_id']}: {metric} = {best[metric]:.4f} (validation); test top1 = {test:.4f}")
+    print(f"its config: {out['path']}/best.yaml (python jobs/train.py --config {out['path']}/best.yaml)")
+    return 0

@@ -1,0 +1,183 @@
+"""CBD / CBD_ENS (METHODS.md "CBD"): the student's loss and frozen teachers without Ray, then the
+ensemble job on the shared 2-CPU Ray cluster: parallel teachers, resume, a failing teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from rayexperts.config import load_config, to_yaml
+from rayexperts.engine.checkpoint import save_checkpoint
+from rayexperts.engine.results import RunFiles
+from rayexperts.engine.worker import Run
+from rayexperts.launch.ensemble import SUMMARY_COLUMNS, TeacherFailed, run_ensemble
+from rayexperts.methods.base import Batch
+
+ALPHA, BETA = 0.4, 100.0
+
+
+def teacher_run(root: Path, name: str, seed: int) -> str:
+    """A stage-1 run directory (config.yaml + checkpoint) of an untrained ce/cosine teacher, without Ray."""
+    cfg = load_config(None, ["method=ce", "model.classifier=cosine", f"seed={seed}", "train.epochs=1",
+                             f"run.storage_path={root}", f"run.name={name}"])
+    run = Run(cfg)
+    files = RunFiles(str(root), name)
+    files.write_text("config.yaml", to_yaml(cfg))
+    ckpt = Path(files.path) / "checkpoint_2000-01-01_00-00-00.000000"
+    ckpt.mkdir()
+    save_checkpoint(ckpt, model=run.model, optimizer=run.optimizer, epoch=1, ident=run.ident)
+    return files.path
+
+
+@pytest.fixture(scope="module")
+def teacher_runs(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("teachers")
+    return [teacher_run(root, f"teacher{k}", seed=10 + k) for k in range(3)]
+
+
+def student(tmp_path: Path, runs: list[str], *extra: str) -> Run:
+    runs_list = "[" + ",".join(runs) + "]"
+    cfg = load_config(None, ["method=cbd", f"cbd.teacher_runs={runs_list}", "train.epochs=1", "seed=3",
+                             f"run.storage_path={tmp_path}", "run.name=student", *extra])
+    return Run(cfg)
+
+
+def first_batch(run: Run) -> Batch:
+    run.sampler.set_epoch(0)
+    x, y = next(iter(run.train_loader))
+    return Batch(x, y)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_loss_matches_hand_computation(tmp_path, teacher_runs, k):
+    run = student(tmp_path, teacher_runs[:k])
+    model, method, batch = run.model, run.method, first_batch(run)
+    assert (model.projs is None) == (k == 1)  # h only for CBD_ENS (eq. 4)
+    if k > 1:
+        assert model.projs[0].out_features == 128 * k and model.heads[0].weight.shape == (10, 128 * k)
+    got = method.training_step(model, batch)
+
+    with torch.no_grad():
+        x, y = batch.images, batch.targets
+        v = model.experts[0](x)  # student feature, [B, 128]
+        hv = v if k == 1 else v @ model.projs[0].weight.T + model.projs[0].bias
+        w = model.heads[0].weight
+        z = 16.0 * (hv / hv.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T
+        ce = (torch.logsumexp(z, dim=1) - z[torch.arange(len(y)), y]).mean()
+        feats = [t.experts[0](x) for t in method.teachers]
+        target = torch.cat([f / f.norm(dim=1, keepdim=True) for f in feats], dim=1)
+        cos = (hv * target).sum(1) / (hv.norm(dim=1) * target.norm(dim=1))
+        expected = (1 - ALPHA) * ce + ALPHA * BETA * (1 - cos).mean()
+    assert got.total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.terms["ce"].item() == pytest.approx(((1 - ALPHA) * ce).item(), rel=1e-5)
+    assert got.total.requires_grad
+
+
+def test_teachers_frozen_through_a_student_epoch(tmp_path, teacher_runs):
+    run = student(tmp_path, teacher_runs[:2])
+    teachers = run.method.teachers
+    before = [{k: v.clone() for k, v in t.state_dict().items()} for t in teachers]
+    student_before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    teacher_params = {id(p) for t in teachers for p in t.parameters()}
+    assert not teacher_params & {id(p) for g in run.optimizer.param_groups for p in g["params"]}
+    assert not teacher_params & {id(p) for p in run.model.parameters()}  # not submodules of the student
+
+    stats = run.train_epoch(0)
+
+    assert np.isfinite(stats["loss"]) and {"loss_ce", "loss_distill"} <= set(stats)
+    for t, old in zip(teachers, before):
+        assert not t.training and not any(p.requires_grad for p in t.parameters())
+        assert all(torch.equal(v, old[k]) for k, v in t.state_dict().items())  # weights and BN statistics
+    assert any(not torch.equal(v, student_before[k]) for k, v in run.model.state_dict().items())
+    views, _ = run.method.predict(run.model, first_batch(run).images)
+    assert list(views) == run.views == ["teacher0", "teacher1", "teacher_ensemble", "student"]
+    assert torch.allclose(views["teacher_ensemble"], (views["teacher0"] + views["teacher1"]) / 2)
+
+
+def test_student_sampler_is_class_balanced(tmp_path, teacher_runs):
+    run = student(tmp_path, teacher_runs[:1])
+    assert run.sampler.kind == "class_balanced"
+    labels = run.data.train.labels
+    drawn = labels[np.concatenate([run.sampler.epoch_indices(epoch) for epoch in range(20)])]
+    share = np.bincount(drawn, minlength=10) / len(drawn)
+    train_share = np.bincount(labels, minlength=10) / len(labels)
+    assert train_share.max() / train_share.min() > 9  # imbalance factor 10
+    assert np.abs(share - 0.1).max() < 0.02, share
+
+
+# ------------------------------------------------------------------------------ the job on Ray
+
+
+def job_config(root: Path, teachers: list[dict], name: str = "job"):
+    return load_config("cbd_digits", {
+        "run.storage_path": str(root), "run.name": name, "run.verbose": False,
+        "train.epochs": 2, "cbd.teacher_epochs": 2, "cbd.teacher_cpus": 1, "teachers": teachers,
+    })
+
+
+TWO_TEACHERS = [{"type": "standard", "seed": 0}, {"type": "data_aug", "seed": 1}]
+
+
+@pytest.fixture(scope="module")
+def finished_job(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cbd_job")
+    out = run_ensemble(job_config(root, TWO_TEACHERS))
+    return root / "job", out
+
+
+@pytest.mark.ray
+def test_job_directory_and_parallel_teachers(finished_job):
+    job, out = finished_job
+    assert out["path"] == str(job) and (job / "config.yaml").exists()
+    for run in ["teachers/teacher0", "teachers/teacher1", "student"]:
+        assert (job / run / "metrics.parquet").exists() and list((job / run).glob("checkpoint_*/checkpoint.pt"))
+    summary = pd.read_parquet(job / "summary.parquet")
+    assert list(summary["model"]) == ["teacher0", "teacher1", "teacher_ensemble", "student"]
+    assert set(SUMMARY_COLUMNS) <= set(summary.columns) and summary[SUMMARY_COLUMNS[1:]].notna().all().all()
+    assert list(summary["type"][:2]) == ["standard", "data_aug"] and list(summary["method"][:2]) == ["ce", "ce"]
+    t0, t1 = (summary.iloc[i] for i in range(2))
+    assert t0.started_at < t1.finished_at and t1.started_at < t0.finished_at  # trained at the same time
+    assert summary.iloc[3].started_at >= max(t0.finished_at, t1.finished_at)  # the student after them
+    student = pd.read_parquet(job / "student" / "metrics.parquet")
+    last = student[student["epoch"] == 1].set_index("view")
+    for i in range(2):  # the teacher's own last evaluation equals the student run's view of it
+        assert summary.iloc[i].top1 == pytest.approx(last.loc[f"teacher{i}", "top1"])
+    teacher_cfg = load_config(job / "teachers" / "teacher1" / "config.yaml")
+    assert teacher_cfg.data.augment == "data_aug" and teacher_cfg.model.classifier == "cosine"
+    assert teacher_cfg.scaling.cpus_per_worker == 1 and teacher_cfg.seed == 1
+    student_cfg = load_config(job / "student" / "config.yaml")
+    assert list(student_cfg.cbd.teacher_runs) == [str(job / "teachers" / f"teacher{i}") for i in range(2)]
+
+
+def _checkpoints(job: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in sorted(job.glob("*/**/checkpoint_*/checkpoint.pt"))}
+
+
+@pytest.mark.ray
+def test_rerun_skips_finished_runs(finished_job, capsys):
+    job, first = finished_job
+    before = _checkpoints(job)
+    capsys.readouterr()
+    again = run_ensemble(job_config(job.parent, TWO_TEACHERS))
+    printed = capsys.readouterr().out
+    assert "teacher0: finished checkpoint found" in printed and "teacher1: finished checkpoint found" in printed
+    assert "student: finished checkpoint found" in printed
+    assert _checkpoints(job) == before
+    assert list(again["summary"]["status"]) == ["skipped"] * 4
+    pd.testing.assert_frame_equal(again["summary"][SUMMARY_COLUMNS], first["summary"][SUMMARY_COLUMNS])
+
+
+@pytest.mark.ray
+def test_failing_teacher_is_named_and_others_kept(finished_job):
+    job, _ = finished_job
+    bad = {"type": "standard", "seed": 2, "overrides": {"model.weights": "/nonexistent/weights.pt"}}
+    with pytest.raises(TeacherFailed, match=r"teacher teacher2 failed .*weights\.pt.*teachers/teacher2/error\.log"):
+        run_ensemble(job_config(job.parent, [*TWO_TEACHERS, bad]))
+    assert "FileNotFoundError" in (job / "teachers" / "teacher2" / "error.log").read_text()
+    summary = pd.read_parquet(job / "summary.parquet").set_index("model")
+    assert list(summary["status"]) == ["skipped", "skipped", "failed"]
+    assert summary.loc[["teacher0", "teacher1"], "top1"].notna().all() and np.isnan(summary.loc["teacher2", "top1"])
