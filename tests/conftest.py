@@ -16,9 +16,11 @@ def ray_cluster():
     """A 2-CPU local Ray cluster shared by every test that needs one (start-up costs 10–30 s)."""
     import ray
 
+    from rayexperts.launch.train import start_local_ray
+
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=True)
+        start_local_ray(num_cpus=2)
     yield ray
     ray.shutdown()
 

@@ -3,6 +3,7 @@ ensemble job on the shared 2-CPU Ray cluster: parallel teachers, resume, a faili
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +11,33 @@ import pandas as pd
 import pytest
 import torch
 
-from rayexperts.config import load_config, to_yaml
-from rayexperts.engine.checkpoint import save_checkpoint
+from rayexperts.config import load_config, to_yaml, with_overrides
+from rayexperts.engine.checkpoint import CheckpointMismatch, save_checkpoint
 from rayexperts.engine.results import RunFiles
 from rayexperts.engine.worker import Run
-from rayexperts.launch.ensemble import SUMMARY_COLUMNS, TeacherFailed, run_ensemble
+from rayexperts.launch.ensemble import SUMMARY_COLUMNS, TeacherFailed, is_finished, run_ensemble
 from rayexperts.methods.base import Batch
 
 ALPHA, BETA = 0.4, 100.0
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process runs use one thread: the 2 cores are shared (oversubscribed threads run ~10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def teacher_cfg(root: Path, name: str, seed: int):
+    return load_config(None, ["method=ce", "model.classifier=cosine", f"seed={seed}", "train.epochs=1",
+                              f"run.storage_path={root}", f"run.name={name}"])
+
+
 def teacher_run(root: Path, name: str, seed: int) -> str:
-    """A stage-1 run directory (config.yaml + checkpoint) of an untrained ce/cosine teacher, without Ray."""
-    cfg = load_config(None, ["method=ce", "model.classifier=cosine", f"seed={seed}", "train.epochs=1",
-                             f"run.storage_path={root}", f"run.name={name}"])
+    """A stage-1 run directory (config.yaml + checkpoint at its last epoch) of an untrained ce/cosine teacher."""
+    cfg = teacher_cfg(root, name, seed)
     run = Run(cfg)
     files = RunFiles(str(root), name)
     files.write_text("config.yaml", to_yaml(cfg))
@@ -109,75 +123,103 @@ def test_student_sampler_is_class_balanced(tmp_path, teacher_runs):
     assert np.abs(share - 0.1).max() < 0.02, share
 
 
+def test_finished_rule(tmp_path):
+    path = Path(teacher_run(tmp_path, "t", seed=4))
+    cfg = teacher_cfg(tmp_path, "t", seed=4)
+    assert not is_finished(cfg)  # a checkpoint, but no evaluation of the last epoch
+    pd.DataFrame({"epoch": [0], "view": ["expert0"], "top1": [0.5], "timestamp": [0.0]}).to_parquet(
+        path / "metrics.parquet")
+    assert is_finished(cfg)
+    assert not is_finished(with_overrides(cfg, {"train.epochs": 2}))  # more epochs: resume, not skip
+    with pytest.raises(CheckpointMismatch, match="seed: 4 there vs 5 now"):
+        is_finished(with_overrides(cfg, {"seed": 5}))
+    with pytest.raises(CheckpointMismatch, match="method"):
+        is_finished(with_overrides(cfg, {"method": "bsce"}))
+
+
 # ------------------------------------------------------------------------------ the job on Ray
+# One job directory, three runs of the job: a failing third teacher (the other two train in parallel),
+# the job again without it (teachers skipped, the student trained), and once more (everything skipped).
 
 
-def job_config(root: Path, teachers: list[dict], name: str = "job"):
+def job_config(root: Path, teachers: list[dict]):
     return load_config("cbd_digits", {
-        "run.storage_path": str(root), "run.name": name, "run.verbose": False,
-        "train.epochs": 2, "cbd.teacher_epochs": 2, "cbd.teacher_cpus": 1, "teachers": teachers,
+        "run.storage_path": str(root), "run.name": "job", "run.verbose": False,
+        "train.epochs": 1, "cbd.teacher_epochs": 16, "cbd.teacher_cpus": 1, "teachers": teachers,
     })
 
 
-TWO_TEACHERS = [{"type": "standard", "seed": 0}, {"type": "data_aug", "seed": 1}]
-
-
-@pytest.fixture(scope="module")
-def finished_job(ray_cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cbd_job")
-    out = run_ensemble(job_config(root, TWO_TEACHERS))
-    return root / "job", out
-
-
-@pytest.mark.ray
-def test_job_directory_and_parallel_teachers(finished_job):
-    job, out = finished_job
-    assert out["path"] == str(job) and (job / "config.yaml").exists()
-    for run in ["teachers/teacher0", "teachers/teacher1", "student"]:
-        assert (job / run / "metrics.parquet").exists() and list((job / run).glob("checkpoint_*/checkpoint.pt"))
-    summary = pd.read_parquet(job / "summary.parquet")
-    assert list(summary["model"]) == ["teacher0", "teacher1", "teacher_ensemble", "student"]
-    assert set(SUMMARY_COLUMNS) <= set(summary.columns) and summary[SUMMARY_COLUMNS[1:]].notna().all().all()
-    assert list(summary["type"][:2]) == ["standard", "data_aug"] and list(summary["method"][:2]) == ["ce", "ce"]
-    t0, t1 = (summary.iloc[i] for i in range(2))
-    assert t0.started_at < t1.finished_at and t1.started_at < t0.finished_at  # trained at the same time
-    assert summary.iloc[3].started_at >= max(t0.finished_at, t1.finished_at)  # the student after them
-    student = pd.read_parquet(job / "student" / "metrics.parquet")
-    last = student[student["epoch"] == 1].set_index("view")
-    for i in range(2):  # the teacher's own last evaluation equals the student run's view of it
-        assert summary.iloc[i].top1 == pytest.approx(last.loc[f"teacher{i}", "top1"])
-    teacher_cfg = load_config(job / "teachers" / "teacher1" / "config.yaml")
-    assert teacher_cfg.data.augment == "data_aug" and teacher_cfg.model.classifier == "cosine"
-    assert teacher_cfg.scaling.cpus_per_worker == 1 and teacher_cfg.seed == 1
-    student_cfg = load_config(job / "student" / "config.yaml")
-    assert list(student_cfg.cbd.teacher_runs) == [str(job / "teachers" / f"teacher{i}") for i in range(2)]
+GOOD = [{"type": "standard", "seed": 0}, {"type": "data_aug", "seed": 1}]
+# Fails inside its Ray Train worker (building the model). Its tiny CPU share (a per-teacher override) leaves the
+# two good teachers the whole 2-CPU cluster, so they always run side by side.
+BAD = {"type": "standard", "seed": 2,
+       "overrides": {"model.weights": "/nonexistent/weights.pt", "scaling.cpus_per_worker": 0.01}}
 
 
 def _checkpoints(job: Path) -> dict[str, float]:
-    return {str(p): p.stat().st_mtime for p in sorted(job.glob("*/**/checkpoint_*/checkpoint.pt"))}
+    return {str(p): p.stat().st_mtime for p in sorted(job.glob("**/checkpoint_*/checkpoint.pt"))}
 
 
-@pytest.mark.ray
-def test_rerun_skips_finished_runs(finished_job, capsys):
-    job, first = finished_job
+@pytest.fixture(scope="module")
+def failed_job(ray_cluster, tmp_path_factory) -> tuple[Path, TeacherFailed]:
+    root = tmp_path_factory.mktemp("cbd_job")
+    with pytest.raises(TeacherFailed) as err:
+        run_ensemble(job_config(root, [*GOOD, BAD]))
+    return root / "job", err.value
+
+
+@pytest.fixture(scope="module")
+def finished_job(failed_job) -> tuple[Path, dict, dict[str, float], str]:
+    job, _ = failed_job
     before = _checkpoints(job)
-    capsys.readouterr()
-    again = run_ensemble(job_config(job.parent, TWO_TEACHERS))
-    printed = capsys.readouterr().out
-    assert "teacher0: finished checkpoint found" in printed and "teacher1: finished checkpoint found" in printed
-    assert "student: finished checkpoint found" in printed
-    assert _checkpoints(job) == before
-    assert list(again["summary"]["status"]) == ["skipped"] * 4
-    pd.testing.assert_frame_equal(again["summary"][SUMMARY_COLUMNS], first["summary"][SUMMARY_COLUMNS])
+    out = run_ensemble(job_config(job.parent, GOOD))
+    return job, out, before
 
 
 @pytest.mark.ray
-def test_failing_teacher_is_named_and_others_kept(finished_job):
-    job, _ = finished_job
-    bad = {"type": "standard", "seed": 2, "overrides": {"model.weights": "/nonexistent/weights.pt"}}
-    with pytest.raises(TeacherFailed, match=r"teacher teacher2 failed .*weights\.pt.*teachers/teacher2/error\.log"):
-        run_ensemble(job_config(job.parent, [*TWO_TEACHERS, bad]))
+def test_failing_teacher_is_named_and_others_kept(failed_job):
+    job, err = failed_job
+    assert re.search(r"teacher teacher2 failed .*weights\.pt.*teachers/teacher2/error\.log", str(err)), str(err)
+    assert "teacher0" not in str(err) and "teacher1" not in str(err)
     assert "FileNotFoundError" in (job / "teachers" / "teacher2" / "error.log").read_text()
     summary = pd.read_parquet(job / "summary.parquet").set_index("model")
-    assert list(summary["status"]) == ["skipped", "skipped", "failed"]
+    assert list(summary["status"]) == ["finished", "finished", "failed"]
     assert summary.loc[["teacher0", "teacher1"], "top1"].notna().all() and np.isnan(summary.loc["teacher2", "top1"])
+    assert not (job / "student").exists()
+
+
+@pytest.mark.ray
+def test_teachers_train_at_the_same_time(failed_job):
+    job, _ = failed_job
+    t0, t1 = (row for _, row in pd.read_parquet(job / "summary.parquet").iloc[:2].iterrows())
+    assert t0.started_at < t1.finished_at and t1.started_at < t0.finished_at, (t0, t1)
+
+
+@pytest.mark.ray
+def test_rerun_skips_finished_teachers_and_trains_the_student(finished_job, capsys):
+    job, out, before = finished_job
+    assert {k: v for k, v in _checkpoints(job).items() if "/teachers/" in k} == before
+    assert out["path"] == str(job) and (job / "config.yaml").exists()
+    summary = pd.read_parquet(job / "summary.parquet")
+    assert list(summary["model"]) == ["teacher0", "teacher1", "teacher_ensemble", "student"]
+    assert list(summary["status"]) == ["skipped", "skipped", "finished", "finished"]
+    assert set(SUMMARY_COLUMNS) <= set(summary.columns) and summary[SUMMARY_COLUMNS[1:]].notna().all().all()
+    assert list(summary["type"][:2]) == ["standard", "data_aug"] and list(summary["method"][:2]) == ["ce", "ce"]
+    assert summary.iloc[3].started_at >= summary.iloc[:2]["finished_at"].max()
+    student = pd.read_parquet(job / "student" / "metrics.parquet").set_index("view")
+    for i in range(2):  # a teacher's own last evaluation equals the student run's view of it
+        assert summary.iloc[i].top1 == pytest.approx(student.loc[f"teacher{i}", "top1"])
+    teacher_cfg = load_config(job / "teachers" / "teacher1" / "config.yaml")
+    assert teacher_cfg.data.augment == "data_aug" and teacher_cfg.model.classifier == "cosine"
+    assert teacher_cfg.scaling.cpus_per_worker == 1 and teacher_cfg.seed == 1 and teacher_cfg.train.epochs == 16
+    student_cfg = load_config(job / "student" / "config.yaml")
+    assert list(student_cfg.cbd.teacher_runs) == [str(job / "teachers" / f"teacher{i}") for i in range(2)]
+
+    everything = _checkpoints(job)
+    capsys.readouterr()
+    again = run_ensemble(job_config(job.parent, GOOD))
+    printed = capsys.readouterr().out
+    for name in ("teacher0", "teacher1", "student"):
+        assert f"{name}: finished checkpoint found" in printed and "skipped" in printed
+    assert _checkpoints(job) == everything and list(again["summary"]["status"]) == ["skipped"] * 4
+    pd.testing.assert_frame_equal(again["summary"][SUMMARY_COLUMNS], summary[SUMMARY_COLUMNS])

@@ -245,14 +245,16 @@ def test_ecl_bkt_weights_come_from_each_experts_own_ref_and_cls_heads(monkeypatc
 
 # ------------------------------------------------------------------- one epoch on digits-lt
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ncl", "ecl"])
 def test_one_epoch_on_digits_reports_all_views_and_updates_the_queues_fifo(method: str) -> None:
     from rayexperts.engine.worker import Run
     from rayexperts.methods.base import Batch
 
-    queue = 100
-    run = Run(load_config(None, [f"method={method}", "data.name=digits-lt", "train.epochs=1", f"model.moco_queue={queue}",
-                                 "train.batch_size=64", "run.verbose=false"]))
+    queue, batch = 200, 128  # 4 steps: the pointer ends at 512 % 200 = 112, the next batch wraps
+    overrides = [f"method={method}", "data.name=digits-lt", "train.epochs=1", f"model.moco_queue={queue}",
+                 f"train.batch_size={batch}", "run.verbose=false"]
+    run = Run(load_config(None, overrides))
     branches = list(run.model.moco)
     before = [b.queue.clone() for b in branches]
     stats = run.train_epoch(0)
@@ -268,7 +270,7 @@ def test_one_epoch_on_digits_reports_all_views_and_updates_the_queues_fifo(metho
     steps = len(run.train_loader)
     for b, old in zip(branches, before):
         assert not torch.equal(b.queue, old)
-        assert int(b.queue_ptr) == steps * 64 % queue
+        assert int(b.queue_ptr) == steps * batch % queue
 
     # one more step: the queue is the pre-step snapshot with this batch's keys written FIFO at the pointer
     x, x_key, y = next(iter(run.train_loader))
@@ -277,5 +279,5 @@ def test_one_epoch_on_digits_reports_all_views_and_updates_the_queues_fifo(metho
     out = run.method.forward(run.model, Batch(x, y, key_images=x_key))
     for b, ptr, keys, snapshot in zip(branches, ptrs, out.keys, out.queues):
         expected = snapshot.clone()
-        expected[(ptr + torch.arange(64)) % queue] = keys
+        expected[(ptr + torch.arange(batch)) % queue] = keys
         assert torch.equal(b.queue, expected)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,13 @@ def load_model_weights(model: nn.Module, directory: str | Path, ident: dict[str,
 
 
 def latest_checkpoint_dir(run_path: str | Path) -> Path:
-    """The newest Ray Train checkpoint directory (``checkpoint_<timestamp>``) of a local run directory."""
+    """The latest checkpoint of a local run directory: the one Ray Train registered last
+    (``checkpoint_manager_snapshot.json``), else the newest ``checkpoint_*`` directory."""
+    snapshot = Path(run_path) / "checkpoint_manager_snapshot.json"
+    if snapshot.exists():
+        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        if latest and (Path(run_path) / latest / CHECKPOINT_FILE).exists():
+            return Path(run_path) / latest
     dirs = sorted(p for p in Path(run_path).glob("checkpoint_*") if (p / CHECKPOINT_FILE).exists())
     if not dirs:
         raise FileNotFoundError(f"no checkpoint with {CHECKPOINT_FILE} under run directory {run_path}")

@@ -184,6 +184,11 @@ def sync_buffers(model: nn.Module) -> None:
             dist.broadcast(buf, src=0)
 
 
+def reliability_table(epoch: int, acc: EvalAccumulator, views: list[str]) -> pd.DataFrame:
+    """Per view and confidence bin of the test split: count, mean confidence, accuracy (reliability diagrams)."""
+    return pd.concat([pd.DataFrame({"epoch": epoch, "view": v, **acc.reliability(v)}) for v in views], ignore_index=True)
+
+
 def _mean_over_workers(stats: dict[str, float], sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
     """Average per-worker training statistics (sum the throughput) across workers."""
     if not is_distributed():
@@ -255,6 +260,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rows, classes = run.result_rows(epoch, accs, stats)
             if writer is not None:
                 writer.add(rows, classes)
+                files.write_table("reliability.parquet", reliability_table(epoch, accs[""], run.views))
                 if cfg.run.verbose:
                     print(progress_line(epoch, epochs, rows, run.method.primary_view), flush=True)
             primary = next(r for r in rows if r["view"] == run.method.primary_view)

@@ -97,6 +97,12 @@ class EvalAccumulator:
         count, conf, corr = (x.cpu().numpy() for x in self.bins[view])
         return ece_from_bins(count, conf, corr)
 
+    def reliability(self, view: str) -> dict[str, np.ndarray]:
+        """Per equal-width confidence bin: ``count``, mean ``confidence``, ``accuracy`` (NaN when empty)."""
+        count, conf, corr = (x.cpu().numpy() for x in self.bins[view])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"bin": np.arange(self.num_bins), "count": count, "confidence": conf / count, "accuracy": corr / count}
+
     def per_class_accuracy(self, view: str) -> np.ndarray:
         tot = self.total[view].cpu().numpy()
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import pandas as pd
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from rayexperts.config import ConfigError, default_layers, from_dict, load_config, to_dict, to_yaml, with_overrides
+from rayexperts.config import (
+    ConfigError, default_layers, flatten, from_dict, load_config, parse_overrides, to_dict, to_yaml, with_overrides,
+)
 from rayexperts.engine.checkpoint import CheckpointMismatch
 from rayexperts.engine.results import RunFiles, storage_uri
 from rayexperts.launch.train import check_existing_run, default_run_name, ensure_ray, parse_cli, run_training
@@ -33,6 +35,9 @@ from rayexperts.methods.cbd import read_latest_checkpoint
 DEMO_PRESET = "cbd_digits"
 # Teacher method aliases: the paper's teacher is cross-entropy on a cosine classifier (instance sampling).
 TEACHER_METHODS = {"ce_cosine": {"method": "ce", "model.classifier": "cosine"}}
+# Beyond the engine's identity keys, a finished run is only reused for the same teacher (seed, augmentation)
+# or, for the student, the same teachers.
+REUSE_KEYS = ("seed", "data.augment", "cbd.teacher_runs")
 SUMMARY_COLUMNS = ["model", "top1", "top1_many", "top1_medium", "top1_few", "started_at", "finished_at"]
 
 
@@ -69,7 +74,7 @@ def teacher_config(cfg: DictConfig, i: int) -> DictConfig:
         raise ConfigError(f"{where}.method={spec.method!r}: choose one of {choices}")
     tcfg = with_overrides(cfg, {"method": alias["method"], "data.sampler": "auto", "cbd.teacher_runs": []}, where)
     for source, layer in default_layers(alias["method"], ""):  # the method layer only
-        tcfg = with_overrides(tcfg, _flat(layer), f"{where} ← {source}")
+        tcfg = with_overrides(tcfg, flatten(layer), f"{where} ← {source}")
     c = cfg.cbd
     fixed = {
         **alias,
@@ -98,20 +103,23 @@ def student_config(cfg: DictConfig, teacher_runs: list[str]) -> DictConfig:
     }, "student")
 
 
-def _flat(layer: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in layer.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 # ------------------------------------------------------------------------------------ stage 1
 
 
 def is_finished(cfg: DictConfig) -> bool:
-    """True when ``cfg``'s run directory holds a checkpoint at its last epoch (refuses another config)."""
+    """True when ``cfg``'s run directory already holds the checkpoint of its last epoch. A directory holding
+    another configuration (the engine's identity keys, or :data:`REUSE_KEYS`) is refused."""
     files = RunFiles(cfg.run.storage_path, cfg.run.name)
     if not check_existing_run(files, cfg):
+        return False
+    old = OmegaConf.create(files.read_text("config.yaml"))
+    diffs = [f"{k}: {OmegaConf.select(old, k)} there vs {OmegaConf.select(cfg, k)} now"
+             for k in REUSE_KEYS if OmegaConf.select(old, k) != OmegaConf.select(cfg, k)]
+    if diffs:
+        raise CheckpointMismatch(f"run directory {files.path} holds another run ({'; '.join(diffs)}); "
+                                 "choose another run.name or remove that directory")
+    metrics = files.read_table("metrics.parquet")
+    if metrics is None or metrics.empty or int(metrics["epoch"].max()) < int(cfg.train.epochs) - 1:
         return False
     state = read_latest_checkpoint(f"{storage_uri(cfg.run.storage_path)}/{cfg.run.name}")
     return state is not None and int(state["epoch"]) >= int(cfg.train.epochs)
@@ -261,8 +269,6 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
 def resolve_job_config(config: str | None, overrides: Sequence[str]) -> DictConfig:
     """``method=cbd`` + the preset + overrides; without ``--config`` and without another ``data.name``,
     the embedded demo preset."""
-    from rayexperts.config import parse_overrides
-
     flat = parse_overrides(list(overrides))
     if config is None and flat.get("data.name", "digits-lt") == "digits-lt":
         config = DEMO_PRESET

@@ -30,7 +30,27 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        start_local_ray(num_cpus)
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """Start a local Ray instance whose processes can find its state API.
+
+    The dashboard port is chosen here and exported as ``RAY_API_SERVER_ADDRESS`` before Ray
+    starts, so every process of the instance inherits it. Without it, Ray Train's
+    PlacementGroupCleaner (which frees a run's CPUs when its controller is killed, e.g. a trial
+    that ASHA stops) fails whenever another Ray instance runs on the same machine, and the
+    CPUs stay reserved.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(num_cpus=num_cpus, log_to_driver=True, dashboard_port=port)
 
 
 def default_run_name(cfg: DictConfig) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import math
 import sys
 from pathlib import Path
@@ -21,12 +20,15 @@ from typing import Any, Sequence
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from rayexperts.analysis import best_trial, cell
 from rayexperts.config import ConfigError, from_dict, load_config, to_dict, to_yaml, valid_keys, with_overrides
 from rayexperts.data.errors import DataError
 from rayexperts.engine.results import RunFiles, storage_uri
+from rayexperts.launch.ensemble import TeacherFailed
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint")
 TRIALS_DIR = "trials"
+TEACHERS_KEY = "cbd.teacher_runs"
 TIME_ATTR = "epochs_done"
 # Keys Tune adds to every result; trials.parquet keeps only what the run reported.
 _TUNE_KEYS = {
@@ -67,6 +69,8 @@ def load_space(path: str | Path, cfg: DictConfig) -> Space:
             close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.5)
             raise ConfigError(f"{where}: unknown config key" + (f"; did you mean {', '.join(close)}?" if close else ""))
         space[key] = _check_distribution(spec, where)
+        if key == TEACHERS_KEY:
+            _check_teacher_names(space[key], cfg, where)
         for value in _probe_values(space[key]):
             try:
                 with_overrides(cfg, {key: value}, f"value {value!r}")
@@ -102,6 +106,19 @@ def _probe_values(dist: dict[str, list]) -> list[Any]:
     if kind == "randint":
         return [args[0], args[1] - 1]
     return [float(args[0]), float(args[1])]
+
+
+def _check_teacher_names(dist: dict[str, list], cfg: DictConfig, where: str) -> None:
+    """CBD: ``cbd.teacher_runs`` is searched as lists of teacher names ``teacher<i>``, ``i`` indexing
+    ``cbd.teacher_runs`` when given, else ``teachers`` (which the sweep trains first)."""
+    (kind, values), = dist.items()
+    n = len(cfg.cbd.teacher_runs) or len(cfg.teachers)
+    names = [f"teacher{i}" for i in range(n)]
+    if cfg.method != "cbd" or kind not in ("choice", "grid"):
+        raise ConfigError(f"{where}: searched only with method=cbd, as {{choice: [[teacher0, ...], ...]}}")
+    for v in values:
+        if not isinstance(v, list) or not v or any(name not in names for name in v):
+            raise ConfigError(f"{where}: {v!r} is not a non-empty list of teacher names ({', '.join(names)})")
 
 
 def to_param_space(space: Space) -> dict[str, Any]:
@@ -170,6 +187,22 @@ def max_concurrent(cfg: DictConfig) -> int:
     return max(1, math.floor(min(fits) + 1e-9))
 
 
+def cbd_student_config(cfg: DictConfig) -> DictConfig:
+    """CBD sweeps the student stage against fixed teachers: the runs in ``cbd.teacher_runs``, or,
+    when it is empty, the ``teachers`` trained once (in parallel, skipped when finished) into
+    ``<sweep>/teachers/``. Returns the student's base config."""
+    from rayexperts.launch.ensemble import student_config, teacher_config, train_teachers
+
+    runs = list(cfg.cbd.teacher_runs)
+    if not runs:
+        outcomes = train_teachers([teacher_config(cfg, i) for i in range(len(cfg.teachers))])
+        failed = [o for o in outcomes if o.status == "failed"]
+        if failed:
+            raise TeacherFailed("; ".join(f"teacher {o.name} failed ({o.error}), see {o.path}/error.log" for o in failed))
+        runs = [o.path for o in outcomes]
+    return student_config(cfg, runs)
+
+
 # ------------------------------------------------------------------------------- trials
 
 
@@ -210,6 +243,9 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_storage: str)
 
     from rayexperts.launch.train import run_training
 
+    if TEACHERS_KEY in params:  # teacher names -> the run directories the base config lists
+        runs = list(base["cbd"]["teacher_runs"])
+        params = {**params, TEACHERS_KEY: [runs[int(name.removeprefix("teacher"))] for name in params[TEACHERS_KEY]]}
     cfg = with_overrides(from_dict(base), params, "sweep trial")
     cfg.run.storage_path = trials_storage
     cfg.run.name = ray.tune.get_context().get_trial_id()
@@ -239,7 +275,7 @@ def build_tuner(cfg: DictConfig, space: Space):
     if cfg.tune.scheduler == "asha":
         scheduler = AsyncHyperBandScheduler(
             time_attr=TIME_ATTR,
-            max_t=int(cfg.train.epochs),
+            max_t=int(cfg.train.epochs) + 1,  # ASHA kills a trial at max_t: let full runs end on their own
             grace_period=int(cfg.tune.grace_period),
             reduction_factor=int(cfg.tune.reduction_factor),
         )
@@ -292,29 +328,10 @@ def trials_table(results, space: Space, cfg: DictConfig) -> pd.DataFrame:
         status = "error" if r.error else ("completed" if done >= cfg.train.epochs else "stopped")
         trial_id = Path(r.path).name.removeprefix("tune_")
         row = {"trial_id": trial_id, "status": status, "run": f"{TRIALS_DIR}/{trial_id}"}
-        row.update({k: _cell(r.config.get(k)) for k in space})
+        row.update({k: cell(r.config.get(k)) for k in space})
         row.update(metrics)
         rows.append(row)
     return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
-
-
-def _cell(value: Any) -> Any:
-    """Lists and mappings (e.g. ``teachers``) as JSON, so every column stays a Parquet scalar."""
-    return json.dumps(value, sort_keys=True) if isinstance(value, (list, dict)) else value
-
-
-def best_trial(trials: pd.DataFrame, cfg: DictConfig) -> pd.Series | None:
-    """The best trial on ``tune.metric``, among those that ran every epoch when there are any."""
-    metric = str(cfg.tune.metric)
-    if metric not in trials:
-        return None
-    ok = trials[(trials["status"] != "error") & trials[metric].notna()]
-    if ok.empty:
-        return None
-    if (ok["status"] == "completed").any():
-        ok = ok[ok["status"] == "completed"]
-    order = ok[metric]
-    return ok.loc[order.idxmax() if cfg.tune.mode == "max" else order.idxmin()]
 
 
 def best_config(best: pd.Series, cfg: DictConfig) -> str:
@@ -340,10 +357,12 @@ def run_sweep(cfg: DictConfig, space: Space) -> dict[str, Any]:
         cfg.scaling.cpus_per_worker = _cpu_share(cfg)
     files = RunFiles(cfg.run.storage_path, cfg.run.name)
     check_same_sweep(files, cfg, space)
+    if cfg.method == "cbd":
+        cfg = cbd_student_config(cfg)
     results = build_tuner(cfg, space).fit()
     trials = trials_table(results, space, cfg)
     files.write_table("trials.parquet", trials)
-    best = best_trial(trials, cfg)
+    best = best_trial(trials, str(cfg.tune.metric), str(cfg.tune.mode))
     if best is not None:
         files.write_text("best.yaml", best_config(best, cfg))
     return {"path": files.path, "trials": trials, "best": best, "config": cfg}
@@ -362,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TeacherFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     best, metric = out["best"], out["config"].tune.metric
     shown = ["trial_id", "status", *space, metric, "top1"]
     print(f"\nsweep directory: {out['path']}")

@@ -1,0 +1,91 @@
+"""Training-step throughput: plain PyTorch vs Ray Train (1 worker) vs Ray Train (N workers).
+
+The same :class:`~rayexperts.engine.worker.Run` (model, loss, data pipeline) is timed three
+ways, so the difference is what Ray adds. Images/s counts all workers' images.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from rayexperts.config import from_dict, to_dict, with_overrides
+from rayexperts.engine.loop import train_one_epoch
+from rayexperts.engine.worker import Run
+
+
+class _Steps:
+    """The first ``n`` batches of a loader, with a length (the loop needs one for the LR schedule)."""
+
+    def __init__(self, loader, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.loader), self.n)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def time_steps(run: Run, warmup: int, steps: int) -> float:
+    """Images/s of ``steps`` training steps of this worker, after ``warmup`` untimed steps."""
+    kw = dict(amp=bool(run.cfg.train.amp), channels_last=run.channels_last)
+    run.sampler.set_epoch(0)
+    train_one_epoch(run.method, run.model, _Steps(run.train_loader, warmup), run.optimizer, run.lr_at, 0, run.device, **kw)
+    run.sampler.set_epoch(1)
+    start = time.perf_counter()
+    train_one_epoch(run.method, run.model, _Steps(run.train_loader, steps), run.optimizer, run.lr_at, 1, run.device, **kw)
+    elapsed = time.perf_counter() - start
+    return steps * (int(run.cfg.train.batch_size) // run.world) / elapsed
+
+
+def plain(cfg: DictConfig, warmup: int, steps: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
+    return time_steps(Run(cfg, 0, 1, device), warmup, steps)
+
+
+def _bench_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(loop_config["config"])
+    torch.set_num_threads(int(loop_config["threads"]))
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    run = Run(cfg, ctx.get_world_rank(), ctx.get_world_size(), device)
+    if run.world > 1:
+        run.model = ray.train.torch.prepare_model(run.model, move_to_device=False)
+    ips = time_steps(run, int(loop_config["warmup"]), int(loop_config["steps"]))
+    total = torch.tensor([ips], dtype=torch.float64)
+    if run.world > 1:
+        torch.distributed.all_reduce(total)
+    ray.train.report({"images_per_sec": float(total.item())})
+
+
+def through_ray(cfg: DictConfig, warmup: int, steps: int, workers: int, storage: str) -> tuple[float, float]:
+    """(images/s of the timed steps, wall seconds of the whole ``fit()`` incl. start-up)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rayexperts.launch.train import worker_resources
+
+    cfg = with_overrides(cfg, {"scaling.num_workers": workers, "scaling.cpus_per_worker": 0})
+    cpus, gpus, threads = worker_resources(cfg)
+    trainer = TorchTrainer(
+        _bench_worker,
+        train_loop_config={"config": to_dict(cfg), "threads": threads, "warmup": warmup, "steps": steps},
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=bool(cfg.scaling.use_gpu),
+            resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})},
+        ),
+        run_config=RunConfig(name=f"bench-{time.time_ns()}", storage_path=storage),
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    return float(result.metrics["images_per_sec"]), time.perf_counter() - start

@@ -1,0 +1,295 @@
+"""``jobs/report.py DIR``: Markdown tables and PNG plots for a run, an ensemble job or a sweep.
+
+Writes ``DIR/report/report.md`` and its figures: per-class accuracy against the class's training
+count (the long-tail figure), the reliability diagram (from ``reliability.parquet``; older run
+directories without it get a note instead), training curves per view, and for sweeps the tuned
+metric against each searched key. Figures use matplotlib's Agg canvas: no display needed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from rayexperts.analysis import (
+    best_trial,
+    load_classes,
+    load_ensemble,
+    load_runs,
+    load_sweep,
+    markdown,
+    paper_table,
+    read_config,
+)
+
+MAX_VIEWS = 4
+GROUP_COLORS = {"many": "#dbe9f6", "medium": "#fdf0d5", "few": "#f8d7da"}
+
+
+def kind(path: str | Path) -> str:
+    """``sweep``, ``ensemble`` or ``run``, from the files in ``path``."""
+    p = Path(path)
+    if (p / "trials.parquet").is_file():
+        return "sweep"
+    if (p / "summary.parquet").is_file():
+        return "ensemble"
+    if (p / "metrics.parquet").is_file() and (p / "config.yaml").is_file():
+        return "run"
+    raise FileNotFoundError(
+        f"{p} is neither a run directory (metrics.parquet + config.yaml), an ensemble job (summary.parquet) "
+        "nor a sweep (trials.parquet)"
+    )
+
+
+def write_report(path: str | Path) -> Path:
+    """Write ``path/report/`` for whatever ``path`` holds; returns the Markdown file."""
+    root = Path(path)
+    out = root / "report"
+    out.mkdir(exist_ok=True)
+    writer = {"sweep": _sweep_report, "ensemble": _ensemble_report, "run": _run_report}[kind(root)]
+    lines = writer(root, out)
+    md = out / "report.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def _run_report(run: Path, out: Path, prefix: str = "", heading: bool = True) -> list[str]:
+    cfg = read_config(run)
+    df = load_runs(run)
+    views = _views(df["view"].unique().tolist(), _primary_view(cfg))
+    lines = [f"# Run {run.name}", ""] if heading else []
+    lines += [
+        f"`{cfg['method']}` on `{cfg['data.name']}` (IF {cfg['data.imbalance_factor']}), "
+        f"backbone `{cfg['model.backbone']}`, K = {cfg['model.num_experts']}, "
+        f"{df['epoch'].max() + 1} epochs, seed {cfg['seed']}.",
+        "",
+        "## Test top-1 (%), last epoch",
+        "",
+        markdown(paper_table(df, by=("view",))),
+        "",
+    ]
+    val = [c for c in ("val_top1_many", "val_top1_medium", "val_top1_few", "val_top1") if c in df]
+    if val:
+        last = df[df["epoch"] == df["epoch"].max()].set_index("view")[val] * 100
+        lines += ["## Validation top-1 (%), last epoch", "", markdown(last.round(2)), ""]
+    lines += _figure_lines(run, out, prefix, views)
+    return lines
+
+
+def _figure_lines(run: Path, out: Path, prefix: str, views: list[str]) -> list[str]:
+    lines = ["## Figures", ""]
+    classes = load_classes(run)
+    if classes is not None:
+        _save(_longtail_figure(classes, views), out / f"{prefix}longtail.png")
+        lines += [f"Per-class test accuracy against training images per class: ![]({prefix}longtail.png)", ""]
+    rel = run / "reliability.parquet"
+    if rel.is_file():
+        _save(_reliability_figure(pd.read_parquet(rel), views), out / f"{prefix}reliability.png")
+        lines += [f"Reliability diagram (test split): ![]({prefix}reliability.png)", ""]
+    else:
+        lines += ["No reliability diagram: this run directory has no reliability.parquet (written by newer runs).", ""]
+    _save(_curves_figure(pd.read_parquet(run / "metrics.parquet"), views), out / f"{prefix}curves.png")
+    lines += [f"Training curves per view: ![]({prefix}curves.png)", ""]
+    return lines
+
+
+def _ensemble_report(root: Path, out: Path) -> list[str]:
+    ens = load_ensemble(root)
+    s = ens.summary.set_index("model")
+    cols = {"top1_many": "Many", "top1_medium": "Med", "top1_few": "Few", "top1": "All"}
+    lines = [f"# Ensemble job {root.name}", "", "## Test top-1 (%) per model", "",
+             markdown((s[list(cols)].rename(columns=cols) * 100).round(2)), ""]
+    if {"started_at", "finished_at"} <= set(s.columns) and s["started_at"].notna().any():
+        _save(_timeline_figure(s), out / "timeline.png")
+        lines += ["When each model trained (teachers in parallel, then the student): ![](timeline.png)", ""]
+    _save(_models_figure(ens.metrics), out / "models.png")
+    lines += ["Test top-1 per epoch, every model's own main view: ![](models.png)", ""]
+    student = root / "student"
+    if (student / "metrics.parquet").is_file():
+        lines += ["# Student", ""] + _run_report(student, out, "student_", heading=False)
+    return lines
+
+
+def _sweep_report(root: Path, out: Path) -> list[str]:
+    sw = load_sweep(root)
+    t = sw.trials.sort_values(sw.metric, ascending=sw.mode == "min", na_position="last")
+    shown = [c for c in ["trial_id", "status", *sw.keys, "epochs_done", sw.metric, "top1"] if c in t]
+    lines = [f"# Sweep {root.name}", "",
+             f"Tuned on `{sw.metric}` ({sw.mode}), a validation-split metric; `top1` is test accuracy, "
+             "reported only.", "", "## Trials", "", markdown(t[shown], index=False), ""]
+    best = best_trial(sw.trials, sw.metric, sw.mode)
+    if best is not None:
+        lines += ["## Best trial", "",
+                  f"`{best['trial_id']}`: {sw.metric} = {best[sw.metric]:.4f} (validation), "
+                  f"test top1 = {best.get('top1', math.nan):.4f}. Its full config: `best.yaml` "
+                  "(`python jobs/train.py --config best.yaml`).", ""]
+    lines += ["## Tuned metric against each searched key", ""]
+    for key in sw.keys:
+        name = f"sweep_{key}.png"
+        _save(_key_figure(sw.trials, key, sw.metric), out / name)
+        lines += [f"![]({name})", ""]
+    if not sw.metrics.empty and sw.metric in sw.metrics:
+        _save(_trial_curves_figure(sw.metrics, sw.metric), out / "trial_curves.png")
+        lines += [f"`{sw.metric}` per epoch of every trial (early-stopped trials end early): ![](trial_curves.png)", ""]
+    if best is not None and (root / str(best["run"]) / "metrics.parquet").is_file():
+        lines += ["# Best trial's run", ""] + _run_report(root / str(best["run"]), out, "best_", heading=False)
+    return lines
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def _primary_view(cfg: dict[str, Any]) -> str | None:
+    from rayexperts.methods import get_method
+
+    try:
+        return get_method(str(cfg["method"])).primary_view
+    except (ValueError, KeyError):
+        return None
+
+
+def _views(views: list[str], primary: str | None) -> list[str]:
+    """At most MAX_VIEWS views: the primary one first, then the others without ``_pc`` first."""
+    order = sorted(views, key=lambda v: (v != primary, v.endswith("_pc"), views.index(v)))
+    return order[:MAX_VIEWS]
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def _longtail_figure(classes: pd.DataFrame, views: list[str]) -> Figure:
+    """Training images per class (bars, classes by decreasing count, shot groups shaded) and each
+    view's per-class test accuracy (lines)."""
+    c = classes[classes["epoch"] == classes["epoch"].max()] if "epoch" in classes else classes
+    per_class = c.drop_duplicates("class_id").sort_values(["train_count", "class_id"], ascending=[False, True])
+    order = per_class["class_id"].to_numpy()
+    x = np.arange(len(order))
+    fig = Figure(figsize=(8, 4))
+    ax = fig.add_subplot()
+    for i, group in enumerate(per_class["shot_group"]):
+        ax.axvspan(i - 0.5, i + 0.5, color=GROUP_COLORS.get(group, "white"), lw=0)
+    ax.bar(x, per_class["train_count"], color="#9aa5b1", width=0.8 if len(x) < 200 else 1.0)
+    if per_class["train_count"].max() / max(per_class["train_count"].min(), 1) > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("class (sorted by training images)")
+    ax.set_ylabel("training images")
+    acc = ax.twinx()
+    for view in views:
+        v = c[c["view"] == view].set_index("class_id")["accuracy"].reindex(order)
+        acc.plot(x, v.to_numpy() * 100, marker="o" if len(x) <= 20 else None, ms=3, label=view)
+    acc.set_ylim(0, 100)
+    acc.set_ylabel("test accuracy (%)")
+    acc.legend(loc="lower left", fontsize=8)
+    ax.set_title("Per-class accuracy vs training images (shaded: many / medium / few)")
+    return fig
+
+
+def _reliability_figure(rel: pd.DataFrame, views: list[str]) -> Figure:
+    rel = rel[rel["epoch"] == rel["epoch"].max()]
+    shown = [v for v in views if v in set(rel["view"])]
+    fig = Figure(figsize=(3.2 * max(len(shown), 1), 3.4))
+    for i, view in enumerate(shown):
+        r = rel[rel["view"] == view].sort_values("bin")
+        n = len(r)
+        centers = (r["bin"].to_numpy() + 0.5) / n
+        ax = fig.add_subplot(1, len(shown), i + 1)
+        ax.bar(centers, r["accuracy"].fillna(0), width=1 / n, edgecolor="black", lw=0.5, label="accuracy")
+        ax.bar(centers, (r["confidence"] - r["accuracy"]).fillna(0), bottom=r["accuracy"].fillna(0), width=1 / n,
+               color="#e57373", alpha=0.5, label="gap")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        count = r["count"].to_numpy()
+        gap = np.abs(r["accuracy"] - r["confidence"]).fillna(0).to_numpy()
+        ece = float((count * gap).sum() / max(count.sum(), 1))
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"{view}: ECE {100 * ece:.2f}%")
+        if i == 0:
+            ax.set_ylabel("accuracy")
+            ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def _curves_figure(metrics: pd.DataFrame, views: list[str]) -> Figure:
+    fig = Figure(figsize=(10, 3.6))
+    ax, lax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for view in views:
+        m = metrics[metrics["view"] == view].sort_values("epoch")
+        line = ax.plot(m["epoch"] + 1, m["top1"] * 100, label=f"{view} test")[0]
+        if "val_top1" in m:
+            ax.plot(m["epoch"] + 1, m["val_top1"] * 100, "--", color=line.get_color(), label=f"{view} val")
+    ax.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy per view")
+    ax.legend(fontsize=7)
+    first = metrics[metrics["view"] == metrics["view"].iloc[0]].sort_values("epoch")
+    if "loss" in first:
+        lax.plot(first["epoch"] + 1, first["loss"], color="black")
+    lax.set(xlabel="epoch", ylabel="training loss", title="loss")
+    return fig
+
+
+def _key_figure(trials: pd.DataFrame, key: str, metric: str) -> Figure:
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.add_subplot()
+    values = trials[key]
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    if numeric:
+        x = values.astype(float).to_numpy()
+        positive = np.all(x > 0)
+        if positive and x.max() / x.min() > 20:
+            ax.set_xscale("log")
+    else:
+        cats = sorted(values.astype(str).unique())
+        x = values.astype(str).map({c: i for i, c in enumerate(cats)}).to_numpy().astype(float)
+        ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=7)
+    for status, marker in (("completed", "o"), ("stopped", "x"), ("error", "s")):
+        sel = (trials["status"] == status).to_numpy()
+        if sel.any():
+            ax.scatter(x[sel], trials.loc[sel, metric] * 100, marker=marker, label=status)
+    ax.set(xlabel=key, ylabel=f"{metric} (%)", title=f"{metric} vs {key}")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _trial_curves_figure(metrics: pd.DataFrame, metric: str) -> Figure:
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    primary = metrics.dropna(subset=[metric])
+    for run, m in primary.groupby("run"):
+        m = m.drop_duplicates("epoch").sort_values("epoch")
+        ax.plot(m["epoch"] + 1, m[metric] * 100, marker=".", lw=1, label=str(run).rsplit("/", 1)[-1])
+    ax.set(xlabel="epoch", ylabel=f"{metric} (%)", title=f"{metric} per trial")
+    if primary["run"].nunique() <= 12:
+        ax.legend(fontsize=6)
+    return fig
+
+
+def _models_figure(metrics: pd.DataFrame) -> Figure:
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    for model, m in metrics.groupby("model"):
+        view = _views(m["view"].unique().tolist(), _primary_view({"method": m["method"].iloc[0]}))[0]
+        m = m[m["view"] == view].sort_values("epoch")
+        ax.plot(m["epoch"] + 1, m["top1"] * 100, label=f"{model} ({view})")
+    ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="models")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _timeline_figure(summary: pd.DataFrame) -> Figure:
+    s = summary.dropna(subset=["started_at", "finished_at"])
+    t0 = s["started_at"].min()
+    fig = Figure(figsize=(6, 0.4 * len(s) + 1.2))
+    ax = fig.add_subplot()
+    ax.barh(range(len(s)), s["finished_at"] - s["started_at"], left=s["started_at"] - t0)
+    ax.set_yticks(range(len(s)), s.index)
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds since the first model started", title="training timeline")
+    return fig
