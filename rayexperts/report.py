@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from rayexperts.analysis import (
     best_trial,
@@ -227,6 +228,8 @@ def _curves_figure(metrics: pd.DataFrame, views: list[str]) -> Figure:
         if "val_top1" in m:
             ax.plot(m["epoch"] + 1, m["val_top1"] * 100, "--", color=line.get_color(), label=f"{view} val")
     ax.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy per view")
+    for a in (ax, lax):
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     first = metrics[metrics["view"] == metrics["view"].iloc[0]].sort_values("epoch")
     if "loss" in first:
@@ -266,6 +269,7 @@ def _trial_curves_figure(metrics: pd.DataFrame, metric: str) -> Figure:
         m = m.drop_duplicates("epoch").sort_values("epoch")
         ax.plot(m["epoch"] + 1, m[metric] * 100, marker=".", lw=1, label=str(run).rsplit("/", 1)[-1])
     ax.set(xlabel="epoch", ylabel=f"{metric} (%)", title=f"{metric} per trial")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if primary["run"].nunique() <= 12:
         ax.legend(fontsize=6)
     return fig

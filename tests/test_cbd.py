@@ -3,11 +3,14 @@ ensemble job on the shared 2-CPU Ray cluster: parallel teachers, resume, a faili
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ from rayexperts.engine.checkpoint import CheckpointMismatch, save_checkpoint
 from rayexperts.engine.results import RunFiles
 from rayexperts.engine.worker import Run
 from rayexperts.launch.ensemble import SUMMARY_COLUMNS, TeacherFailed, is_finished, run_ensemble
+from rayexperts.methods import cbd
 from rayexperts.methods.base import Batch
 
 ALPHA, BETA = 0.4, 100.0
@@ -30,14 +34,14 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def teacher_cfg(root: Path, name: str, seed: int):
-    return load_config(None, ["method=ce", "model.classifier=cosine", f"seed={seed}", "train.epochs=1",
+def teacher_cfg(root: Path, name: str, seed: int, method: str = "ce"):
+    return load_config(None, [f"method={method}", "model.classifier=cosine", f"seed={seed}", "train.epochs=1",
                               f"run.storage_path={root}", f"run.name={name}"])
 
 
-def teacher_run(root: Path, name: str, seed: int) -> str:
-    """A stage-1 run directory (config.yaml + checkpoint at its last epoch) of an untrained ce/cosine teacher."""
-    cfg = teacher_cfg(root, name, seed)
+def teacher_run(root: Path, name: str, seed: int, method: str = "ce") -> str:
+    """A stage-1 run directory (config.yaml + checkpoint at its last epoch) of an untrained cosine teacher."""
+    cfg = teacher_cfg(root, name, seed, method)
     run = Run(cfg)
     files = RunFiles(str(root), name)
     files.write_text("config.yaml", to_yaml(cfg))
@@ -53,10 +57,10 @@ def teacher_runs(tmp_path_factory) -> list[str]:
     return [teacher_run(root, f"teacher{k}", seed=10 + k) for k in range(3)]
 
 
-def student(tmp_path: Path, runs: list[str], *extra: str) -> Run:
+def student(tmp_path: Path, runs: list[str]) -> Run:
     runs_list = "[" + ",".join(runs) + "]"
     cfg = load_config(None, ["method=cbd", f"cbd.teacher_runs={runs_list}", "train.epochs=1", "seed=3",
-                             f"run.storage_path={tmp_path}", "run.name=student", *extra])
+                             f"run.storage_path={tmp_path}", "run.name=student"])
     return Run(cfg)
 
 
@@ -89,6 +93,18 @@ def test_loss_matches_hand_computation(tmp_path, teacher_runs, k):
     assert got.total.item() == pytest.approx(expected.item(), rel=1e-5)
     assert got.terms["ce"].item() == pytest.approx(((1 - ALPHA) * ce).item(), rel=1e-5)
     assert got.total.requires_grad
+
+
+def test_multi_expert_teacher_gives_one_target_part_per_expert(tmp_path, teacher_runs):
+    mllt = teacher_run(tmp_path, "mllt", seed=7, method="mllt")  # 3 experts of width 128 × 0.75 = 96
+    run = student(tmp_path, [mllt, teacher_runs[0]])
+    method, model = run.method, run.model
+    assert method.teacher_feature_dims() == [96, 96, 96, 128] and model.projs[0].out_features == 416
+    x = first_batch(run).images
+    views, _ = method.predict(model, x)
+    mllt_out = method.teachers[0](x)
+    assert torch.allclose(views["teacher0"], torch.stack(mllt_out.logits).mean(0))
+    assert method.training_step(model, first_batch(run)).total.isfinite()
 
 
 def test_teachers_frozen_through_a_student_epoch(tmp_path, teacher_runs):
@@ -135,6 +151,23 @@ def test_finished_rule(tmp_path):
         is_finished(with_overrides(cfg, {"seed": 5}))
     with pytest.raises(CheckpointMismatch, match="method"):
         is_finished(with_overrides(cfg, {"method": "bsce"}))
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_latest_checkpoint_rule(tmp_path, monkeypatch, remote):
+    run = Path(teacher_run(tmp_path, "t", seed=5))
+    old, new = run / "checkpoint_2000-01-01_00-00-00.000000", run / "checkpoint_2001-01-01_00-00-00.000000"
+    shutil.copytree(old, new)
+    state = torch.load(new / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "epoch": 2}, new / "checkpoint.pt")
+    if remote:  # any pyarrow file system other than the local one takes the download path
+        fs = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())
+        monkeypatch.setattr(cbd, "resolve_storage", lambda uri: (fs, str(uri)))
+    assert cbd.read_latest_checkpoint(str(run))["epoch"] == 2  # the newest directory
+    (run / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": old.name}}))
+    assert cbd.read_latest_checkpoint(str(run))["epoch"] == 1  # the one Ray Train registered last
+    assert cbd.read_latest_checkpoint(str(tmp_path / "missing")) is None
 
 
 # ------------------------------------------------------------------------------ the job on Ray

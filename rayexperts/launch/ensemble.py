@@ -205,20 +205,21 @@ def summary_rows(outcome: Outcome) -> list[dict[str, Any]]:
     for K experts: what the student run's ``teacher<i>`` view computes). Student run: ``teacher_ensemble``
     and ``student``, both with the student run's interval. A failed teacher: a row of NaNs."""
     cfg, extra = outcome.cfg, {"status": outcome.status, "run_dir": outcome.path}
+    if cfg.method != "cbd":
+        extra.update(method=str(cfg.method), type=str(cfg.data.augment), seed=int(cfg.seed))
     metrics = RunFiles(cfg.run.storage_path, cfg.run.name).read_table("metrics.parquet")
     if outcome.status == "failed" or metrics is None or metrics.empty:
-        nan = float("nan")
-        return [{"model": outcome.name, **{k: nan for k in SUMMARY_COLUMNS[1:]}, **extra}]
+        return [{"model": outcome.name, **{k: float("nan") for k in SUMMARY_COLUMNS[1:]}, **extra}]
     span = _interval(metrics)
     if cfg.method == "cbd":
         return [_row(v, metrics, v, span, **extra) for v in ("teacher_ensemble", "student")]
-    extra.update(method=str(cfg.method), type=str(cfg.data.augment), seed=int(cfg.seed))
     view = "ensemble" if int(cfg.model.num_experts) > 1 else "expert0"
     return [_row(outcome.name, metrics, view, span, **extra)]
 
 
 def write_summary(job: RunFiles, outcomes: list[Outcome]) -> pd.DataFrame:
     df = pd.DataFrame([row for o in outcomes for row in summary_rows(o)])
+    df["seed"] = df["seed"].astype("Int64")  # NaN for the student rows
     job.write_table("summary.parquet", df)
     return df
 

@@ -30,12 +30,6 @@ DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint")
 TRIALS_DIR = "trials"
 TEACHERS_KEY = "cbd.teacher_runs"
 TIME_ATTR = "epochs_done"
-# Keys Tune adds to every result; trials.parquet keeps only what the run reported.
-_TUNE_KEYS = {
-    "timestamp", "time_this_iter_s", "time_total_s", "time_since_restore", "pid", "hostname", "node_ip", "date",
-    "done", "training_iteration", "iterations_since_restore", "trial_id", "checkpoint_dir_name",
-    "should_checkpoint", "experiment_tag", "config",
-}
 
 # A trial only drives its Train run: no CPU, so the workers get every core. Tune needs a non-empty
 # request, so it asks for a sliver of the head node's marker resource, which also keeps the drivers
@@ -61,7 +55,7 @@ def load_space(path: str | Path, cfg: DictConfig) -> Space:
         raise ConfigError(f"cannot read search space '{path}': {e}") from e
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"search space '{path}' must be a non-empty mapping of dotted config keys to distributions")
-    keys = set(valid_keys()) | {"teachers"}
+    keys = set(valid_keys())
     space: Space = {}
     for key, spec in raw.items():
         where = f"search space '{path}', key '{key}'"
@@ -182,7 +176,7 @@ def max_concurrent(cfg: DictConfig) -> int:
     res = ray.cluster_resources()
     n = cfg.scaling.num_workers
     fits = [res.get("CPU", 1) / (n * cfg.scaling.cpus_per_worker)]
-    if cfg.scaling.use_gpu:
+    if cfg.scaling.use_gpu and cfg.scaling.gpus_per_worker > 0:
         fits.append(res.get("GPU", 0) / (n * cfg.scaling.gpus_per_worker))
     return max(1, math.floor(min(fits) + 1e-9))
 
@@ -320,18 +314,30 @@ def check_same_sweep(files: RunFiles, cfg: DictConfig, space: Space) -> None:
 
 
 def trials_table(results, space: Space, cfg: DictConfig) -> pd.DataFrame:
-    """One row per trial: trial_id, status, run, each searched key, the last reported metrics."""
+    """One row per trial: trial_id, status, run, each searched key, and the last evaluation of the tuned
+    view read from the trial's run directory (current even for trials a continued sweep resumed)."""
+    from rayexperts.methods import get_method
+
+    view = str(cfg.tune.view) or get_method(str(cfg.method)).primary_view
     rows = []
     for r in results:
-        metrics = {k: v for k, v in (r.metrics or {}).items() if k not in _TUNE_KEYS}
-        done = int(metrics.get(TIME_ATTR, 0))
-        status = "error" if r.error else ("completed" if done >= cfg.train.epochs else "stopped")
         trial_id = Path(r.path).name.removeprefix("tune_")
-        row = {"trial_id": trial_id, "status": status, "run": f"{TRIALS_DIR}/{trial_id}"}
+        metrics = RunFiles(f"{sweep_uri(cfg)}/{TRIALS_DIR}", trial_id).read_table("metrics.parquet")
+        last = _last_row(metrics, view)
+        done = int(last["epoch"]) + 1 if last else 0
+        status = "error" if r.error else ("completed" if done >= cfg.train.epochs else "stopped")
+        row = {"trial_id": trial_id, "status": status, "run": f"{TRIALS_DIR}/{trial_id}", TIME_ATTR: done}
         row.update({k: cell(r.config.get(k)) for k in space})
-        row.update(metrics)
+        row.update(last)
         rows.append(row)
     return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+
+
+def _last_row(metrics: pd.DataFrame | None, view: str) -> dict[str, Any]:
+    if metrics is None or not (metrics["view"] == view).any():
+        return {}
+    rows = metrics[metrics["view"] == view]
+    return rows.loc[rows["epoch"].idxmax()].drop("view").to_dict()
 
 
 def best_config(best: pd.Series, cfg: DictConfig) -> str:

@@ -25,6 +25,7 @@ logits, the paper's "Teacher Ensemble") and ``student``. Logged terms: ``ce`` (=
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from rayexperts.engine.checkpoint import CHECKPOINT_FILE, identity, load_checkpoint
+from rayexperts.engine.checkpoint import CHECKPOINT_FILE, identity, latest_checkpoint_dir, load_checkpoint
 from rayexperts.engine.results import resolve_storage
 from rayexperts.losses import cbd_distillation_loss
 from rayexperts.methods.base import Batch, LossOutput, Method
@@ -57,28 +58,42 @@ def read_run_config(run: str) -> DictConfig:
 
 
 def read_latest_checkpoint(run: str, ident: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The newest ``checkpoint_*/checkpoint.pt`` of run directory ``run`` (path or URI), or None.
+    """The latest checkpoint of run directory ``run`` (a path or URI), or None when it has none.
 
-    Loaded on the CPU with ``weights_only=True``; ``ident`` (see ``engine.checkpoint.identity``)
-    refuses a checkpoint of another configuration. A URI's file is copied to a local temp dir first.
+    The rule of ``engine.checkpoint.latest_checkpoint_dir`` (the one Ray Train registered last, else the
+    newest ``checkpoint_*``); a URI's file is copied to a local temp dir. Loaded on the CPU with
+    ``weights_only=True``; ``ident`` refuses a checkpoint of another configuration.
     """
     fs, path = resolve_storage(run)
+    if isinstance(fs, pafs.LocalFileSystem):
+        try:
+            return load_checkpoint(latest_checkpoint_dir(path), ident)
+        except FileNotFoundError:
+            return None
+    latest = _remote_latest_checkpoint_dir(fs, path)
+    if latest is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        pafs.copy_files(f"{latest}/{CHECKPOINT_FILE}", str(Path(tmp) / CHECKPOINT_FILE), source_filesystem=fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        return load_checkpoint(tmp, ident)
+
+
+def _remote_latest_checkpoint_dir(fs: pafs.FileSystem, path: str) -> str | None:
+    def has_file(p: str) -> bool:
+        return fs.get_file_info(p).type == pafs.FileType.File
+
+    snapshot = f"{path}/checkpoint_manager_snapshot.json"
+    if has_file(snapshot):
+        with fs.open_input_stream(snapshot) as f:
+            latest = (json.loads(f.read()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        if latest and has_file(f"{path}/{latest}/{CHECKPOINT_FILE}"):
+            return f"{path}/{latest}"
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None
-    dirs = sorted(
-        info.path for info in fs.get_file_info(pafs.FileSelector(path))
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
-    )
-    for d in reversed(dirs):
-        if fs.get_file_info(f"{d}/{CHECKPOINT_FILE}").type != pafs.FileType.File:
-            continue
-        if isinstance(fs, pafs.LocalFileSystem):
-            return load_checkpoint(d, ident)
-        with tempfile.TemporaryDirectory() as tmp:
-            pafs.copy_files(f"{d}/{CHECKPOINT_FILE}", str(Path(tmp) / CHECKPOINT_FILE), source_filesystem=fs,
-                            destination_filesystem=pafs.LocalFileSystem())
-            return load_checkpoint(tmp, ident)
-    return None
+    dirs = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                  if i.base_name.startswith("checkpoint_") and has_file(f"{i.path}/{CHECKPOINT_FILE}"))
+    return dirs[-1] if dirs else None
 
 
 def load_teacher(run: str, class_counts: Tensor, in_channels: int, data_name: str) -> MultiExpertNet:
