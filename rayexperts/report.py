@@ -205,9 +205,10 @@ def _reliability_figure(rel: pd.DataFrame, views: list[str]) -> Figure:
         n = len(r)
         centers = (r["bin"].to_numpy() + 0.5) / n
         ax = fig.add_subplot(1, len(shown), i + 1)
-        ax.bar(centers, r["accuracy"].fillna(0), width=1 / n, edgecolor="black", lw=0.5, label="accuracy")
-        ax.bar(centers, (r["confidence"] - r["accuracy"]).fillna(0), bottom=r["accuracy"].fillna(0), width=1 / n,
-               color="#e57373", alpha=0.5, label="gap")
+        acc, conf = r["accuracy"].fillna(0).to_numpy(), r["confidence"].fillna(0).to_numpy()
+        ax.bar(centers, acc, width=1 / n, edgecolor="black", lw=0.5, label="accuracy")
+        ax.bar(centers, np.abs(conf - acc), bottom=np.minimum(acc, conf), width=1 / n, color="#e57373", alpha=0.6,
+               label="|confidence − accuracy|")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         count = r["count"].to_numpy()
         gap = np.abs(r["accuracy"] - r["confidence"]).fillna(0).to_numpy()

@@ -194,7 +194,8 @@ def cbd_student_config(cfg: DictConfig) -> DictConfig:
         if failed:
             raise TeacherFailed("; ".join(f"teacher {o.name} failed ({o.error}), see {o.path}/error.log" for o in failed))
         runs = [o.path for o in outcomes]
-    return student_config(cfg, runs)
+    student = student_config(cfg, runs)
+    return with_overrides(student, {"run.storage_path": cfg.run.storage_path, "run.name": cfg.run.name})
 
 
 # ------------------------------------------------------------------------------- trials
