@@ -75,6 +75,21 @@ def test_a_sweep_dir_of_another_sweep_is_refused(tmp_path):
         check_same_sweep(files, load_config(None, ["method=ncl", "train.lr=0.3"]), space)
 
 
+def test_tuned_view_rows_come_from_the_run_directory(tmp_path):
+    from rayexperts.launch.tune import _last_row, _view_metrics
+
+    files = RunFiles(str(tmp_path), "run")
+    rows = [{"epoch": e, "view": v, "top1": 0.1 * e + (v == "expert0"), "val_top1": 0.2 * e} for e in range(3)
+            for v in ("expert0", "ensemble")]
+    files.write_table("metrics.parquet", pd.DataFrame(rows))
+    assert _view_metrics(str(tmp_path), "run", 1, "expert0")["top1"] == pytest.approx(1.1)
+    with pytest.raises(ValueError, match="views: ensemble, expert0"):
+        _view_metrics(str(tmp_path), "run", 1, "expert9")
+    last = _last_row(files.read_table("metrics.parquet"), "ensemble")
+    assert last["epoch"] == 2 and last["val_top1"] == pytest.approx(0.4) and "view" not in last
+    assert _last_row(None, "ensemble") == {}
+
+
 @pytest.mark.ray
 def test_asha_sweep_on_digits(ray_cluster, tmp_path):
     overrides = [

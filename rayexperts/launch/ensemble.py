@@ -161,6 +161,7 @@ def train_teachers(cfgs: list[DictConfig]) -> list[Outcome]:
             print(f"[cbd] {name}: finished checkpoint found in {path}: skipped (not retrained)", flush=True)
             outcomes[i] = Outcome(name, cfg, path, "skipped")
             continue
+        ensure_ray()  # only when something is left to train
         actor = runner.remote(name)
         pending[actor.train.remote(to_dict(cfg))] = (i, actor)
         print(f"[cbd] {name} ({cfg.method}, {cfg.data.augment}, seed {cfg.seed}) launched: {path}", flush=True)
@@ -242,7 +243,6 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.run.name:
         cfg.run.name = default_run_name(cfg)
     teacher_cfgs = [teacher_config(cfg, i) for i in range(len(cfg.teachers))]  # config errors before Ray starts
-    ensure_ray()
     job = RunFiles(cfg.run.storage_path, cfg.run.name)
     job.write_text("config.yaml", to_yaml(cfg))
     started = time.time()
