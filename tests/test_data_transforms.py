@@ -89,3 +89,36 @@ def test_unknown_names():
         build_transform("cifar", "mixup", True)
     with pytest.raises(ValueError, match="unknown image kind 'svhn'"):
         moco_transform("svhn")
+
+
+def test_fast_normalise_equals_the_v2_chain():
+    from PIL import Image
+
+    from rayexperts.data.transforms import MEAN_STD, ToNormalised
+
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    ref = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*MEAN_STD["cifar"])])
+    fast = ToNormalised(*MEAN_STD["cifar"])
+    torch.testing.assert_close(fast(img), ref(img).as_subclass(torch.Tensor))
+    pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+    torch.testing.assert_close(fast(pil), ref(pil).as_subclass(torch.Tensor))
+    assert img.dtype == torch.uint8 and type(fast(img)) is torch.Tensor
+
+
+def test_pad_crop_flip_gives_every_window_of_the_padded_image():
+    from rayexperts.data.transforms import PadCropFlip
+
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    padded = torch.nn.functional.pad(img, (2, 2, 2, 2))
+    windows = {(i, j, f): padded[:, i : i + 8, j : j + 8].flip(-1) if f else padded[:, i : i + 8, j : j + 8]
+               for i in range(5) for j in range(5) for f in (0, 1)}
+    seen = set()
+    for _ in range(1500):
+        out = PadCropFlip(8, padding=2)(img)
+        hits = [k for k, w in windows.items() if torch.equal(out, w)]
+        assert hits, "not a window of the zero-padded image"
+        seen.update(hits)
+    assert {k[:2] for k in seen} == {(i, j) for i in range(5) for j in range(5)} and {k[2] for k in seen} == {0, 1}
+    no_flip = {k[2] for _ in range(200) for k, w in windows.items() if torch.equal(PadCropFlip(8, 2, flip=False)(img), w)}
+    assert 0 in no_flip

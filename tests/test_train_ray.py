@@ -43,3 +43,14 @@ def test_method_run_directory(ray_cluster, tmp_path, method):
     table = final_table(metrics)
     assert list(table.columns) == ["Many", "Medium", "Few", "All"]
     assert list(run.glob("checkpoint_*/checkpoint.pt"))
+
+
+def test_throughput_benchmark_through_ray_train(ray_cluster, tmp_path):
+    """The benchmark's Ray path returns the workers' images/s (Ray Train V2 keeps metrics only
+    with a checkpoint; this broke once without a test)."""
+    from rayexperts.launch.bench import plain, through_ray
+
+    cfg = load_config(None, ["method=ce", "data.name=digits-lt", "train.batch_size=64"])
+    ips, wall = through_ray(cfg, warmup=1, steps=3, workers=1, storage=str(tmp_path))
+    assert ips > 0 and wall > 0
+    assert plain(cfg, warmup=1, steps=3, threads=1) > 0

@@ -216,13 +216,24 @@ def progress_line(epoch: int, epochs: int, rows: list[dict[str, Any]], primary: 
 # -------------------------------------------------------------------------------- Ray Train
 
 
+def _set_ray_train_log_level(level: str) -> None:
+    """Ray Train's worker loggers; the per-report one is named by its file path, not ``ray.train``."""
+    logging.getLogger("ray.train").setLevel(level)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(level)
+    except ImportError:  # another Ray layout: only the package logger
+        pass
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """What ``TorchTrainer`` runs on each worker (Ray Train V2)."""
     import ray.train
     import ray.train.torch
 
     cfg = from_dict(loop_config["config"])
-    logging.getLogger("ray.train").setLevel(str(cfg.run.ray_log_level))
+    _set_ray_train_log_level(str(cfg.run.ray_log_level))
     threads = int(loop_config.get("threads") or 0)
     if threads > 0:
         torch.set_num_threads(threads)
@@ -262,7 +273,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 writer.add(rows, classes)
                 files.write_table("reliability.parquet", reliability_table(epoch, accs[""], run.views))
                 if cfg.run.verbose:
-                    print(progress_line(epoch, epochs, rows, run.method.primary_view), flush=True)
+                    print(f"{cfg.run.name} | {progress_line(epoch, epochs, rows, run.method.primary_view)}", flush=True)
             primary = next(r for r in rows if r["view"] == run.method.primary_view)
             metrics.update({k: v for k, v in primary.items() if isinstance(v, (int, float)) and k != "epoch"})
             metrics["view"] = run.method.primary_view

@@ -7,6 +7,7 @@ ways, so the difference is what Ray adds. Images/s counts all workers' images.
 from __future__ import annotations
 
 import itertools
+import tempfile
 import time
 from typing import Any
 
@@ -64,7 +65,10 @@ def _bench_worker(loop_config: dict[str, Any]) -> None:
     total = torch.tensor([ips], dtype=torch.float64)
     if run.world > 1:
         torch.distributed.all_reduce(total)
-    ray.train.report({"images_per_sec": float(total.item())})
+    metrics = {"images_per_sec": float(total.item())}
+    # Ray Train V2 keeps a result's metrics only with a checkpoint: rank 0 attaches an empty one.
+    with tempfile.TemporaryDirectory() as d:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if run.rank == 0 else None)
 
 
 def through_ray(cfg: DictConfig, warmup: int, steps: int, workers: int, storage: str) -> tuple[float, float]:
