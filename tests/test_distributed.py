@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -16,7 +15,12 @@ import pytest
 
 from helpers import quick_overrides
 from rayexperts.config import load_config, with_overrides
-from rayexperts.engine.checkpoint import CheckpointMismatch, latest_checkpoint_dir, load_model_weights
+from rayexperts.engine.checkpoint import (
+    CheckpointMismatch,
+    latest_checkpoint_dir,
+    load_model_weights,
+    registered_checkpoint,
+)
 from rayexperts.engine.worker import Run
 from rayexperts.launch.train import run_training
 
@@ -43,16 +47,8 @@ def test_two_workers_train_on_the_one_worker_sample_set(sampler):
 
 
 def _registered_epoch(run_dir) -> int:
-    """The epoch of the latest checkpoint Ray Train has registered (what a re-run resumes from), or -1.
-
-    A worker's reports reach the controller when it polls, so the newest ``checkpoint_*`` directory
-    on disk can be one Ray has not registered yet; only the snapshot says what a restart will get."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    except (OSError, ValueError):
-        return -1
-    return int((latest.get("metrics") or {}).get("epoch", -1))
+    """The epoch of the latest checkpoint Ray Train has registered (what a re-run resumes from), or -1."""
+    return int((registered_checkpoint(run_dir).get("metrics") or {}).get("epoch", -1))
 
 
 def _kill_a_worker_after(run_dir, epoch: int, timeout: float = 120) -> int:

@@ -88,14 +88,24 @@ def load_model_weights(model: nn.Module, directory: str | Path, ident: dict[str,
     return int(state["epoch"])
 
 
+def registered_checkpoint(run_path: str | Path) -> dict[str, Any]:
+    """The latest checkpoint Ray Train registered for a local run directory (what a re-run resumes
+    from): ``{"checkpoint_dir_name": ..., "metrics": {...}}`` from ``checkpoint_manager_snapshot.json``,
+    or ``{}``. A worker's reports reach Ray's controller when it polls, so a newer ``checkpoint_*``
+    directory may exist on disk that Ray has not registered."""
+    snapshot = Path(run_path) / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):
+        return {}
+
+
 def latest_checkpoint_dir(run_path: str | Path) -> Path:
     """The latest checkpoint of a local run directory: the one Ray Train registered last
     (``checkpoint_manager_snapshot.json``), else the newest ``checkpoint_*`` directory."""
-    snapshot = Path(run_path) / "checkpoint_manager_snapshot.json"
-    if snapshot.exists():
-        latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-        if latest and (Path(run_path) / latest / CHECKPOINT_FILE).exists():
-            return Path(run_path) / latest
+    latest = registered_checkpoint(run_path).get("checkpoint_dir_name")
+    if latest and (Path(run_path) / latest / CHECKPOINT_FILE).exists():
+        return Path(run_path) / latest
     dirs = sorted(p for p in Path(run_path).glob("checkpoint_*") if (p / CHECKPOINT_FILE).exists())
     if not dirs:
         raise FileNotFoundError(f"no checkpoint with {CHECKPOINT_FILE} under run directory {run_path}")
