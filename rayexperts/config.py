@@ -370,6 +370,34 @@ def load_config(
         cfg = _merge_layer(cfg, layer, source)
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
+    return absolute_paths(cfg)
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def _absolute(value: str) -> str:
+    return value if _is_uri(value) else os.path.abspath(os.path.expanduser(value))
+
+
+def absolute_paths(cfg: DictConfig) -> DictConfig:
+    """Local paths made absolute against the driver's working directory.
+
+    Ray workers and Tune trials do not share the driver's working directory (Tune runs each
+    trial in its own), so a relative ``data.root=../data/x.parquet`` must be resolved where the
+    user typed it. This covers ``data.root``, ``run.storage_path``, ``cbd.teacher_runs`` and the
+    split files (``data.*_split``) that exist relative to the working directory; a split file
+    that does not is left as given, to be looked up under ``data.root``. URIs stay unchanged.
+    """
+    if cfg.data.root:
+        cfg.data.root = _absolute(str(cfg.data.root))
+    for key in ("train_split", "val_split", "test_split"):
+        value = cfg.data[key]
+        if value and not _is_uri(str(value)) and Path(str(value)).expanduser().is_file():
+            cfg.data[key] = _absolute(str(value))
+    cfg.run.storage_path = _absolute(str(cfg.run.storage_path))
+    cfg.cbd.teacher_runs = [_absolute(str(r)) for r in cfg.cbd.teacher_runs]
     return cfg
 
 

@@ -80,3 +80,21 @@ def test_round_trip_and_flatten():
     assert to_dict(again) == to_dict(cfg)
     flat = flatten(cfg)
     assert flat["model.num_experts"] == 3 and "teachers" in flat
+
+
+def test_local_paths_become_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    """Tune runs each trial in its own directory, so a relative path must be resolved where it was typed."""
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "train.txt").write_text("a.jpg 0\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, [
+        "data.root=data/x.parquet", "run.storage_path=runs", "data.train_split=lists/train.txt",
+        "data.test_split=ImageNet_LT_test.txt", "cbd.teacher_runs=[runs/t0,s3://bucket/t1]",
+    ])
+    assert cfg.data.root == str(tmp_path / "data" / "x.parquet")
+    assert cfg.run.storage_path == str(tmp_path / "runs")
+    assert cfg.data.train_split == str(tmp_path / "lists" / "train.txt")  # exists here: resolved here
+    assert cfg.data.test_split == "ImageNet_LT_test.txt"  # does not: left to be found under data.root
+    assert list(cfg.cbd.teacher_runs) == [str(tmp_path / "runs" / "t0"), "s3://bucket/t1"]
+    remote = load_config(None, ["run.storage_path=s3://bucket/runs"])
+    assert remote.run.storage_path == "s3://bucket/runs"

@@ -227,8 +227,9 @@ def _set_ray_train_log_level(level: str) -> None:
         pass
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """What ``TorchTrainer`` runs on each worker (Ray Train V2)."""
+def start_worker(loop_config: dict[str, Any]) -> Run:
+    """This Ray Train worker's :class:`Run`: Ray Train's log level, the worker's CPU share of
+    torch threads (``loop_config["threads"]``), its device, and DDP when there are several."""
     import ray.train
     import ray.train.torch
 
@@ -238,11 +239,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    run = Run(cfg, rank, world, device)
-    if world > 1:
+    run = Run(cfg, ctx.get_world_rank(), ctx.get_world_size(), device)
+    if run.world > 1:
         run.model = ray.train.torch.prepare_model(run.model, move_to_device=False)
+    return run
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What ``TorchTrainer`` runs on each worker (Ray Train V2)."""
+    import ray.train
+
+    run = start_worker(loop_config)
+    cfg, rank = run.cfg, run.rank
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()

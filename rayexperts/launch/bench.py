@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from rayexperts.config import from_dict, to_dict, with_overrides
+from rayexperts.config import to_dict, with_overrides
 from rayexperts.engine.loop import train_one_epoch
-from rayexperts.engine.worker import Run
+from rayexperts.engine.worker import Run, start_worker
 
 
 class _Steps:
@@ -52,15 +52,8 @@ def plain(cfg: DictConfig, warmup: int, steps: int, threads: int) -> float:
 
 def _bench_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
-    import ray.train.torch
 
-    cfg = from_dict(loop_config["config"])
-    torch.set_num_threads(int(loop_config["threads"]))
-    ctx = ray.train.get_context()
-    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    run = Run(cfg, ctx.get_world_rank(), ctx.get_world_size(), device)
-    if run.world > 1:
-        run.model = ray.train.torch.prepare_model(run.model, move_to_device=False)
+    run = start_worker(loop_config)
     ips = time_steps(run, int(loop_config["warmup"]), int(loop_config["steps"]))
     total = torch.tensor([ips], dtype=torch.float64)
     if run.world > 1:
