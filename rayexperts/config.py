@@ -373,12 +373,14 @@ def load_config(
     return absolute_paths(cfg)
 
 
-def _is_uri(value: str) -> bool:
+def is_uri(value: str) -> bool:
+    """``s3://...``, ``gs://...``: storage that is not a local path."""
     return "://" in value
 
 
-def _absolute(value: str) -> str:
-    return value if _is_uri(value) else os.path.abspath(os.path.expanduser(value))
+def absolute_path_or_uri(value: str) -> str:
+    """A local path made absolute (``~`` expanded) against the working directory; a URI unchanged."""
+    return value if is_uri(value) else os.path.abspath(os.path.expanduser(value))
 
 
 def absolute_paths(cfg: DictConfig) -> DictConfig:
@@ -391,13 +393,13 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
     that does not is left as given, to be looked up under ``data.root``. URIs stay unchanged.
     """
     if cfg.data.root:
-        cfg.data.root = _absolute(str(cfg.data.root))
+        cfg.data.root = absolute_path_or_uri(str(cfg.data.root))
     for key in ("train_split", "val_split", "test_split"):
         value = cfg.data[key]
-        if value and not _is_uri(str(value)) and Path(str(value)).expanduser().is_file():
-            cfg.data[key] = _absolute(str(value))
-    cfg.run.storage_path = _absolute(str(cfg.run.storage_path))
-    cfg.cbd.teacher_runs = [_absolute(str(r)) for r in cfg.cbd.teacher_runs]
+        if value and not is_uri(str(value)) and Path(str(value)).expanduser().is_file():
+            cfg.data[key] = absolute_path_or_uri(str(value))
+    cfg.run.storage_path = absolute_path_or_uri(str(cfg.run.storage_path))
+    cfg.cbd.teacher_runs = [absolute_path_or_uri(str(r)) for r in cfg.cbd.teacher_runs]
     return cfg
 
 

@@ -8,7 +8,6 @@ reader never sees half a file.
 from __future__ import annotations
 
 import io
-import os
 import uuid
 from typing import Any
 
@@ -17,20 +16,22 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from rayexperts.config import absolute_path_or_uri, is_uri
+
 METRIC_COLUMNS = ["epoch", "view", "top1", "top1_many", "top1_medium", "top1_few", "ece", "timestamp"]
 CLASS_COLUMNS = ["epoch", "view", "class_id", "class_name", "train_count", "shot_group", "accuracy"]
 
 
 def resolve_storage(storage_path: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for a local path or a URI."""
-    if "://" in storage_path:
+    if is_uri(storage_path):
         return pafs.FileSystem.from_uri(storage_path)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(storage_path))
+    return pafs.LocalFileSystem(), absolute_path_or_uri(storage_path)
 
 
 def storage_uri(storage_path: str) -> str:
     """The storage path as Ray Train wants it: an absolute local path or the URI unchanged."""
-    return storage_path if "://" in storage_path else os.path.abspath(os.path.expanduser(storage_path))
+    return absolute_path_or_uri(storage_path)
 
 
 class RunFiles:
