@@ -17,8 +17,7 @@ import pandas as pd
 import yaml
 
 from rayexperts.config import flatten
-
-GROUP_COLUMNS = {"top1_many": "Many", "top1_medium": "Med", "top1_few": "Few", "top1": "All"}
+from rayexperts.eval.metrics import SHOT_COLUMNS, shot_table
 
 
 @dataclass
@@ -135,7 +134,7 @@ def paper_table(
     seeds: str | None = None,
     decimals: int = 2,
 ) -> pd.DataFrame:
-    """The papers' table from :func:`load_runs` rows: one row per ``by`` group, columns Many, Med,
+    """The papers' table from :func:`load_runs` rows: one row per ``by`` group, columns Many, Medium,
     Few, All (test top-1 in %, each run's last epoch).
 
     Without ``seeds`` every group must hold one run. With ``seeds`` (a column, e.g. ``"seed"``)
@@ -151,9 +150,9 @@ def paper_table(
                 f"several runs per {tuple(by)} (e.g. {tuple(rows.loc[dup, by].iloc[0])}): "
                 "pass seeds='seed' to average them or add a column to by"
             )
-        return (rows.set_index(by)[list(GROUP_COLUMNS)].rename(columns=GROUP_COLUMNS) * 100).round(decimals)
+        return shot_table(rows, by, decimals)
     groups = rows.groupby(by, sort=False)
-    out = pd.DataFrame({name: groups[col].agg(lambda s: _mean_std(s * 100, decimals)) for col, name in GROUP_COLUMNS.items()})
+    out = pd.DataFrame({name: groups[col].agg(lambda s: _mean_std(s * 100, decimals)) for col, name in SHOT_COLUMNS.items()})
     out["seeds"] = groups[seeds].nunique()
     return out
 

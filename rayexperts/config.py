@@ -1,36 +1,53 @@
 """One config system for train, cbd_ens and tune.
 
-Typed defaults (the dataclasses below) → data-set defaults (``presets/defaults/data/<name>.yaml``)
-→ method defaults (``presets/defaults/method/<method>.yaml``) → a preset or YAML file
-(``--config``) → ``key=value`` dotted overrides. Every key is typed and checked: an unknown
-key is an error naming the key and the closest valid ones.
+A config is resolved in layers, each recorded in the resolved config's ``layers`` list:
+
+1. the typed defaults of the core sections below (``defaults``),
+2. the data set's defaults (registered with the data set: backbone, transforms, schedule),
+3. the method's defaults (registered with the method: K, classifier, sampler, ...) and the
+   method's own section ``<method>.*`` (its ``Options`` dataclass),
+4. ``compat=official``: the authors'-code values the method (and the core) declare,
+5. ``--config PRESET_OR_YAML`` (``base: other`` first),
+6. ``key=value`` dotted overrides.
+
+Every key is typed (allowed values are ``Literal`` field types) and checked: an unknown key is
+an error naming the key and the closest valid ones, a key that was renamed names its new name.
+The core knows no method by name: a method's section, defaults and renames come from the
+method registry (:mod:`rayexperts.registry`).
 """
 
 from __future__ import annotations
 
-import difflib
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from rayexperts.errors import ConfigError
+from rayexperts.registry import BACKBONES, DATASETS, METHODS, did_you_mean
+
 PRESET_DIR = Path(__file__).parent / "presets"
 
+__all__ = [
+    "Config", "ConfigError", "Layer", "PRESET_DIR", "absolute_path_or_uri", "compose", "default_layers", "flatten",
+    "from_dict", "is_uri", "list_presets", "load_config", "parse_overrides", "preset_path", "to_dict", "to_yaml",
+    "valid_keys", "with_overrides",
+]
 
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names it."""
+Layer = tuple[str, Mapping[str, Any]]  # (where it comes from, nested or dotted keys)
 
 
 @dataclass
 class DataConfig:
-    name: str = "digits-lt"
+    name: str = DATASETS.default  # a registered data set (rayexperts.registry.DATASETS)
     root: Optional[str] = None
     download: bool = False
-    # Long-tail profile applied to the training split: exp | step | none (split files give counts).
-    imbalance_type: str = "exp"
+    # Long-tail profile applied to the training split (split files give their own counts: none).
+    imbalance_type: Literal["exp", "step", "none"] = "exp"
     imbalance_factor: float = 10.0
     step_fraction: float = 0.5  # step profile: fraction of classes that become minority classes
     # Balanced validation split: CIFAR takes it from training images the LT subset leaves unused.
@@ -43,14 +60,11 @@ class DataConfig:
     image_column: str = "image"
     label_column: str = "label"
     split_column: str = "split"
-    # Augmentation: standard | randaugment | autoaugment_cutout | data_aug | none.
-    augment: str = "standard"
-    # Key view of the MoCo branch (NCL/ECL): moco | same.
-    key_augment: str = "moco"
+    augment: Literal["standard", "randaugment", "autoaugment_cutout", "data_aug", "none"] = "standard"
+    key_augment: Literal["moco", "same"] = "moco"  # the second (contrastive) view, for methods that ask for one
     image_size: int = 32
     num_workers: int = 0  # DataLoader processes per Ray worker
-    # Sampler: auto (the method's choice) | instance | class_balanced | sqrt.
-    sampler: str = "auto"
+    sampler: Literal["auto", "instance", "class_balanced", "sqrt"] = "auto"  # auto: the method's choice
     many_threshold: int = 100  # many-shot: more than this many training images
     few_threshold: int = 20  # few-shot: fewer than this many
     test_batch_size: int = 128  # on CPU, 512 evaluated ResNet-8 3x slower than 128 (cache-bound)
@@ -59,21 +73,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "digitsnet"
+    backbone: str = BACKBONES.default  # a registered backbone (rayexperts.registry.BACKBONES)
     num_experts: int = 1
     expert_width: float = 0.75  # shared-trunk experts: filters of the expert stages × this
-    shared_stages: int = 2  # shared trunk = stem + this many stages (MLLT: 2)
-    classifier: str = "linear"  # linear | cosine
+    shared_stages: int = 2  # shared trunk = stem + this many stages, for methods that share one
+    classifier: Literal["linear", "cosine"] = "linear"
     cosine_scale: float = 16.0
     weights: Optional[str] = None  # local file of backbone weights
     allow_download: bool = False  # let torchvision fetch ImageNet weights at run time
     sync_bn: Optional[bool] = None  # None: on when num_workers > 1 on GPU
     channels_last: bool = True  # CUDA only
-    moco_dim: int = 64
-    moco_hidden: int = 0  # 0: the feature dimension
-    moco_queue: int = 1024
-    moco_momentum: float = 0.999
-    moco_temperature: float = 0.2
 
 
 @dataclass
@@ -84,35 +93,12 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | multistep | constant
+    schedule: Literal["cosine", "multistep", "constant"] = "cosine"
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     warmup_epochs: int = 0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     grad_clip: float = 0.0  # 0: off
-
-
-@dataclass
-class LossConfig:
-    tau: float = 1.0  # balanced softmax / BC loss: z + tau*log(n_j/n)
-    mllt_teacher: str = "ensemble"  # ensemble | individual
-    hard_ratio: float = 0.3  # NCL beta = C_hard / C
-    hard_anchor: str = "fixed"  # fixed | random
-    anchor_expert: int = 0
-    hard_mode: str = "restrict"  # restrict (paper) | mask (official code)
-    ncl_lambda: float = 0.6
-    nil_hard: bool = True
-    self_sup: bool = True
-    bod_all: bool = True
-    bod_hard: bool = True
-    ecl_alpha: float = 0.6
-    ecl_beta: float = 1.0
-    kd_tau: float = 1.0
-    bkt: bool = True
-    fld: bool = True
-    cpt: bool = True
-    cbd_alpha: float = 0.4
-    cbd_beta: float = 100.0
 
 
 @dataclass
@@ -144,9 +130,9 @@ class RunConfig:
 @dataclass
 class TuneConfig:
     num_samples: int = 8
-    scheduler: str = "asha"  # asha | fifo
+    scheduler: Literal["asha", "fifo"] = "asha"
     metric: str = "val_top1"
-    mode: str = "max"
+    mode: Literal["max", "min"] = "max"
     view: str = ""  # empty: the method's primary view
     max_concurrent: int = 0  # 0: as many as resources allow
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
@@ -155,55 +141,42 @@ class TuneConfig:
 
 
 @dataclass
-class TeacherSpec:
-    type: str = "standard"  # standard | data_aug
-    seed: int = 0
-    method: str = "ce_cosine"
-    overrides: dict[str, Any] = field(default_factory=dict)  # dotted keys for this teacher only
-
-
-@dataclass
-class CbdConfig:
-    teacher_cpus: float = 1.0
-    teacher_gpus: float = 0.0
-    teacher_workers: int = 1
-    teacher_epochs: int = 0  # 0: train.epochs
-    student_backbone: str = ""  # empty: model.backbone
-    # The student's frozen teachers: run directories (paths or URIs); jobs/cbd_ens.py fills it in.
-    teacher_runs: list[str] = field(default_factory=list)
-
-
-def _default_teachers() -> list[TeacherSpec]:
-    return [
-        TeacherSpec("standard", 0),
-        TeacherSpec("standard", 1),
-        TeacherSpec("data_aug", 2),
-        TeacherSpec("data_aug", 3),
-    ]
-
-
-@dataclass
 class Config:
-    method: str = "ce"
+    method: str = METHODS.default  # a registered method; its options are the section named after it
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
-    cbd: CbdConfig = field(default_factory=CbdConfig)
-    teachers: list[TeacherSpec] = field(default_factory=_default_teachers)
+    layers: list[str] = field(default_factory=list)  # written by load_config: the layers applied, in order
 
 
-# ---------------------------------------------------------------------------- keys
+CORE_SECTIONS = ("data", "model", "train", "eval", "scaling", "run", "tune")
+_WRITTEN_BY_LOADER = ("layers",)
+
+
+# ---------------------------------------------------------------------------- schema and keys
+
+
+def schema(method: str) -> DictConfig:
+    """The typed defaults of the core sections plus ``method``'s section (its ``Options``)."""
+    options = METHODS.get(method).Options
+    if method in CORE_SECTIONS or method in ("method", "seed", "layers"):
+        raise ConfigError(f"method name {method!r} collides with a core config key")
+    cfg: DictConfig = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, False)
+    cfg[method] = OmegaConf.structured(options)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
 
 
 def valid_keys(node: Any = None, prefix: str = "") -> list[str]:
-    """All dotted leaf keys of the schema (``data.name``, ``train.lr``, ...)."""
-    node = OmegaConf.structured(Config) if node is None else node
+    """All dotted leaf keys of a config or schema (``data.name``, ``<method>.<option>``, ...);
+    default: the core keys and the default method's."""
+    node = schema(Config.method) if node is None else node
     keys = []
     for k in node.keys():
         v = node._get_node(k)
@@ -215,116 +188,167 @@ def valid_keys(node: Any = None, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_error(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+def renamed_keys() -> dict[str, list[str]]:
+    """Removed key → its new name(s), from every method's ``renamed`` map (``loss.<old>`` →
+    ``<method>.<new>``)."""
+    out: dict[str, list[str]] = {}
+    for name, method in METHODS.load_all().items():
+        for old, new in getattr(method, "renamed", {}).items():
+            out.setdefault(old, []).append(new if new.split(".")[0] in CORE_SECTIONS else f"{name}.{new}")
+    return out
+
+
+def unknown_key_error(key: str, source: str, keys: Sequence[str], method: str) -> ConfigError:
+    """An unknown key: its new name when it was renamed, else the closest valid keys."""
+    renamed = renamed_keys().get(key)
+    if renamed:
+        own = [r for r in renamed if r.startswith(f"{method}.")]
+        if own:
+            return ConfigError(f"config key '{key}' in {source} was renamed: use '{own[0]}'")
+        return ConfigError(
+            f"config key '{key}' in {source} was renamed to {' / '.join(repr(r) for r in renamed)}, a key of "
+            f"another method than method={method!r}"
+        )
+    section = key.split(".")[0]
+    if section != method and section in METHODS:
+        return ConfigError(f"config key '{key}' in {source} belongs to method {section}'s section; "
+                           f"this config has method={method!r} (set method={section} to use it)")
+    return ConfigError(f"unknown config key '{key}' in {source}{did_you_mean(key, keys)}")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested mapping; lists (e.g. a list of teacher specs) are values, not sections."""
     out: dict[str, Any] = {}
-    if isinstance(d, dict):
+    if isinstance(d, Mapping):
         for k, v in d.items():
             full = f"{prefix}{k}"
-            if isinstance(v, dict) and full not in ("teachers",) and not full.endswith("overrides"):
+            if isinstance(v, Mapping):  # a section (an empty one sets nothing)
                 out.update(_flatten(v, full + "."))
             else:
                 out[full] = v
     return out
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=0.1", "model.num_experts=3"]`` → ``{"train.lr": 0.1, ...}`` (YAML-typed values)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, _, raw = item.partition("=")
-        key = key.strip()
-        value = OmegaConf.create({"v": raw})["v"] if raw == "" else _yaml_value(raw)
-        out[key] = value
-    return out
-
-
-def _yaml_value(raw: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def preset_path(name_or_path: str) -> Path:
-    """A YAML path, or the name of a shipped preset (``cifar10_lt_if100_ncl``)."""
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return p
-    shipped = PRESET_DIR / f"{p.stem if p.suffix else name_or_path}.yaml"
-    if shipped.exists():
-        return shipped
-    if p.suffix in (".yaml", ".yml"):
-        raise ConfigError(f"config file '{name_or_path}' does not exist")
-    names = list_presets()
-    close = difflib.get_close_matches(name_or_path, names, n=3, cutoff=0.4)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; presets: {', '.join(names)}"
-    raise ConfigError(f"no preset or YAML file named '{name_or_path}'{hint}")
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot read config file '{path}': {e}") from e
-    except Exception as e:  # yaml parse errors
-        raise ConfigError(f"cannot read config file '{path}': {e}") from e
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(loaded).__name__}")
-    base = loaded.pop("base", None)
-    if base:
-        inherited = _read_yaml(preset_path(str(base)))
-        return _deep_merge(inherited, loaded)
-    return loaded
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "overrides":
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in flat.items():
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = value
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}' sets a field inside '{p}', which is a value, not a section")
+        node[parts[-1]] = dict(value) if isinstance(value, Mapping) else value
     return out
 
 
-def _merge_layer(cfg: DictConfig, layer: dict[str, Any], source: str) -> DictConfig:
-    for key in _flatten(layer):
-        if key.split(".")[0] == "teachers":
-            continue
-        if key not in _VALID:
-            raise _unknown_key_error(key, source)
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.lr=0.1", "model.num_experts=3"]`` → ``{"train.lr": 0.1, ...}`` (YAML-typed values)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key.strip()] = value
+    return out
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a shipped preset (``cifar10_lt_if100_ncl``)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    shipped = PRESET_DIR / f"{p.stem if p.suffix else name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    if p.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"config file '{name_or_path}' does not exist")
+    if not PRESET_DIR.is_dir():
+        raise ConfigError(
+            f"preset '{name_or_path}': the presets folder {PRESET_DIR} is missing, so this rayexperts is incomplete "
+            "(an upload that excluded it?)"
+        )
+    names = list_presets()
+    hint = did_you_mean(name_or_path, names, cutoff=0.4) or f"; presets: {', '.join(names)}"
+    raise ConfigError(f"no preset or YAML file named '{name_or_path}' (expected {shipped}){hint}")
+
+
+def _layer_name(path: Path) -> str:
+    """How a file layer is recorded: shipped presets by name (the same on every machine), other files by path."""
     try:
-        return OmegaConf.merge(cfg, layer)  # type: ignore[return-value]
+        path.resolve().relative_to(PRESET_DIR.resolve())
+        return f"preset {path.stem}"
+    except ValueError:
+        return f"file {path.resolve()}"
+
+
+def file_layers(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[Layer]:
+    """The layers of a preset or YAML file: its ``base:`` chain first, then the file itself."""
+    path = preset_path(str(name_or_path))
+    source = _layer_name(path)
+    if source in _seen:
+        raise ConfigError(f"config file '{path}': 'base:' chain loops back to {source}")
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except Exception as e:  # YAML or interpolation errors
+        raise ConfigError(f"cannot read config file '{path}': {e}") from e
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(loaded).__name__}")
+    loaded.pop("layers", None)  # a resolved config.yaml's record of its own layers, not a setting
+    base = loaded.pop("base", None)
+    inherited = file_layers(str(base), (*_seen, source)) if base else []
+    return [*inherited, (source, loaded)]
+
+
+# ---------------------------------------------------------------------------- composing
+
+
+def _setting(layers: Sequence[Layer], key: str, default: Any) -> tuple[Any, str]:
+    """The last value ``layers`` give ``key`` and the layer that gave it."""
+    value, where = default, "the defaults"
+    for source, layer in layers:
+        flat = _flatten(layer)
+        if key in flat:
+            value, where = flat[key], source
+    return value, where
+
+
+def default_layers(method: str, data_name: str, compat: str = "paper") -> list[Layer]:
+    """The data set's and the method's default layers (and ``compat=official``'s), in merge order."""
+    data_set, m = DATASETS.get(data_name), METHODS.get(method)
+    layers: list[Layer] = [
+        (f"data set {data_name} defaults", dict(getattr(data_set, "defaults", {}))),
+        (f"method {method} defaults", dict(getattr(m, "defaults", {}))),
+    ]
+    if compat == "official":
+        layers.append((f"compat official ({method})", dict(getattr(m, "official", {}))))
+    return layers
+
+
+def _merge(cfg: DictConfig, layer: Mapping[str, Any], source: str, keys: set[str], method: str) -> DictConfig:
+    flat = _flatten(layer)
+    for key in flat:
+        if key in _WRITTEN_BY_LOADER:
+            raise ConfigError(f"'{key}' in {source}: it is written by the config loader, not set")
+        if key not in keys:
+            raise unknown_key_error(key, source, sorted(keys), method)
+    try:
+        return OmegaConf.merge(cfg, _nest(flat))  # type: ignore[return-value]
     except ConfigKeyError as e:
         raise ConfigError(f"{source}: {e.msg}") from e
     except OmegaConfBaseException as e:
@@ -333,44 +357,50 @@ def _merge_layer(cfg: DictConfig, layer: dict[str, Any], source: str) -> DictCon
         raise ConfigError(f"{source}: invalid value for '{key}': {msg}") from e
 
 
-_VALID = set(valid_keys())
+def compose(layers: Sequence[Layer], *, resolve_paths: bool = True) -> DictConfig:
+    """Merge ``layers`` (in order) onto the schema of the method they name; validate; record them."""
+    method, where = _setting(layers, "method", Config.method)
+    if str(method) not in METHODS:
+        raise ConfigError(f"{where}: " + _registry_message(METHODS, str(method)))
+    cfg = schema(str(method))
+    keys = set(valid_keys(cfg))
+    for source, layer in layers:
+        cfg = _merge(cfg, layer, source, keys, str(method))
+    validate(cfg)
+    if resolve_paths:
+        absolute_paths(cfg)
+    cfg.layers = [source for source, _ in layers]
+    return cfg
 
 
-def default_layers(method: str, data_name: str) -> list[tuple[str, dict[str, Any]]]:
-    """The data-set and method default layers, in merge order."""
-    layers = []
-    for kind, name in (("data", data_name), ("method", method)):
-        path = PRESET_DIR / "defaults" / kind / f"{name}.yaml"
-        if path.exists():
-            layers.append((str(path), _read_yaml(path)))
-    return layers
+def _registry_message(registry, name: str) -> str:
+    try:
+        registry.get(name)
+    except ConfigError as e:
+        return str(e)
+    return ""
 
 
 def load_config(
     config: str | os.PathLike | None = None,
-    overrides: list[str] | dict[str, Any] | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
 ) -> DictConfig:
-    """Resolve the full config: schema → data/method defaults → preset/YAML → overrides."""
-    user_layers: list[tuple[str, dict[str, Any]]] = []
-    if config:
-        path = preset_path(str(config))
-        user_layers.append((str(path), _read_yaml(path)))
+    """Resolve the full config: defaults → data set → method (→ compat) → preset/YAML → overrides."""
+    user: list[Layer] = file_layers(str(config)) if config else []
     if overrides:
-        flat = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
-        for key in flat:
-            if key not in _VALID and key != "teachers":
-                raise _unknown_key_error(key, "command-line overrides")
-        user_layers.append(("command-line overrides", _nest(dict(flat))))
+        flat = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(list(overrides))
+        if flat:
+            user.append((f"command line ({', '.join(flat)})", _nest(flat)))
+    method, where = _setting(user, "method", Config.method)
+    data_name, data_where = _setting(user, "data.name", DataConfig.name)
+    compat, _ = _setting(user, "compat", "paper")
+    for registry, value, at in ((METHODS, method, where), (DATASETS, data_name, data_where)):
+        if str(value) not in registry:
+            raise ConfigError(f"{at}: " + _registry_message(registry, str(value)))
+    return compose([("defaults", {}), *default_layers(str(method), str(data_name), str(compat)), *user])
 
-    probe: DictConfig = OmegaConf.structured(Config)
-    for source, layer in user_layers:
-        probe = _merge_layer(probe, layer, source)
-    cfg: DictConfig = OmegaConf.structured(Config)
-    for source, layer in default_layers(probe.method, probe.data.name) + user_layers:
-        cfg = _merge_layer(cfg, layer, source)
-    validate(cfg)
-    OmegaConf.set_readonly(cfg, False)
-    return absolute_paths(cfg)
+
+# ---------------------------------------------------------------------------- values
 
 
 def is_uri(value: str) -> bool:
@@ -388,9 +418,10 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
 
     Ray workers and Tune trials do not share the driver's working directory (Tune runs each
     trial in its own), so a relative ``data.root=../data/x.parquet`` must be resolved where the
-    user typed it. This covers ``data.root``, ``run.storage_path``, ``cbd.teacher_runs`` and the
-    split files (``data.*_split``) that exist relative to the working directory; a split file
-    that does not is left as given, to be looked up under ``data.root``. URIs stay unchanged.
+    user typed it. This covers ``data.root``, ``run.storage_path``, the method's path keys
+    (``path_keys``, e.g. teacher run directories) and the split files (``data.*_split``) that exist
+    relative to the working directory; a split file that does not is left as given, to be looked
+    up under ``data.root``. URIs stay unchanged.
     """
     if cfg.data.root:
         cfg.data.root = absolute_path_or_uri(str(cfg.data.root))
@@ -399,37 +430,20 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
         if value and not is_uri(str(value)) and Path(str(value)).expanduser().is_file():
             cfg.data[key] = absolute_path_or_uri(str(value))
     cfg.run.storage_path = absolute_path_or_uri(str(cfg.run.storage_path))
-    cfg.cbd.teacher_runs = [absolute_path_or_uri(str(r)) for r in cfg.cbd.teacher_runs]
+    for key in getattr(METHODS.get(cfg.method), "path_keys", ()):
+        value = OmegaConf.select(cfg, key)
+        new = [absolute_path_or_uri(str(v)) for v in value] if isinstance(value, ListConfig) else (
+            absolute_path_or_uri(str(value)) if value else value)
+        OmegaConf.update(cfg, key, new, merge=False)
     return cfg
 
 
 def validate(cfg: DictConfig) -> None:
-    """Value checks that the types alone cannot express."""
-    from rayexperts.methods import method_names  # lazy: the registry imports torch
-
-    if cfg.method not in method_names():
-        close = difflib.get_close_matches(cfg.method, method_names(), n=2)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown method {cfg.method!r} (key 'method'): choose one of {', '.join(method_names())}{hint}")
-    choices = {
-        "data.imbalance_type": ("exp", "step", "none"),
-        "data.augment": ("standard", "randaugment", "autoaugment_cutout", "data_aug", "none"),
-        "data.key_augment": ("moco", "same"),
-        "data.sampler": ("auto", "instance", "class_balanced", "sqrt"),
-        "model.classifier": ("linear", "cosine"),
-        "train.schedule": ("cosine", "multistep", "constant"),
-        "loss.mllt_teacher": ("ensemble", "individual"),
-        "loss.hard_anchor": ("fixed", "random"),
-        "loss.hard_mode": ("restrict", "mask"),
-        "tune.scheduler": ("asha", "fifo"),
-        "tune.mode": ("max", "min"),
-    }
-    for key, allowed in choices.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"invalid value {value!r} for '{key}': choose one of {', '.join(allowed)}")
-    positive = ["train.epochs", "train.batch_size", "scaling.num_workers", "model.num_experts"]
-    for key in positive:
+    """Value checks that the types alone cannot express (the method adds its own)."""
+    for registry, value in ((DATASETS, cfg.data.name), (BACKBONES, cfg.model.backbone)):
+        if value not in registry:
+            raise ConfigError(_registry_message(registry, str(value)))
+    for key in ["train.epochs", "train.batch_size", "scaling.num_workers", "model.num_experts"]:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
     if cfg.data.imbalance_factor < 1:
@@ -439,24 +453,19 @@ def validate(cfg: DictConfig) -> None:
             f"'train.batch_size'={cfg.train.batch_size} (global) must be divisible by "
             f"'scaling.num_workers'={cfg.scaling.num_workers}"
         )
-    if not 0 <= cfg.loss.hard_ratio <= 1:
-        raise ConfigError(f"'loss.hard_ratio' must lie in [0, 1], got {cfg.loss.hard_ratio}")
-    for i, t in enumerate(cfg.teachers):
-        if t.type not in ("standard", "data_aug"):
-            raise ConfigError(f"teachers[{i}].type={t.type!r}: choose standard or data_aug")
-        for key in t.overrides:
-            if key not in _VALID:
-                raise _unknown_key_error(key, f"teachers[{i}].overrides")
+    METHODS.get(cfg.method).validate(cfg)
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
-def from_dict(d: dict[str, Any]) -> DictConfig:
-    """Rebuild a typed config from a resolved dict (e.g. the worker's copy, or config.yaml)."""
-    cfg = _merge_layer(OmegaConf.structured(Config), d, "config dict")
-    validate(cfg)
+def from_dict(d: Mapping[str, Any], source: str = "config dict") -> DictConfig:
+    """Rebuild a typed config from a resolved dict (the worker's copy, or a config.yaml)."""
+    d = dict(d)
+    layers = list(d.pop("layers", None) or [])
+    cfg = compose([(source, d)], resolve_paths=False)
+    cfg.layers = layers
     return cfg
 
 
@@ -464,14 +473,18 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
 
 
-def flatten(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+def flatten(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Dotted-key view of a config, e.g. for DataFrame columns."""
     d = to_dict(cfg) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
     return _flatten(d)
 
 
-def with_overrides(cfg: DictConfig, flat: dict[str, Any], source: str = "overrides") -> DictConfig:
-    """A copy of ``cfg`` with dotted ``flat`` overrides applied and checked."""
-    out = _merge_layer(cfg, _nest(dict(flat)), source)
+def with_overrides(cfg: DictConfig, flat: Mapping[str, Any], source: str = "overrides") -> DictConfig:
+    """A copy of ``cfg`` with dotted ``flat`` overrides applied, checked and recorded in ``layers``.
+    The method cannot change here (its section would): compose a new config for that."""
+    if "method" in flat and flat["method"] != cfg.method:
+        raise ConfigError(f"{source}: with_overrides cannot change the method ({cfg.method} → {flat['method']})")
+    out = _merge(cfg, _nest(dict(flat)), source, set(valid_keys(cfg)), str(cfg.method))
     validate(out)
+    out.layers = [*cfg.layers, source]
     return out

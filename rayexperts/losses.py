@@ -40,6 +40,7 @@ __all__ = [
     "feature_kd_loss",
     "info_nce_loss",
     "cbd_distillation_loss",
+    "expert_disagreement",
 ]
 
 
@@ -122,6 +123,17 @@ def _hard_log_probs(balanced: Tensor, mask: Tensor, mode: str) -> Tensor:
     if mode == "restrict":
         return restricted_log_softmax(balanced, mask.expand_as(balanced))
     return (balanced * mask).log_softmax(-1)
+
+
+def expert_disagreement(expert_logits: Sequence[Tensor]) -> Tensor:
+    """Per sample ``[B]``, the mean over ordered expert pairs of ``KL(softmax(z^k) ‖ softmax(z^q))``
+    (how much the experts disagree; NCL Fig. 1/5b). Not a loss: no gradient is meant through it."""
+    z = _stack([t.float() for t in expert_logits], "expert_logits")
+    num_experts = z.shape[0]
+    if num_experts == 1:
+        return z.new_zeros(z.shape[1])
+    log_p = z.log_softmax(-1)
+    return _pairwise_kl(log_p.exp(), log_p, detach_target=True) / (num_experts * (num_experts - 1))
 
 
 # -- balanced softmax / PC softmax ----------------------------------------------------

@@ -18,6 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from rayexperts.eval.metrics import shot_table
+from rayexperts.methods import METHODS
+
 from rayexperts.analysis import (
     best_trial,
     load_classes,
@@ -106,9 +109,8 @@ def _figure_lines(run: Path, out: Path, prefix: str, views: list[str]) -> list[s
 def _ensemble_report(root: Path, out: Path) -> list[str]:
     ens = load_ensemble(root)
     s = ens.summary.set_index("model")
-    cols = {"top1_many": "Many", "top1_medium": "Med", "top1_few": "Few", "top1": "All"}
     lines = [f"# Ensemble job {root.name}", "", "## Test top-1 (%) per model", "",
-             markdown((s[list(cols)].rename(columns=cols) * 100).round(2)), ""]
+             markdown(shot_table(ens.summary, "model")), ""]
     if {"started_at", "finished_at"} <= set(s.columns) and s["started_at"].notna().any():
         _save(_timeline_figure(s), out / "timeline.png")
         lines += ["When each model trained (teachers in parallel, then the student): ![](timeline.png)", ""]
@@ -150,10 +152,8 @@ def _sweep_report(root: Path, out: Path) -> list[str]:
 
 
 def _primary_view(cfg: dict[str, Any]) -> str | None:
-    from rayexperts.methods import get_method
-
     try:
-        return get_method(str(cfg["method"])).primary_view
+        return METHODS.get(str(cfg["method"])).primary_view
     except (ValueError, KeyError):
         return None
 

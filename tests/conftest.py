@@ -16,7 +16,7 @@ def ray_cluster():
     """A 2-CPU local Ray cluster shared by every test that needs one (start-up costs 10–30 s)."""
     import ray
 
-    from rayexperts.launch.train import start_local_ray
+    from rayexperts.launch.cluster import start_local_ray
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():

@@ -12,9 +12,10 @@ import pytest
 import yaml
 
 from rayexperts.analysis import best_trial, load_ensemble, load_runs, load_sweep, paper_table
-from rayexperts.config import load_config, to_dict, to_yaml
-from rayexperts.engine.results import ResultWriter, RunFiles
+from rayexperts.config import load_config, to_dict
+from rayexperts.engine.results import ResultWriter
 from rayexperts.report import write_report
+from rayexperts.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = np.array(["many"] * 3 + ["medium"] * 4 + ["few"] * 3)
@@ -33,24 +34,23 @@ def fake_run(path: Path, method: str = "mllt", seed: int = 0, epochs: int = 3, a
         {"epoch": epochs - 1, "view": v, "class_id": c, "class_name": str(c), "train_count": 100 - 9 * c,
          "shot_group": GROUPS[c], "accuracy": 1 - 0.08 * c} for v in views for c in range(10)
     ])
-    files = RunFiles(str(path.parent), path.name)
-    files.write_text("config.yaml", to_yaml(cfg))
-    ResultWriter(files).add(rows, classes)
+    rundir = RunDir(str(path))
+    rundir.write_config(cfg)
     rel = pd.DataFrame([{"epoch": epochs - 1, "view": v, "bin": b, "count": 10.0, "confidence": (b + 0.5) / 15,
                          "accuracy": b / 15} for v in views for b in range(15)])
-    files.write_table("reliability.parquet", rel)
+    ResultWriter(rundir).add(rows, classes, rel)
     return path
 
 
 def test_load_runs_finds_nested_runs_with_flat_config(tmp_path):
     fake_run(tmp_path / "a", method="mllt", acc=0.4)
-    fake_run(tmp_path / "group" / "b", method="ncl", acc=0.6, **{"loss.ncl_lambda": 0.3})
+    fake_run(tmp_path / "group" / "b", method="ncl", acc=0.6, **{"ncl.distill_weight": 0.3})
     df = load_runs(tmp_path)
     assert sorted(df["run"].unique()) == ["a", "group/b"]
     assert len(df) == 2 * 3 * 2  # runs × epochs × views
-    assert {"loss.ncl_lambda", "model.num_experts", "data.name", "method"} <= set(df.columns)
-    assert df.loc[df["run"] == "group/b", "loss.ncl_lambda"].eq(0.3).all()
-    assert df["teachers"].map(type).eq(str).all()  # lists become JSON strings
+    assert {"ncl.distill_weight", "model.num_experts", "data.name", "method"} <= set(df.columns)
+    assert df.loc[df["run"] == "group/b", "ncl.distill_weight"].eq(0.3).all()
+    assert df["train.milestones"].map(type).eq(str).all()  # lists become JSON strings
     assert load_runs(tmp_path / "a")["run"].unique().tolist() == ["a"]
     with pytest.raises(FileNotFoundError, match="no run directory"):
         load_runs(tmp_path / "empty_dir_does_not_exist")
@@ -62,7 +62,7 @@ def test_paper_table_rows_columns_and_seeds(tmp_path):
         fake_run(tmp_path / f"ncl_s{seed}", method="ncl", seed=seed, acc=acc)
     df = load_runs(tmp_path)
     single = paper_table(df[df["method"] == "mllt"])
-    assert list(single.columns) == ["Many", "Med", "Few", "All"]
+    assert list(single.columns) == ["Many", "Medium", "Few", "All"]
     assert single.loc[("mllt", "ensemble"), "All"] == pytest.approx(42.0)  # last epoch: 0.4 + 0.02
     with pytest.raises(ValueError, match="seeds='seed'"):
         paper_table(df)
@@ -89,16 +89,16 @@ def test_load_ensemble_names_models(tmp_path):
 
 
 def fake_sweep(root: Path) -> Path:
-    space = {"loss.ncl_lambda": {"uniform": [0.2, 1.0]}, "model.num_experts": {"choice": [2, 3]}}
+    space = {"ncl.distill_weight": {"uniform": [0.2, 1.0]}, "model.num_experts": {"choice": [2, 3]}}
     cfg = load_config(None, ["method=ncl"])
     (root).mkdir(parents=True)
-    (root / "sweep.yaml").write_text(yaml.safe_dump({"config": to_dict(cfg), "space": space}))
+    (root / "sweep.yaml").write_text(yaml.safe_dump({"config": to_dict(cfg), "space": space}, sort_keys=False))
     rows = []
     for i, (lam, k, val, status) in enumerate([(0.3, 2, 0.5, "completed"), (0.7, 3, 0.7, "completed"),
                                                 (0.9, 2, 0.8, "stopped")]):
         tid = f"abc_0000{i}"
-        fake_run(root / "trials" / tid, method="ncl", acc=val, **{"loss.ncl_lambda": lam, "model.num_experts": k})
-        rows.append({"trial_id": tid, "status": status, "run": f"trials/{tid}", "loss.ncl_lambda": lam,
+        fake_run(root / "trials" / tid, method="ncl", acc=val, **{"ncl.distill_weight": lam, "model.num_experts": k})
+        rows.append({"trial_id": tid, "status": status, "run": f"trials/{tid}", "ncl.distill_weight": lam,
                      "model.num_experts": k, "val_top1": val, "top1": val + 0.01, "epochs_done": 3 if i < 2 else 1})
     pd.DataFrame(rows).to_parquet(root / "trials.parquet")
     return root
@@ -106,7 +106,7 @@ def fake_sweep(root: Path) -> Path:
 
 def test_load_sweep_and_best_trial(tmp_path):
     sw = load_sweep(fake_sweep(tmp_path / "sweep"))
-    assert sw.keys == ["loss.ncl_lambda", "model.num_experts"] and sw.metric == "val_top1" and sw.mode == "max"
+    assert sw.keys == ["ncl.distill_weight", "model.num_experts"] and sw.metric == "val_top1" and sw.mode == "max"
     assert set(sw.metrics["run"]) == set(sw.trials["run"])
     assert best_trial(sw.trials, "val_top1", "max")["trial_id"] == "abc_00001"  # the stopped one ran fewer epochs
     assert best_trial(sw.trials, "val_top1", "min")["trial_id"] == "abc_00000"
@@ -115,7 +115,7 @@ def test_load_sweep_and_best_trial(tmp_path):
 
 def test_sweep_report_files(tmp_path):
     md = write_report(fake_sweep(tmp_path / "sweep"))
-    expected = {"report.md", "sweep_loss.ncl_lambda.png", "sweep_model.num_experts.png", "trial_curves.png",
+    expected = {"report.md", "sweep_ncl.distill_weight.png", "sweep_model.num_experts.png", "trial_curves.png",
                 "best_longtail.png", "best_reliability.png", "best_curves.png"}
     assert expected <= _names(md)
     text = md.read_text()
@@ -136,11 +136,10 @@ def test_report_on_an_engine_run_without_ray(tmp_path):
     stats = run.train_epoch(0)
     accs = run.evaluate()
     rows, classes = run.result_rows(0, accs, stats)
-    files = RunFiles(str(tmp_path), "engine_run")
-    files.write_text("config.yaml", to_yaml(cfg))
-    ResultWriter(files).add(rows, classes)
+    rundir = RunDir.of(str(tmp_path), "engine_run")
+    rundir.write_config(cfg)
     rel = reliability_table(0, accs[""], run.views)
-    files.write_table("reliability.parquet", rel)
+    ResultWriter(rundir).add(rows, classes, rel)
     assert rel.groupby("view")["count"].sum().eq(300).all()  # every test image in one bin per view
     md = write_report(tmp_path / "engine_run")
     assert {"report.md", "longtail.png", "reliability.png", "curves.png"} <= _names(md)

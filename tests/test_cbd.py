@@ -14,13 +14,11 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from rayexperts.config import load_config, to_yaml, with_overrides
-from rayexperts.engine.checkpoint import CheckpointMismatch, save_checkpoint
-from rayexperts.engine.results import RunFiles
+from rayexperts.config import load_config, with_overrides
 from rayexperts.engine.worker import Run
-from rayexperts.launch.ensemble import SUMMARY_COLUMNS, TeacherFailed, is_finished, run_ensemble
-from rayexperts.methods import cbd
+from rayexperts.launch.ensemble import SUMMARY_COLUMNS, PrerequisiteFailed, is_finished, run_ensemble
 from rayexperts.methods.base import Batch
+from rayexperts.rundir import CheckpointMismatch, RunDir, save_checkpoint
 
 ALPHA, BETA = 0.4, 100.0
 
@@ -34,21 +32,25 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def teacher_overrides(root: Path, name: str, seed: int, method: str = "ce") -> list[str]:
+    return [f"method={method}", "model.classifier=cosine", f"seed={seed}", "train.epochs=1",
+            f"run.storage_path={root}", f"run.name={name}"]
+
+
 def teacher_cfg(root: Path, name: str, seed: int, method: str = "ce"):
-    return load_config(None, [f"method={method}", "model.classifier=cosine", f"seed={seed}", "train.epochs=1",
-                              f"run.storage_path={root}", f"run.name={name}"])
+    return load_config(None, teacher_overrides(root, name, seed, method))
 
 
 def teacher_run(root: Path, name: str, seed: int, method: str = "ce") -> str:
     """A stage-1 run directory (config.yaml + checkpoint at its last epoch) of an untrained cosine teacher."""
     cfg = teacher_cfg(root, name, seed, method)
     run = Run(cfg)
-    files = RunFiles(str(root), name)
-    files.write_text("config.yaml", to_yaml(cfg))
-    ckpt = Path(files.path) / "checkpoint_2000-01-01_00-00-00.000000"
+    rundir = RunDir.of(str(root), name)
+    rundir.write_config(cfg)
+    ckpt = Path(rundir.path) / "checkpoint_2000-01-01_00-00-00.000000"
     ckpt.mkdir()
     save_checkpoint(ckpt, model=run.model, optimizer=run.optimizer, epoch=1, ident=run.ident)
-    return files.path
+    return rundir.uri
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +76,15 @@ def first_batch(run: Run) -> Batch:
 def test_loss_matches_hand_computation(tmp_path, teacher_runs, k):
     run = student(tmp_path, teacher_runs[:k])
     model, method, batch = run.model, run.method, first_batch(run)
-    assert (model.projs is None) == (k == 1)  # h only for CBD_ENS (eq. 4)
+    assert (model.necks is None) == (k == 1)  # h only for CBD_ENS (eq. 4)
     if k > 1:
-        assert model.projs[0].out_features == 128 * k and model.heads[0].weight.shape == (10, 128 * k)
+        assert model.necks[0].out_features == 128 * k and model.heads[0].weight.shape == (10, 128 * k)
     got = method.training_step(model, batch)
 
     with torch.no_grad():
         x, y = batch.images, batch.targets
         v = model.experts[0](x)  # student feature, [B, 128]
-        hv = v if k == 1 else v @ model.projs[0].weight.T + model.projs[0].bias
+        hv = v if k == 1 else v @ model.necks[0].weight.T + model.necks[0].bias
         w = model.heads[0].weight
         z = 16.0 * (hv / hv.norm(dim=1, keepdim=True)) @ (w / w.norm(dim=1, keepdim=True)).T
         ce = (torch.logsumexp(z, dim=1) - z[torch.arange(len(y)), y]).mean()
@@ -99,7 +101,7 @@ def test_multi_expert_teacher_gives_one_target_part_per_expert(tmp_path, teacher
     mllt = teacher_run(tmp_path, "mllt", seed=7, method="mllt")  # 3 experts of width 128 × 0.75 = 96
     run = student(tmp_path, [mllt, teacher_runs[0]])
     method, model = run.method, run.model
-    assert method.teacher_feature_dims() == [96, 96, 96, 128] and model.projs[0].out_features == 416
+    assert method.teacher_feature_dims() == [96, 96, 96, 128] and model.necks[0].out_features == 416
     x = first_batch(run).images
     views, _ = method.predict(model, x)
     mllt_out = method.teachers[0](x)
@@ -150,24 +152,24 @@ def test_finished_rule(tmp_path):
     with pytest.raises(CheckpointMismatch, match="seed: 4 there vs 5 now"):
         is_finished(with_overrides(cfg, {"seed": 5}))
     with pytest.raises(CheckpointMismatch, match="method"):
-        is_finished(with_overrides(cfg, {"method": "bsce"}))
+        is_finished(load_config(None, [*teacher_overrides(tmp_path, "t", 4), "method=bsce"]))
 
 
 @pytest.mark.parametrize("remote", [False, True])
-def test_latest_checkpoint_rule(tmp_path, monkeypatch, remote):
+def test_latest_checkpoint_rule(tmp_path, remote):
     run = Path(teacher_run(tmp_path, "t", seed=5))
     old, new = run / "checkpoint_2000-01-01_00-00-00.000000", run / "checkpoint_2001-01-01_00-00-00.000000"
     shutil.copytree(old, new)
     state = torch.load(new / "checkpoint.pt", weights_only=True)
     torch.save({**state, "epoch": 2}, new / "checkpoint.pt")
-    if remote:  # any pyarrow file system other than the local one takes the download path
-        fs = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())
-        monkeypatch.setattr(cbd, "resolve_storage", lambda uri: (fs, str(uri)))
-    assert cbd.read_latest_checkpoint(str(run))["epoch"] == 2  # the newest directory
+    # any pyarrow file system other than the local one takes the download path
+    rundir = RunDir(str(run), pafs.SubTreeFileSystem("/", pafs.LocalFileSystem()) if remote else None)
+    assert rundir.is_local is not remote
+    assert rundir.load_checkpoint()["epoch"] == 2  # the newest directory
     (run / "checkpoint_manager_snapshot.json").write_text(
         json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": old.name}}))
-    assert cbd.read_latest_checkpoint(str(run))["epoch"] == 1  # the one Ray Train registered last
-    assert cbd.read_latest_checkpoint(str(tmp_path / "missing")) is None
+    assert rundir.load_checkpoint()["epoch"] == 1  # the one Ray Train registered last
+    assert RunDir(str(tmp_path / "missing")).load_checkpoint() is None
 
 
 # ------------------------------------------------------------------------------ the job on Ray
@@ -178,7 +180,7 @@ def test_latest_checkpoint_rule(tmp_path, monkeypatch, remote):
 def job_config(root: Path, teachers: list[dict]):
     return load_config("cbd_digits", {
         "run.storage_path": str(root), "run.name": "job", "run.verbose": False,
-        "train.epochs": 1, "cbd.teacher_epochs": 10, "cbd.teacher_cpus": 1, "teachers": teachers,
+        "train.epochs": 1, "cbd.teacher_epochs": 10, "cbd.teacher_cpus": 1, "cbd.teachers": teachers,
     })
 
 
@@ -243,10 +245,10 @@ def test_rerun_skips_finished_runs(finished_job, capsys):
 def test_failing_teacher_is_named_and_others_kept(finished_job):
     job, _ = finished_job
     before = _checkpoints(job)
-    with pytest.raises(TeacherFailed) as err:
+    with pytest.raises(PrerequisiteFailed) as err:
         run_ensemble(job_config(job.parent, [*GOOD, BAD]))
     msg = str(err.value)
-    assert re.search(r"teacher teacher2 failed .*weights\.pt.*teachers/teacher2/error\.log", msg), msg
+    assert re.search(r"teacher2 failed .*weights\.pt.*teachers/teacher2/error\.log", msg), msg
     assert "teacher0" not in msg and "teacher1" not in msg
     assert "FileNotFoundError" in (job / "teachers" / "teacher2" / "error.log").read_text()
     summary = pd.read_parquet(job / "summary.parquet").set_index("model")

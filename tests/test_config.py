@@ -8,10 +8,10 @@ from rayexperts.config import ConfigError, flatten, from_dict, list_presets, loa
 
 
 def test_defaults_and_overrides_are_typed():
-    cfg = load_config(None, ["train.lr=0.2", "model.num_experts=3", "loss.hard_ratio=0.25"])
+    cfg = load_config(None, ["method=ncl", "train.lr=0.2", "model.num_experts=4", "ncl.hard_ratio=0.25"])
     assert cfg.train.lr == 0.2 and isinstance(cfg.train.lr, float)
-    assert cfg.model.num_experts == 3
-    assert cfg.loss.hard_ratio == 0.25
+    assert cfg.model.num_experts == 4
+    assert cfg.ncl.hard_ratio == 0.25
 
 
 def test_interface_keys_exist():
@@ -20,7 +20,7 @@ def test_interface_keys_exist():
         "method", "data.name", "data.root", "data.imbalance_factor", "model.backbone", "model.num_experts",
         "train.epochs", "train.batch_size", "train.lr", "seed", "scaling.num_workers", "scaling.use_gpu",
         "run.storage_path", "run.name", "run.checkpoint_every", "tune.num_samples", "tune.scheduler",
-        "tune.metric", "loss.hard_ratio",
+        "tune.metric",
     ]:
         assert key in keys, key
 
@@ -79,7 +79,10 @@ def test_round_trip_and_flatten():
     again = from_dict(to_dict(cfg))
     assert to_dict(again) == to_dict(cfg)
     flat = flatten(cfg)
-    assert flat["model.num_experts"] == 3 and "teachers" in flat
+    assert flat["model.num_experts"] == 3 and flat["mllt.teacher"] == "ensemble"
+    cbd = load_config("cbd_digits")
+    assert to_dict(from_dict(to_dict(cbd))) == to_dict(cbd)
+    assert isinstance(flatten(cbd)["cbd.teachers"], list)  # a list of specs is one value
 
 
 def test_local_paths_become_absolute_against_the_working_directory(tmp_path, monkeypatch):
@@ -89,7 +92,7 @@ def test_local_paths_become_absolute_against_the_working_directory(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, [
         "data.root=data/x.parquet", "run.storage_path=runs", "data.train_split=lists/train.txt",
-        "data.test_split=ImageNet_LT_test.txt", "cbd.teacher_runs=[runs/t0,s3://bucket/t1]",
+        "data.test_split=ImageNet_LT_test.txt", "method=cbd", "cbd.teacher_runs=[runs/t0,s3://bucket/t1]",
     ])
     assert cfg.data.root == str(tmp_path / "data" / "x.parquet")
     assert cfg.run.storage_path == str(tmp_path / "runs")

@@ -16,6 +16,7 @@ from data_fixtures import (
     make_split_file_set,
 )
 
+from rayexperts.config import ConfigError
 from rayexperts.data import DataError, build_dataset
 
 
@@ -36,7 +37,8 @@ def _rewrite_parquet(path, column: str, row: int, value) -> None:
 
 
 def test_unknown_data_set_name():
-    _fails(r"data.name='cifar10_lt': did you mean cifar10-lt", name="cifar10_lt")
+    with pytest.raises(ConfigError, match=r"data.name='cifar10_lt'; did you mean cifar10-lt"):
+        build_dataset(data_cfg(name="cifar10_lt"))
 
 
 def test_missing_roots_name_the_path_and_how_to_get_the_data(tmp_path):
@@ -67,7 +69,7 @@ def test_bad_split_file_lines_and_labels(tmp_path):
     _fails(r"ImageNet_LT_val.txt:2: expected 'relative/path label'", name="imagenet-lt", root=str(root))
     (root / "ImageNet_LT_val.txt").write_text("val/n001/000.png 7\n")
     _fails(
-        r"label 7 of 'val/n001/000.png' in .*ImageNet_LT_val.txt' is out of range", name="imagenet-lt", root=str(root)
+        r"label 7 of 'val/n001/000.png' of .*ImageNet_LT_val.txt' \(imagenet-lt.*is out of range", name="imagenet-lt", root=str(root)
     )
     (root / "ImageNet_LT_val.txt").write_text("val/n001/000.png 0\n")
     (root / "ImageNet_LT_train.txt").write_text("train/n001/000.png 0\ntrain/n003/000.png 2\n")

@@ -15,14 +15,9 @@ import pytest
 
 from helpers import quick_overrides
 from rayexperts.config import load_config, with_overrides
-from rayexperts.engine.checkpoint import (
-    CheckpointMismatch,
-    latest_checkpoint_dir,
-    load_model_weights,
-    registered_checkpoint,
-)
 from rayexperts.engine.worker import Run
 from rayexperts.launch.train import run_training
+from rayexperts.rundir import CheckpointMismatch, RunDir
 
 
 def _epoch_batches(run: Run, epoch: int) -> list[list[int]]:
@@ -48,7 +43,7 @@ def test_two_workers_train_on_the_one_worker_sample_set(sampler):
 
 def _registered_epoch(run_dir) -> int:
     """The epoch of the latest checkpoint Ray Train has registered (what a re-run resumes from), or -1."""
-    return int((registered_checkpoint(run_dir).get("metrics") or {}).get("epoch", -1))
+    return int((RunDir(str(run_dir)).registered_checkpoint().get("metrics") or {}).get("epoch", -1))
 
 
 def _kill_a_worker_after(run_dir, epoch: int, timeout: float = 120) -> int:
@@ -88,7 +83,7 @@ def test_two_worker_metrics_equal_one_worker_evaluation_of_checkpoint(ray_cluste
     last = metrics[metrics["epoch"] == metrics["epoch"].max()].set_index("view")
     assert (last["num_samples"] == 300).all()  # every test image counted once, not twice
     evaluator = Run(with_overrides(cfg, {"scaling.num_workers": 1}))
-    load_model_weights(evaluator.model, latest_checkpoint_dir(run_dir), evaluator.ident)
+    evaluator.model.load_state_dict(RunDir(str(run_dir)).load_checkpoint(evaluator.ident)["model"])
     acc = evaluator.evaluate()[""]
     for view in evaluator.views:
         s = acc.summary(view, evaluator.groups)

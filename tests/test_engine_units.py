@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from rayexperts.config import load_config
-from rayexperts.engine.results import ResultWriter, RunFiles
+from rayexperts.engine.results import ResultWriter
 from rayexperts.engine.schedule import lr_schedule
 from rayexperts.eval.metrics import EvalAccumulator, expected_calibration_error, pairwise_kl
+from rayexperts.rundir import RunDir
 
 
 def test_multistep_with_warmup():
@@ -59,13 +60,14 @@ def test_pairwise_kl_hand_value():
 
 
 def test_result_writer_replaces_rows_after_resume(tmp_path):
-    files = RunFiles(str(tmp_path), "run")
-    w = ResultWriter(files)
+    rundir = RunDir.of(str(tmp_path), "run")
+    w = ResultWriter(rundir)
     classes = pd.DataFrame({"class_id": [0], "view": ["v"], "accuracy": [1.0]})
+    reliability = pd.DataFrame({"bin": [0], "view": ["v"], "count": [1.0]})
     for epoch in range(3):
-        w.add([{"epoch": epoch, "view": "v", "top1": 0.1 * epoch}], classes)
-    resumed = ResultWriter(RunFiles(str(tmp_path), "run"), start_epoch=2)  # checkpoint after epoch 1
-    resumed.add([{"epoch": 2, "view": "v", "top1": 0.9}], classes)
-    df = files.read_table("metrics.parquet")
+        w.add([{"epoch": epoch, "view": "v", "top1": 0.1 * epoch}], classes, reliability)
+    resumed = ResultWriter(RunDir.of(str(tmp_path), "run"), start_epoch=2)  # checkpoint after epoch 1
+    resumed.add([{"epoch": 2, "view": "v", "top1": 0.9}], classes, reliability)
+    df = rundir.read_table("metrics.parquet")
     assert df["epoch"].tolist() == [0, 1, 2] and df["top1"].tolist()[-1] == pytest.approx(0.9)
     assert not list(tmp_path.glob("run/.*tmp"))

@@ -11,11 +11,15 @@ from rayexperts.config import ModelConfig
 from rayexperts.models import (
     CosineClassifier,
     LinearClassifier,
+    MocoConfig,
+    MocoExperts,
     MultiExpertNet,
+    WithExtraHeads,
     build_backbone,
     build_classifier,
-    build_model,
+    build_experts,
     expert_stages,
+    find_experts,
 )
 
 
@@ -64,7 +68,7 @@ def test_shared_trunk_params_between_one_and_two_networks() -> None:
     assert 1.0 < n_params(mllt) / n_params(single) < 2.0
     assert mllt.feature_dim == 48
     out = mllt(torch.randn(2, 3, 32, 32))
-    assert out.num_experts == 3 and out.ref_logits is None and out.queries is None
+    assert out.num_experts == 3 and out.aux == {}
     assert [f.shape for f in out.features] == [(2, 48)] * 3 and [z.shape for z in out.logits] == [(2, 10)] * 3
 
 
@@ -80,26 +84,29 @@ def test_single_expert_ignores_shared_stages() -> None:
     assert n_params(net) == n_params(build_backbone("resnet8")) + 64 * 10 + 10
 
 
-def test_ecl_ref_head_and_cbd_projection() -> None:
+def test_extra_heads_and_a_neck() -> None:
     x = torch.randn(2, 1, 8, 8)
-    ecl = MultiExpertNet(backbone="digitsnet", in_channels=1, num_classes=10, num_experts=2, ref_head=True)
-    out = ecl(x)
-    assert len(out.ref_logits) == 2 and out.ref_logits[0].shape == (2, 10)
-    cbd = MultiExpertNet(backbone="digitsnet", in_channels=1, num_classes=10, classifier="cosine",
-                         feature_proj_dim=256)
-    out = cbd(x)
-    assert out.features[0].shape == (2, 256) and cbd.heads[0].weight.shape == (10, 256)
-    assert torch.allclose(out.logits[0], cbd.heads[0](out.features[0]))
+    net = MultiExpertNet(backbone="digitsnet", in_channels=1, num_classes=10, num_experts=2)
+    extra = WithExtraHeads(net, "ref", torch.nn.ModuleList(torch.nn.Linear(128, 10) for _ in range(2)))
+    out = extra(x)
+    assert len(out.aux["ref"]) == 2 and out.aux["ref"][0].shape == (2, 10)
+    assert torch.allclose(out.aux["ref"][1], extra.aux_heads[1](out.features[1]))
+    assert find_experts(extra) is net and extra.feature_dim == 128 and extra.num_experts == 2
+    necked = MultiExpertNet(backbone="digitsnet", in_channels=1, num_classes=10, classifier="cosine",
+                            neck=lambda d: (torch.nn.Linear(d, 256), 256))
+    out = necked(x)
+    assert out.features[0].shape == (2, 256) and necked.heads[0].weight.shape == (10, 256)
+    assert torch.allclose(out.logits[0], necked.heads[0](out.features[0]))
 
 
-def test_build_model_reads_model_config() -> None:
-    cfg = OmegaConf.structured(ModelConfig(backbone="resnet8", num_experts=3, classifier="cosine", moco_queue=32))
-    mllt = build_model(cfg, 10, 3, shared_trunk=True)
+def test_build_experts_reads_model_config() -> None:
+    cfg = OmegaConf.structured(ModelConfig(backbone="resnet8", num_experts=3, classifier="cosine"))
+    mllt = build_experts(cfg, 10, 3, shared_trunk=True)
     assert isinstance(mllt.trunk, torch.nn.Sequential) and mllt.feature_dim == 48
     assert isinstance(mllt.heads[0], CosineClassifier)
-    ncl = build_model(cfg, 10, 3, shared_trunk=False, moco=True)
-    assert isinstance(ncl.trunk, torch.nn.Identity) and ncl.feature_dim == 64
-    branch = ncl.moco[0]
+    ncl = MocoExperts(build_experts(cfg, 10, 3, shared_trunk=False), MocoConfig(queue_size=32))
+    assert isinstance(ncl.net.trunk, torch.nn.Identity) and ncl.net.feature_dim == 64
+    branch = ncl.branches[0]
     assert branch.queue.shape == (32, 64) and branch.proj[0].out_features == 64 and branch.momentum == 0.999
 
 

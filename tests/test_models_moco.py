@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rayexperts.models import MultiExpertNet
+from rayexperts.models import MocoExperts, MultiExpertNet
 from rayexperts.models import moco as moco_module
 from rayexperts.models.moco import MocoBranch, MocoConfig
 
@@ -52,14 +52,14 @@ def test_keys_are_gathered_from_all_ranks_before_enqueue(monkeypatch) -> None:
     assert int(branch.queue_ptr) == 4
 
 
-def model() -> MultiExpertNet:
+def model() -> MocoExperts:
     cfg = MocoConfig(dim=8, hidden=16, queue_size=6, momentum=0.99)
-    return MultiExpertNet(backbone="digitsnet", in_channels=1, num_classes=10, num_experts=2, moco=cfg)
+    return MocoExperts(MultiExpertNet(backbone="digitsnet", in_channels=1, num_classes=10, num_experts=2), cfg)
 
 
 def test_key_encoder_is_frozen_and_outside_the_trainable_parameters() -> None:
     net = model()
-    frozen = [p for b in net.moco for p in [*b.key_encoder.parameters(), *b.key_proj.parameters()]]
+    frozen = [p for b in net.branches for p in [*b.key_encoder.parameters(), *b.key_proj.parameters()]]
     assert frozen and not any(p.requires_grad for p in frozen)
     assert not {id(p) for p in frozen} & {id(p) for p in net.parameters() if p.requires_grad}
 
@@ -68,18 +68,18 @@ def test_forward_outputs_queue_snapshot_then_enqueues() -> None:
     torch.manual_seed(0)
     net = model().train()
     x, x_key = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
-    before = [b.queue.clone() for b in net.moco]
+    before = [b.queue.clone() for b in net.branches]
     out = net(x, x_key)
     assert len(out.queries) == len(out.keys) == len(out.queues) == 2
-    for k, branch in enumerate(net.moco):
+    for k, branch in enumerate(net.branches):
         assert torch.equal(out.queues[k], before[k])
         assert torch.allclose(out.queries[k].norm(dim=1), torch.ones(4))
         assert torch.allclose(out.queries[k], F.normalize(branch.proj(out.features[k]), dim=1))
         assert out.queries[k].requires_grad and not out.keys[k].requires_grad
         assert torch.equal(branch.queue[:4], out.keys[k]) and torch.equal(branch.queue[4:], before[k][4:])
     out.queries[0].sum().backward()  # the query path reaches the expert, the key path does not
-    assert net.experts[0].stem[0].weight.grad is not None
-    assert all(p.grad is None for p in net.moco[0].key_encoder.parameters())
+    assert net.net.experts[0].stem[0].weight.grad is not None
+    assert all(p.grad is None for p in net.branches[0].key_encoder.parameters())
 
 
 def test_no_moco_outputs_in_eval_or_without_key_view() -> None:
@@ -88,4 +88,4 @@ def test_no_moco_outputs_in_eval_or_without_key_view() -> None:
     assert net.train()(x).queries is None
     out = net.eval()(x, x)
     assert out.queries is None and out.keys is None and out.queues is None
-    assert int(net.moco[0].queue_ptr) == 0
+    assert int(net.branches[0].queue_ptr) == 0

@@ -131,8 +131,8 @@ FAST = P.ProbeOptions(
 
 def make_run_dir(root: Path, method: str, experts: int) -> Path:
     from rayexperts.config import load_config, to_yaml
-    from rayexperts.engine.checkpoint import save_checkpoint
     from rayexperts.engine.worker import Run
+    from rayexperts.rundir import save_checkpoint
 
     name = f"{method}{experts}"
     overrides = [f"method={method}", "data.name=digits-lt", "train.epochs=1", f"model.num_experts={experts}"]
@@ -178,7 +178,7 @@ def test_missing_config_or_checkpoint_names_the_directory(tmp_path, ce_run):
     with pytest.raises(P.ProbeError, match=str(tmp_path)):
         P.run_probes(tmp_path)
     (tmp_path / "config.yaml").write_text((ce_run / "config.yaml").read_text())
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    with pytest.raises(P.ProbeError, match=f"{tmp_path}.*nothing to probe"):
         P.run_probes(tmp_path)
     with pytest.raises(P.ProbeError, match="unknown probe"):
         P.run_probes(ce_run, probes=["knn"])

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from rayexperts.config import ConfigError, load_config
-from rayexperts.engine.results import RunFiles
 from rayexperts.launch.tune import check_same_sweep, load_space, run_sweep, sweep_config
+from rayexperts.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "tune_spaces"
@@ -26,15 +26,16 @@ def test_shipped_spaces_are_valid(method):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("loss.ncl_lamda: {uniform: [0.2, 1.0]}", "key 'loss.ncl_lamda': unknown config key; did you mean loss.ncl_lambda"),
-        ("loss.hard_ratio: {normal: [0, 1]}", "key 'loss.hard_ratio': unknown distribution 'normal'"),
-        ("loss.hard_ratio: 0.3", "key 'loss.hard_ratio': 0.3 is not a distribution"),
+        ("ncl.distil_weight: {uniform: [0.2, 1.0]}",
+         "key 'ncl.distil_weight': unknown config key for method=ncl; did you mean ncl.distill_weight"),
+        ("ncl.hard_ratio: {normal: [0, 1]}", "key 'ncl.hard_ratio': unknown distribution 'normal'"),
+        ("ncl.hard_ratio: 0.3", "key 'ncl.hard_ratio': 0.3 is not a distribution"),
         ("train.lr: {uniform: [0.1, 0.01]}", "key 'train.lr': 'uniform' needs \\[low, high\\]"),
         ("train.lr: {loguniform: [0, 0.1]}", "key 'train.lr': 'loguniform' needs low > 0"),
         ("model.num_experts: {uniform: [2, 4]}", "key 'model.num_experts': .*Integer"),
-        ("loss.mllt_teacher: {choice: [ensemble, mean]}", "key 'loss.mllt_teacher': invalid value 'mean'"),
-        ("loss.hard_ratio: {choice: [0.3, 1.5]}", "key 'loss.hard_ratio': 'loss.hard_ratio' must lie in"),
-        ("cbd.teacher_runs: {choice: [[teacher0]]}", "key 'cbd.teacher_runs': searched only with method=cbd"),
+        ("model.classifier: {choice: [linear, mlp]}", "key 'model.classifier': .*invalid value .*'mlp'"),
+        ("ncl.hard_ratio: {choice: [0.3, 1.5]}", "key 'ncl.hard_ratio': 'ncl.hard_ratio' must lie in"),
+        ("cbd.teacher_runs: {choice: [[teacher0]]}", "key 'cbd.teacher_runs': unknown config key for method=ncl"),
     ],
 )
 def test_bad_space_names_file_and_key(tmp_path, text, message):
@@ -60,7 +61,7 @@ def test_sweep_never_tunes_on_the_test_split(monkeypatch):
     class NoVal:
         val = None
 
-    monkeypatch.setattr("rayexperts.data.build_dataset", lambda data_cfg: NoVal())
+    monkeypatch.setattr("rayexperts.launch.tune.build_dataset", lambda data_cfg: NoVal())
     with pytest.raises(ConfigError, match="gives no validation split"):
         sweep_config(load_config(None, ["method=ce"]))
 
@@ -68,24 +69,28 @@ def test_sweep_never_tunes_on_the_test_split(monkeypatch):
 def test_a_sweep_dir_of_another_sweep_is_refused(tmp_path):
     cfg = load_config(None, ["method=ncl"])
     space = load_space(SPACES / "ncl.yaml", cfg)
-    files = RunFiles(str(tmp_path), "s")
-    check_same_sweep(files, cfg, space)
-    check_same_sweep(files, cfg, space)  # the same sweep continues
+    sweep = RunDir.of(str(tmp_path), "s")
+    check_same_sweep(sweep, cfg, space)
+    check_same_sweep(sweep, cfg, space)  # the same sweep continues
     with pytest.raises(ConfigError, match="another config or search space"):
-        check_same_sweep(files, load_config(None, ["method=ncl", "train.lr=0.3"]), space)
+        check_same_sweep(sweep, load_config(None, ["method=ncl", "train.lr=0.3"]), space)
 
 
-def test_tuned_view_rows_come_from_the_run_directory(tmp_path):
-    from rayexperts.launch.tune import _last_row, _view_metrics
+def test_tuned_view_metrics_come_from_the_report(tmp_path):
+    from rayexperts.engine.worker import reported_metrics
+    from rayexperts.launch.tune import _last_row, view_metrics
 
-    files = RunFiles(str(tmp_path), "run")
-    rows = [{"epoch": e, "view": v, "top1": 0.1 * e + (v == "expert0"), "val_top1": 0.2 * e} for e in range(3)
-            for v in ("expert0", "ensemble")]
-    files.write_table("metrics.parquet", pd.DataFrame(rows))
-    assert _view_metrics(str(tmp_path), "run", 1, "expert0")["top1"] == pytest.approx(1.1)
+    rows = [{"epoch": 1, "view": v, "top1": t, "val_top1": t / 2} for v, t in (("ensemble", 0.4), ("expert0", 1.1))]
+    reported = reported_metrics(1, {"loss": 2.0}, rows, "ensemble")
+    assert reported["top1"] == pytest.approx(0.4) and reported["expert0/top1"] == pytest.approx(1.1)
+    chosen = view_metrics(reported, "expert0")
+    assert chosen["top1"] == pytest.approx(1.1) and chosen["val_top1"] == pytest.approx(0.55)
+    assert chosen["view"] == "expert0" and chosen["loss"] == 2.0
+    assert view_metrics(reported, "") == reported and view_metrics({"epoch": 0, "loss": 1.0}, "expert0")["loss"] == 1.0
     with pytest.raises(ValueError, match="views: ensemble, expert0"):
-        _view_metrics(str(tmp_path), "run", 1, "expert9")
-    last = _last_row(files.read_table("metrics.parquet"), "ensemble")
+        view_metrics(reported, "expert9")
+    table = pd.DataFrame([{"epoch": e, "view": v, "val_top1": 0.2 * e} for e in range(3) for v in ("expert0", "ensemble")])
+    last = _last_row(table, "ensemble")
     assert last["epoch"] == 2 and last["val_top1"] == pytest.approx(0.4) and "view" not in last
     assert _last_row(None, "ensemble") == {}
 

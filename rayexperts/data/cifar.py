@@ -9,17 +9,17 @@ images per class taken from the training images the LT subset leaves unused.
 from __future__ import annotations
 
 import pickle
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import pyarrow.parquet as pq
-import torch
 
 from rayexperts.data.errors import DataError
-from rayexperts.data.lt_dataset import LTDataset, check_labels, long_tail_split, make_dataset
+from rayexperts.data.lt_dataset import DataSetEntry, LTDataset, check_labels, long_tail_split, make_dataset
 from rayexperts.data.parquet import class_names_from, read_columns
 from rayexperts.data.sources import ArraySource, decode_image
+from rayexperts.registry import DATASETS
 
 
 class _Layout(NamedTuple):
@@ -47,6 +47,14 @@ _LAYOUT = {
     "cifar100-lt": _Layout(100, "cifar-100-python", ["train"], "test", "fine_labels", "meta", "fine_label_names"),
 }
 _GET = "https://www.cs.toronto.edu/~kriz/cifar.html"
+# CIFAR-LT (Cao et al. 2019 protocol): ResNet-32, pad-4 crop + flip, 200 epochs, lr 0.1,
+# x0.1 at 160 and 180, 5 warm-up epochs (the schedule MLLT, LDAM and RIDE share).
+DEFAULTS = {
+    "data.image_size": 32, "data.imbalance_factor": 100, "data.augment": "standard",
+    "model.backbone": "resnet32",
+    "train.epochs": 200, "train.batch_size": 128, "train.lr": 0.1, "train.weight_decay": 5e-4,
+    "train.schedule": "multistep", "train.milestones": [160, 180], "train.warmup_epochs": 5,
+}
 
 
 def build_cifar(data_cfg, name: str) -> LTDataset:
@@ -150,6 +158,8 @@ def decode_rows(path: Path, column: str, rows: np.ndarray) -> np.ndarray:
     """Decode the 32x32 images of ``rows`` to uint8 ``[N, 3, 32, 32]``: one batched
     libjpeg call (``torchvision.io.decode_jpeg``, ~3x faster than PIL here); if that fails
     (a PNG, a corrupt file) each row is decoded with PIL and the bad one is named."""
+    import pyarrow.parquet as pq
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     data = pq.read_table(path, columns=[column]).column(column).take(rows).to_pylist()
@@ -167,3 +177,7 @@ def decode_rows(path: Path, column: str, rows: np.ndarray) -> np.ndarray:
             found = "no image (null)" if img is None else f"size {tuple(img.shape[1:])}"
             raise DataError(f"row {r} (column '{column}') of '{path}': CIFAR images are 32x32, found {found}")
     return torch.stack(decoded).numpy()
+
+
+for _name in _LAYOUT:
+    DATASETS.register(_name, DataSetEntry(partial(build_cifar, name=_name), DEFAULTS))

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from rayexperts.data.lt_dataset import LTDataset, long_tail_split, make_dataset
+from rayexperts.data.lt_dataset import DataSetEntry, LTDataset, long_tail_split, make_dataset
 from rayexperts.data.sources import ArraySource
+from rayexperts.registry import DATASETS
 
 TEST_PER_CLASS = 30
+# A laptop-sized default that runs offline (585 training images at IF 10).
+DEFAULTS = {
+    "data.image_size": 8, "data.imbalance_factor": 10, "data.augment": "standard", "data.val_per_class": 0,
+    "model.backbone": "digitsnet",
+    "train.epochs": 30, "train.batch_size": 64, "train.lr": 0.05, "train.weight_decay": 5e-4,
+    "train.schedule": "cosine", "train.warmup_epochs": 0,
+}
 
 
 def build_digits(data_cfg) -> LTDataset:
@@ -32,3 +40,6 @@ def build_digits(data_cfg) -> LTDataset:
     return make_dataset(
         "digits-lt", class_names, source(train), source(test), source(val) if len(val) else None, "digits"
     )
+
+
+DATASETS.register("digits-lt", DataSetEntry(build_digits, DEFAULTS))

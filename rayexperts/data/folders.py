@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from rayexperts.data.errors import DataError
-from rayexperts.data.lt_dataset import LTDataset, long_tail_split, make_dataset
+from rayexperts.data.lt_dataset import DataSetEntry, LTDataset, long_tail_split, make_dataset
 from rayexperts.data.sources import FileSource
+from rayexperts.registry import DATASETS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
@@ -54,3 +55,12 @@ def build_imagefolder(data_cfg) -> LTDataset:
         val_src = FileSource(root, [paths[i] for i in val], labels[val]) if len(val) else None
     kind = "cifar" if train_src[0][0].size == (32, 32) else "imagenet"
     return make_dataset("imagefolder", classes, train_src, test_src, val_src, kind)
+
+
+# A generic image folder: ImageNet-sized defaults (ResNet-50, 224 crops, cosine).
+DEFAULTS = {
+    "data.image_size": 224, "data.imbalance_type": "none", "data.augment": "standard", "data.num_workers": 4,
+    "model.backbone": "resnet50",
+    "train.epochs": 90, "train.batch_size": 256, "train.lr": 0.1, "train.weight_decay": 5e-4, "train.schedule": "cosine",
+}
+DATASETS.register("imagefolder", DataSetEntry(build_imagefolder, DEFAULTS))

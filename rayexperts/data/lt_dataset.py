@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,13 +35,23 @@ class LTDataset:
         return shot_group(self.train_counts, many_threshold, few_threshold)
 
 
-def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
-    """Every label must lie in ``[0, num_classes)``; the error names the value and ``where``."""
+@dataclass(frozen=True)
+class DataSetEntry:
+    """What a data set registers under its ``data.name`` (``rayexperts.registry.DATASETS``)."""
+
+    build: Callable[[Any], LTDataset]  # data config (the ``data.*`` keys) -> the data set
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # dotted config keys it sets: a config layer
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str,
+                 item: Callable[[int], str] = "at position {}".format) -> None:
+    """Every label must lie in ``[0, num_classes)``; the error names the value, the item (``item(i)``,
+    e.g. its position or its file) and ``where``."""
     labels = np.asarray(labels)
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         raise DataError(
-            f"label {labels[bad[0]]} at position {bad[0]} of {where} is out of range: "
+            f"label {labels[bad[0]]} {item(int(bad[0]))} of {where} is out of range: "
             f"labels must lie in 0..{num_classes - 1} for {num_classes} classes"
         )
 

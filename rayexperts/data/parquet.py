@@ -17,8 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rayexperts.data.errors import DataError
-from rayexperts.data.lt_dataset import LTDataset, check_labels, long_tail_split, make_dataset
+from rayexperts.data.lt_dataset import DataSetEntry, LTDataset, check_labels, long_tail_split, make_dataset
 from rayexperts.data.sources import ParquetSource
+from rayexperts.registry import DATASETS
 
 
 def read_columns(path: Path, data_cfg, optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -101,3 +102,13 @@ def build_parquet(data_cfg) -> LTDataset:
     kind = "cifar" if train_src[0][0].size == (32, 32) else "imagenet"
     val_src = source(rows["val"]) if len(rows["val"]) else None
     return make_dataset("parquet", class_names, train_src, source(rows["test"]), val_src, kind)
+
+
+# A generic Parquet image set; the defaults suit small (32x32) images, as CIFAR exports.
+DEFAULTS = {
+    "data.image_size": 32, "data.imbalance_type": "none", "data.augment": "standard",
+    "model.backbone": "resnet32",
+    "train.epochs": 200, "train.batch_size": 128, "train.lr": 0.1, "train.weight_decay": 5e-4,
+    "train.schedule": "multistep", "train.milestones": [160, 180], "train.warmup_epochs": 5,
+}
+DATASETS.register("parquet", DataSetEntry(build_parquet, DEFAULTS))

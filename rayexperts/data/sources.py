@@ -10,12 +10,16 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pyarrow as pa
-import torch
 from PIL import Image
 
 from rayexperts.data.errors import DataError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import torch
 
 
 class ImageSource:
@@ -45,7 +49,9 @@ class ArraySource(ImageSource):
         self.origin = origin
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return torch.from_numpy(self.images[i]), int(self.labels[i])
+        from torch import from_numpy
+
+        return from_numpy(self.images[i]), int(self.labels[i])
 
     def describe(self, i: int) -> str:
         return f"image {i} of {self.origin}"

@@ -10,13 +10,15 @@ of each class's first training image (a WordNet id for ImageNet-LT).
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from rayexperts.data.errors import DataError
-from rayexperts.data.lt_dataset import LTDataset, make_dataset
+from rayexperts.data.lt_dataset import DataSetEntry, LTDataset, check_labels, make_dataset
 from rayexperts.data.sources import FileSource
+from rayexperts.registry import DATASETS
 
 _LISTS = "github.com/zhmiao/OpenLongTailRecognition-OLTR or github.com/facebookresearch/classifier-balancing"
 # name -> (published train / val / test list names, where to get the images)
@@ -100,12 +102,34 @@ def build_split_files(data_cfg, name: str) -> LTDataset:
 
     def source(path: Path) -> FileSource:
         paths, labels = read_split_file(path)
-        if (bad := np.flatnonzero((labels < 0) | (labels >= num_classes))).size:
-            raise DataError(
-                f"{name}: label {labels[bad[0]]} of '{paths[bad[0]]}' in '{path}' is out of range: "
-                f"'{train_file}' has classes 0..{num_classes - 1}"
-            )
+        check_labels(labels, num_classes, f"'{path}' ({name}; the classes of '{train_file}')",
+                     lambda i: f"of '{paths[i]}'")
         return FileSource(root, paths, labels)
 
     train = FileSource(root, train_paths, train_labels)
     return make_dataset(name, class_names, train, source(test_file), source(val_file) if val_file else None, "imagenet")
+
+
+# ImageNet-LT (published split files): ResNet-50, RandomResizedCrop 224 + flip, cosine.
+IMAGENET_LT = {
+    "data.image_size": 224, "data.imbalance_type": "none", "data.augment": "standard", "data.num_workers": 8,
+    "data.test_batch_size": 256, "model.backbone": "resnet50",
+    "train.epochs": 90, "train.batch_size": 256, "train.lr": 0.1, "train.weight_decay": 5e-4,
+    "train.schedule": "cosine", "train.warmup_epochs": 0,
+}
+# Places-LT: ImageNet-pretrained ResNet-152 (set model.weights to a local file).
+PLACES_LT = {
+    "data.image_size": 224, "data.imbalance_type": "none", "data.augment": "standard", "data.num_workers": 8,
+    "data.test_batch_size": 256, "model.backbone": "resnet152",
+    "train.epochs": 30, "train.batch_size": 128, "train.lr": 0.01, "train.weight_decay": 5e-4,
+    "train.schedule": "cosine", "train.warmup_epochs": 0,
+}
+# iNaturalist 2018: ResNet-50, cosine.
+INAT2018 = {
+    "data.image_size": 224, "data.imbalance_type": "none", "data.augment": "standard", "data.num_workers": 8,
+    "data.test_batch_size": 256, "model.backbone": "resnet50",
+    "train.epochs": 200, "train.batch_size": 256, "train.lr": 0.1, "train.weight_decay": 1e-4,
+    "train.schedule": "cosine", "train.warmup_epochs": 0,
+}
+for _name, _defaults in (("imagenet-lt", IMAGENET_LT), ("places-lt", PLACES_LT), ("inat2018", INAT2018)):
+    DATASETS.register(_name, DataSetEntry(partial(build_split_files, name=_name), _defaults))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from rayexperts.engine.schedule import set_lr
@@ -14,38 +16,59 @@ from rayexperts.eval.metrics import EvalAccumulator
 from rayexperts.methods.base import Batch, Method
 
 
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; plain fp32 elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@dataclass(frozen=True)
+class LoopOptions:
+    """How the loop runs a method on its device; built once per worker by :meth:`from_config`."""
 
+    device: torch.device
+    amp: bool = True  # bf16 autocast (CUDA only)
+    channels_last: bool = False
+    grad_clip: float = 0.0  # 0: off
+    ece_bins: int = 15
+    tta_flip: bool = False  # evaluate on the image and its mirror image, averaging the logits
 
-def to_batch(items: tuple, device: torch.device, channels_last: bool = False) -> Batch:
-    """(x, y) or (x_query, x_key, y) from the loader → a :class:`Batch` on ``device``."""
-    fmt = torch.channels_last if channels_last and device.type == "cuda" else torch.contiguous_format
+    @classmethod
+    def from_config(cls, cfg: DictConfig, device: torch.device) -> LoopOptions:
+        """The one place that decides the memory format: channels_last on CUDA when ``model.channels_last``."""
+        return cls(
+            device=device,
+            amp=bool(cfg.train.amp),
+            channels_last=bool(cfg.model.channels_last) and device.type == "cuda",
+            grad_clip=float(cfg.train.grad_clip),
+            ece_bins=int(cfg.eval.ece_bins),
+            tta_flip=bool(cfg.eval.tta_flip),
+        )
 
-    def move(x: Tensor) -> Tensor:
-        x = x.to(device, non_blocking=True)
-        return x.contiguous(memory_format=fmt) if x.dim() == 4 else x
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
-    if len(items) == 3:
-        return Batch(move(items[0]), move(items[2]), key_images=move(items[1]))
-    return Batch(move(items[0]), move(items[1]))
+    def autocast(self):
+        """bf16 autocast on CUDA; plain fp32 elsewhere."""
+        if self.amp and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def batch(self, items: tuple) -> Batch:
+        """(x, y) or (x_query, x_key, y) from a loader → a :class:`Batch` on the device."""
+
+        def move(x: Tensor) -> Tensor:
+            x = x.to(self.device, non_blocking=True)
+            return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
+        if len(items) == 3:
+            return Batch(move(items[0]), move(items[2]), key_images=move(items[1]))
+        return Batch(move(items[0]), move(items[1]))
 
 
 def train_one_epoch(
     method: Method,
     model: nn.Module,
-    loader: Iterable,
     optimizer: torch.optim.Optimizer,
-    lr_at: Callable[[float], float],
+    loader: Iterable,
     epoch: int,
-    device: torch.device,
-    *,
-    amp: bool = True,
-    grad_clip: float = 0.0,
-    channels_last: bool = False,
+    lr_at: Callable[[float], float],
+    opts: LoopOptions,
 ) -> dict[str, float]:
     """Train for one epoch; returns mean loss terms, the last lr and images/s of this worker."""
     model.train()
@@ -56,13 +79,13 @@ def train_one_epoch(
     for i, items in enumerate(loader):
         lr = lr_at(epoch + (i + 1) / steps)
         set_lr(optimizer, lr)
-        batch = to_batch(items, device, channels_last)
-        with autocast(device, amp):
+        batch = opts.batch(items)
+        with opts.autocast():
             out = method.training_step(model, batch)
         optimizer.zero_grad(set_to_none=True)
         out.total.backward()
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if opts.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
         optimizer.step()
         method.after_step(model)
         for name, value in {"loss": out.total, **{f"loss_{k}": v for k, v in out.terms.items()}}.items():
@@ -75,27 +98,16 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(
-    method: Method,
-    model: nn.Module,
-    loader: Iterable,
-    views: list[str],
-    num_classes: int,
-    device: torch.device,
-    *,
-    num_bins: int = 15,
-    amp: bool = True,
-    tta_flip: bool = False,
-    channels_last: bool = False,
-) -> EvalAccumulator:
-    """Accumulate per-view statistics over this worker's shard, then sum over workers."""
+def evaluate(method: Method, model: nn.Module, loader: Iterable, opts: LoopOptions) -> EvalAccumulator:
+    """Accumulate every view's statistics over this worker's shard, then sum over workers."""
     model.eval()
-    acc = EvalAccumulator(views, num_classes, num_bins, device)
+    views = method.view_names()
+    acc = EvalAccumulator(views, method.num_classes, opts.ece_bins, opts.device)
     for items in loader:
-        batch = to_batch(items, device, channels_last)
-        with autocast(device, amp):
+        batch = opts.batch(items)
+        with opts.autocast():
             logits, out = method.predict(model, batch.images)
-            if tta_flip:
+            if opts.tta_flip:
                 flipped, _ = method.predict(model, batch.images.flip(-1))
                 logits = {k: (v.float() + flipped[k].float()) / 2 for k, v in logits.items()}
         for name in views:

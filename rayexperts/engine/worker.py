@@ -3,8 +3,8 @@
 :class:`Run` holds everything one worker needs (data, method, model, optimizer) and knows
 nothing of Ray, so benchmarks and evaluation tools can drive it directly;
 :func:`train_loop_per_worker` is what ``TorchTrainer`` runs on every worker: it resumes from
-Ray Train's latest checkpoint, trains, evaluates, writes the run directory (rank 0) and
-reports metrics plus checkpoints.
+Ray Train's latest checkpoint, trains, evaluates, writes the run directory's tables (rank 0) and
+reports every view's metrics plus checkpoints.
 """
 
 from __future__ import annotations
@@ -23,16 +23,15 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from rayexperts.config import from_dict, to_yaml
+from rayexperts import registry
+from rayexperts.config import from_dict
 from rayexperts.data import EpochSampler, TransformedDataset, TwoView, build_dataset, build_transform, moco_transform
-from rayexperts.engine.checkpoint import identity, load_checkpoint, save_checkpoint, unwrap
-from rayexperts.engine.loop import evaluate, train_one_epoch
-from rayexperts.engine.results import ResultWriter, RunFiles
+from rayexperts.engine.loop import LoopOptions, evaluate, train_one_epoch
+from rayexperts.engine.results import ResultWriter
 from rayexperts.engine.schedule import build_optimizer, lr_schedule
 from rayexperts.eval.metrics import EvalAccumulator
-from rayexperts.methods import Method, get_method
-
-IN_CHANNELS = {"digits": 1}
+from rayexperts.methods import METHODS, Method
+from rayexperts.rundir import RunDir, identity, load_checkpoint, save_checkpoint, unwrap
 
 
 def is_distributed() -> bool:
@@ -49,22 +48,18 @@ class Run:
     def __init__(self, cfg: DictConfig, rank: int = 0, world: int = 1, device: torch.device | None = None):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = device or torch.device("cpu")
+        self.opts = LoopOptions.from_config(cfg, self.device)
         self.data = build_dataset(cfg.data)
         self.groups = self.data.shot_groups(cfg.data.many_threshold, cfg.data.few_threshold)
         counts = torch.as_tensor(self.data.train_counts, dtype=torch.float32)
-        method_cls = get_method(cfg.method)
-        self.method: Method = method_cls(cfg, counts, IN_CHANNELS.get(self.data.image_kind, 3))
+        self.method: Method = METHODS.get(cfg.method)(cfg, counts, self.data.in_channels)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = self.method.build_model()
         use_sync_bn = cfg.model.sync_bn if cfg.model.sync_bn is not None else (world > 1 and self.device.type == "cuda")
         if use_sync_bn and world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.channels_last = bool(cfg.model.channels_last) and self.device.type == "cuda"
-        model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.method.setup(self.device)
+        self.model = model.to(self.device, memory_format=self.opts.memory_format)
+        self.method.setup(self.device, self.opts.memory_format)
         self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
         self.lr_at = lr_schedule(cfg.train)
         self.views = self.method.view_names()
@@ -78,7 +73,7 @@ class Run:
         if self.method.uses_key_view:
             key_t = moco_transform(kind, size) if cfg.data.key_augment == "moco" else train_t
             train_t = TwoView(train_t, key_t)
-        sampler_kind = cfg.data.sampler if cfg.data.sampler != "auto" else self.method.default_sampler
+        sampler_kind = cfg.data.sampler if cfg.data.sampler != "auto" else self.method.sampler
         self.sampler = EpochSampler(self.data.train.labels, sampler_kind, self.world, self.rank, cfg.seed)
         pin = self.device.type == "cuda"
         nw = int(cfg.data.num_workers)
@@ -109,38 +104,13 @@ class Run:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         torch.manual_seed(epoch_seed(int(self.cfg.seed), self.rank, epoch))
         self.sampler.set_epoch(epoch)
-        stats = train_one_epoch(
-            self.method,
-            self.model,
-            self.train_loader,
-            self.optimizer,
-            self.lr_at,
-            epoch,
-            self.device,
-            amp=bool(self.cfg.train.amp),
-            grad_clip=float(self.cfg.train.grad_clip),
-            channels_last=self.channels_last,
-        )
+        stats = train_one_epoch(self.method, self.model, self.optimizer, self.train_loader, epoch, self.lr_at, self.opts)
         return _mean_over_workers(stats, sum_keys=("images_per_sec",))
 
     def evaluate(self) -> dict[str, EvalAccumulator]:
         """Evaluate every view on the test (and val) split; each sample counts once over all workers."""
         sync_buffers(self.model)
-        return {
-            prefix: evaluate(
-                self.method,
-                self.model,
-                loader,
-                self.views,
-                self.data.num_classes,
-                self.device,
-                num_bins=int(self.cfg.eval.ece_bins),
-                amp=bool(self.cfg.train.amp),
-                tta_flip=bool(self.cfg.eval.tta_flip),
-                channels_last=self.channels_last,
-            )
-            for prefix, loader in self.eval_loaders.items()
-        }
+        return {prefix: evaluate(self.method, self.model, loader, self.opts) for prefix, loader in self.eval_loaders.items()}
 
     def result_rows(self, epoch: int, accs: dict[str, EvalAccumulator], train_stats: dict[str, float]):
         """One metrics row per view, and the per-class table of this evaluation."""
@@ -213,6 +183,19 @@ def progress_line(epoch: int, epochs: int, rows: list[dict[str, Any]], primary: 
     return " | ".join(parts)
 
 
+def reported_metrics(epoch: int, stats: dict[str, float], rows: list[dict[str, Any]], primary: str) -> dict[str, Any]:
+    """What a worker reports for an epoch: the training statistics, the primary view's metrics at the top
+    level (``top1``, ``val_top1``, ...), and every view's as ``<view>/<metric>`` (Tune can tune on any view)."""
+    metrics: dict[str, Any] = {"epoch": epoch, **stats}
+    for row in rows:
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
+        metrics.update({f"{row['view']}/{k}": v for k, v in numbers.items()})
+        if row["view"] == primary:
+            metrics.update(numbers)
+            metrics["view"] = primary
+    return metrics
+
+
 # -------------------------------------------------------------------------------- Ray Train
 
 
@@ -228,11 +211,13 @@ def _set_ray_train_log_level(level: str) -> None:
 
 
 def start_worker(loop_config: dict[str, Any]) -> Run:
-    """This Ray Train worker's :class:`Run`: Ray Train's log level, the worker's CPU share of
-    torch threads (``loop_config["threads"]``), its device, and DDP when there are several."""
+    """This Ray Train worker's :class:`Run`: the driver's plugins registered, Ray Train's log level,
+    the worker's CPU share of torch threads (``loop_config["threads"]``), its device, and DDP when
+    there are several."""
     import ray.train
     import ray.train.torch
 
+    registry.add_plugins(loop_config.get("plugins") or {})
     cfg = from_dict(loop_config["config"])
     _set_ray_train_log_level(str(cfg.run.ray_log_level))
     threads = int(loop_config.get("threads") or 0)
@@ -264,13 +249,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[rayexperts] resuming {cfg.run.name} from checkpoint {checkpoint.path} at epoch {start_epoch}", flush=True)
 
-    files = RunFiles(cfg.run.storage_path, cfg.run.name) if rank == 0 else None
-    writer = ResultWriter(files, start_epoch) if files is not None else None
-    if files is not None and not files.exists("config.yaml"):
-        files.write_text("config.yaml", to_yaml(cfg))
-
+    writer = ResultWriter(RunDir.of(cfg.run.storage_path, cfg.run.name), start_epoch) if rank == 0 else None
     epochs = int(cfg.train.epochs)
     every_eval, every_ckpt = int(cfg.eval.every), int(cfg.run.checkpoint_every)
+    primary = run.method.primary_view
     for epoch in range(start_epoch, epochs):
         stats = run.train_epoch(epoch)
         last = epoch == epochs - 1
@@ -279,13 +261,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             accs = run.evaluate()
             rows, classes = run.result_rows(epoch, accs, stats)
             if writer is not None:
-                writer.add(rows, classes)
-                files.write_table("reliability.parquet", reliability_table(epoch, accs[""], run.views))
+                writer.add(rows, classes, reliability_table(epoch, accs[""], run.views))
                 if cfg.run.verbose:
-                    print(f"{cfg.run.name} | {progress_line(epoch, epochs, rows, run.method.primary_view)}", flush=True)
-            primary = next(r for r in rows if r["view"] == run.method.primary_view)
-            metrics.update({k: v for k, v in primary.items() if isinstance(v, (int, float)) and k != "epoch"})
-            metrics["view"] = run.method.primary_view
+                    print(f"{cfg.run.name} | {progress_line(epoch, epochs, rows, primary)}", flush=True)
+            metrics = reported_metrics(epoch, stats, rows, primary)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if (last or (epoch + 1) % every_ckpt == 0) and rank == 0:

@@ -15,7 +15,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from rayexperts.losses import expert_disagreement
+
 GROUPS = ("many", "medium", "few")
+# The papers' table columns: test top-1 by shot group, then overall.
+SHOT_COLUMNS = {"top1_many": "Many", "top1_medium": "Medium", "top1_few": "Few", "top1": "All"}
+
+
+def shot_table(rows, index: str | list[str], decimals: int = 2):
+    """Many / Medium / Few / All top-1 in % of ``rows`` (a DataFrame of metrics rows), indexed by ``index``."""
+    return (rows.set_index(index)[list(SHOT_COLUMNS)].rename(columns=SHOT_COLUMNS) * 100).round(decimals)
 
 
 def ece_from_bins(count: np.ndarray, conf_sum: np.ndarray, correct_sum: np.ndarray) -> float:
@@ -35,16 +44,7 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, num_bins: int = 1
     return acc.ece("v")
 
 
-def pairwise_kl(expert_logits: Sequence[Tensor]) -> Tensor:
-    """Per sample, mean over ordered expert pairs of KL(p_k ‖ p_q) of the softmax predictions."""
-    logp = [F.log_softmax(z.float(), dim=1) for z in expert_logits]
-    k = len(logp)
-    total = torch.zeros(logp[0].shape[0], device=logp[0].device)
-    for a in range(k):
-        for b in range(k):
-            if a != b:
-                total += (logp[a].exp() * (logp[a] - logp[b])).sum(1)
-    return total / (k * (k - 1))
+pairwise_kl = expert_disagreement  # per sample, the mean KL over ordered expert pairs
 
 
 class EvalAccumulator:

@@ -22,24 +22,22 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from rayexperts.config import from_dict
-from rayexperts.engine.checkpoint import latest_checkpoint_dir, load_model_weights, unwrap
-from rayexperts.engine.results import RunFiles
+from rayexperts.data import LTDataset, TransformedDataset, build_dataset, build_transform
 from rayexperts.eval.metrics import GROUPS
+from rayexperts.methods import METHODS, Method
+from rayexperts.models import find_experts
 from rayexperts.models.heads import CosineClassifier
-
-if TYPE_CHECKING:  # the engine (and the data layer) are imported only when a run is probed
-    from rayexperts.engine.worker import Run
+from rayexperts.rundir import RunDir, identity
 
 PROBES = ("feature_accuracy", "ncm", "crt", "tau_norm", "lws", "feature_distance")
 COLUMNS = [
@@ -85,12 +83,25 @@ class ProbeOptions:
 # ----------------------------------------------------------------------------- features
 
 
+@dataclass
+class LoadedRun:
+    """A trained model with its data set and method, rebuilt from a run directory (or handed over)."""
+
+    cfg: DictConfig
+    data: LTDataset
+    method: Method
+    model: nn.Module
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def groups(self) -> np.ndarray:
+        return self.data.shot_groups(self.cfg.data.many_threshold, self.cfg.data.few_threshold)
+
+
 @torch.no_grad()
-def extract_features(run: Run, split: str = "test") -> dict[str, object]:
+def extract_features(run: LoadedRun, split: str = "test") -> dict[str, object]:
     """Per-expert ``features`` [N, d] and ``logits`` [N, C] (lists, CPU float32) and ``labels`` [N]
     of one split, through the test transform with the model in eval mode."""
-    from rayexperts.data import TransformedDataset, build_transform
-
     sources = {"train": run.data.train, "test": run.data.test, "val": run.data.val}
     if split not in sources:
         raise ValueError(f"unknown split '{split}': choose train, val or test")
@@ -293,25 +304,28 @@ def distance_by_group(per_class: Tensor, groups: np.ndarray) -> dict[str, float]
 # ----------------------------------------------------------------------------- a run
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> Run:
-    """Rebuild a finished run (rank 0, world 1) from ``config.yaml`` and its latest checkpoint."""
+def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
+    """Rebuild a finished run from ``config.yaml`` and its latest checkpoint (its method builds the model)."""
     path = Path(run_dir)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ProbeError(f"device '{device}' was asked for, but CUDA is not available")
     if not path.is_dir():
         raise ProbeError(f"run directory {path} does not exist")
-    if not (path / "config.yaml").exists():
+    rundir = RunDir(str(path))
+    cfg = rundir.config()
+    if cfg is None:
         raise ProbeError(f"no config.yaml in run directory {path}")
-    from rayexperts.engine.worker import Run
-
-    resolved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=True)
-    cfg = from_dict(resolved)  # type: ignore[arg-type]
-    checkpoint = latest_checkpoint_dir(path)
-
-    run = Run(cfg, 0, 1, torch.device(device))
-    load_model_weights(run.model, checkpoint, run.ident)
-    run.model.eval()
-    return run
+    data = build_dataset(cfg.data)
+    method = METHODS.get(cfg.method)(cfg, torch.as_tensor(data.train_counts, dtype=torch.float32), data.in_channels)
+    model = method.build_model()
+    state = rundir.load_checkpoint(identity(cfg, data.num_classes))
+    if state is None:
+        raise ProbeError(f"no checkpoint_*/checkpoint.pt under run directory {path}: nothing to probe")
+    model.load_state_dict(state["model"])
+    dev = torch.device(device)
+    model.to(dev).eval()
+    method.setup(dev, torch.contiguous_format)
+    return LoadedRun(cfg, data, method, model, dev)
 
 
 def _linear_head(head: nn.Module) -> tuple[Tensor, Tensor | None] | None:
@@ -328,7 +342,7 @@ def _pick_tau(weight: Tensor, bias: Tensor | None, val: tuple[Tensor, Tensor]) -
     return TAU_GRID[int(np.argmax(accs))]
 
 
-def probe_table(run: Run, probes: Sequence[str] = PROBES, options: ProbeOptions = ProbeOptions()) -> pd.DataFrame:
+def probe_table(run: LoadedRun, probes: Sequence[str] = PROBES, options: ProbeOptions = ProbeOptions()) -> pd.DataFrame:
     """Run ``probes`` on ``run``'s current weights: one row per probe × expert (columns :data:`COLUMNS`).
 
     Experts are ``expert0…K-1`` and, for K > 1, ``concat`` (feature_accuracy, crt: the concatenated
@@ -392,9 +406,9 @@ def _to(split: dict, device: torch.device) -> dict:
     return {key: [t.to(device) for t in v] if isinstance(v, list) else v.to(device) for key, v in split.items()}
 
 
-def _tau_norm_rows(run: Run, test: dict, val: dict | None, opt: ProbeOptions, add) -> None:
+def _tau_norm_rows(run: LoadedRun, test: dict, val: dict | None, opt: ProbeOptions, add) -> None:
     """τ-norm per expert (+ ensemble); NaN rows for cosine heads, already normalised."""
-    heads = [_linear_head(h) for h in unwrap(run.model).heads]
+    heads = [_linear_head(h) for h in find_experts(run.model).heads]
     k = len(heads)
     names = [f"expert{i}" for i in range(k)] + (["ensemble"] if k > 1 else [])
     if any(h is None for h in heads):
@@ -426,6 +440,5 @@ def run_probes(
     _check_names(probes)  # before the (slow) run is built
     run = load_run(run_dir, device)
     df = probe_table(run, probes, options)
-    path = Path(run_dir).resolve()
-    RunFiles(str(path.parent), path.name).write_table("probes.parquet", df)
+    RunDir(str(Path(run_dir).resolve())).write_table("probes.parquet", df)
     return df

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from rayexperts.config import to_dict, with_overrides
 from rayexperts.engine.loop import train_one_epoch
 from rayexperts.engine.worker import Run, start_worker
+from rayexperts.launch.train import worker_resources
 
 
 class _Steps:
@@ -34,12 +35,11 @@ class _Steps:
 
 def time_steps(run: Run, warmup: int, steps: int) -> float:
     """Images/s of ``steps`` training steps of this worker, after ``warmup`` untimed steps."""
-    kw = dict(amp=bool(run.cfg.train.amp), channels_last=run.channels_last)
     run.sampler.set_epoch(0)
-    train_one_epoch(run.method, run.model, _Steps(run.train_loader, warmup), run.optimizer, run.lr_at, 0, run.device, **kw)
+    train_one_epoch(run.method, run.model, run.optimizer, _Steps(run.train_loader, warmup), 0, run.lr_at, run.opts)
     run.sampler.set_epoch(1)
     start = time.perf_counter()
-    train_one_epoch(run.method, run.model, _Steps(run.train_loader, steps), run.optimizer, run.lr_at, 1, run.device, **kw)
+    train_one_epoch(run.method, run.model, run.optimizer, _Steps(run.train_loader, steps), 1, run.lr_at, run.opts)
     elapsed = time.perf_counter() - start
     return steps * (int(run.cfg.train.batch_size) // run.world) / elapsed
 
@@ -68,8 +68,6 @@ def through_ray(cfg: DictConfig, warmup: int, steps: int, workers: int, storage:
     """(images/s of the timed steps, wall seconds of the whole ``fit()`` incl. start-up)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from rayexperts.launch.train import worker_resources
 
     cfg = with_overrides(cfg, {"scaling.num_workers": workers, "scaling.cpus_per_worker": 0})
     cpus, gpus, threads = worker_resources(cfg)

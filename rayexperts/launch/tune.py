@@ -1,34 +1,39 @@
-"""Search space (``tune_spaces/*.yaml``) → Ray Tune sweep whose trials are Ray Train runs.
+"""Search space (``tune_spaces/*.yaml``) → Ray Tune sweep whose trials are Ray Train runs (``jobs/sweep.py``).
 
 Each trial is a Tune function trainable that reserves no resources itself: it builds the
 trial's config, points ``run.storage_path``/``run.name`` at ``<sweep>/trials/<trial_id>``
 and calls :func:`~rayexperts.launch.train.run_training`, whose ``TorchTrainer`` asks for
 its own workers (Ray Train V2 inside Tune). ``tune.max_concurrent`` (0: as many trials as
 the cluster's CPUs/GPUs hold) caps how many Train runs start at once. The tuned metric is
-a validation metric only; the best trial's test accuracy is reported beside it.
+a validation metric only; the best trial's test accuracy is reported beside it. A method with
+runs that must finish first (CBD's teachers) has them trained once, before the trials.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import pandas as pd
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from rayexperts.analysis import best_trial, cell
 from rayexperts.config import ConfigError, from_dict, load_config, to_dict, to_yaml, valid_keys, with_overrides
-from rayexperts.data.errors import DataError
-from rayexperts.engine.results import RunFiles, storage_uri
-from rayexperts.launch.ensemble import TeacherFailed
+from rayexperts.data import DataError, build_dataset
+from rayexperts.launch.cluster import ensure_ray
+from rayexperts.launch.ensemble import PrerequisiteFailed, raise_failed, train_in_parallel
+from rayexperts.launch.train import default_run_name, run_training
+from rayexperts.methods import METHODS
+from rayexperts.registry import did_you_mean
+from rayexperts.rundir import RunDir
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint")
 TRIALS_DIR = "trials"
-TEACHERS_KEY = "cbd.teacher_runs"
 TIME_ATTR = "epochs_done"
 
 # A trial only drives its Train run: no CPU, so the workers get every core. Tune needs a non-empty
@@ -45,8 +50,6 @@ Space = dict[str, dict[str, list]]  # dotted key -> {distribution: arguments}
 def load_space(path: str | Path, cfg: DictConfig) -> Space:
     """Read and check a search space: every key valid, every distribution well formed, and every
     value it can produce accepted by ``cfg``; errors name the file and the key."""
-    import yaml
-
     if not Path(path).is_file():
         raise ConfigError(f"search space file '{path}' does not exist")
     try:
@@ -55,17 +58,16 @@ def load_space(path: str | Path, cfg: DictConfig) -> Space:
         raise ConfigError(f"cannot read search space '{path}': {e}") from e
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"search space '{path}' must be a non-empty mapping of dotted config keys to distributions")
-    keys = set(valid_keys())
+    keys = valid_keys(cfg)
+    method = METHODS.get(cfg.method)
     space: Space = {}
     for key, spec in raw.items():
         where = f"search space '{path}', key '{key}'"
         if key not in keys:
-            close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.5)
-            raise ConfigError(f"{where}: unknown config key" + (f"; did you mean {', '.join(close)}?" if close else ""))
+            raise ConfigError(f"{where}: unknown config key for method={cfg.method}{did_you_mean(key, keys)}")
         space[key] = _check_distribution(spec, where)
-        if key == TEACHERS_KEY:
-            _check_teacher_names(space[key], cfg, where)
-        for value in _probe_values(space[key]):
+        method.check_search_space(key, space[key], cfg, where)
+        for value in method.probe_values(key, _probe_values(space[key]), cfg):
             try:
                 with_overrides(cfg, {key: value}, f"value {value!r}")
             except ConfigError as e:
@@ -102,19 +104,6 @@ def _probe_values(dist: dict[str, list]) -> list[Any]:
     return [float(args[0]), float(args[1])]
 
 
-def _check_teacher_names(dist: dict[str, list], cfg: DictConfig, where: str) -> None:
-    """CBD: ``cbd.teacher_runs`` is searched as lists of teacher names ``teacher<i>``, ``i`` indexing
-    ``cbd.teacher_runs`` when given, else ``teachers`` (which the sweep trains first)."""
-    (kind, values), = dist.items()
-    n = len(cfg.cbd.teacher_runs) or len(cfg.teachers)
-    names = [f"teacher{i}" for i in range(n)]
-    if cfg.method != "cbd" or kind not in ("choice", "grid"):
-        raise ConfigError(f"{where}: searched only with method=cbd, as {{choice: [[teacher0, ...], ...]}}")
-    for v in values:
-        if not isinstance(v, list) or not v or any(name not in names for name in v):
-            raise ConfigError(f"{where}: {v!r} is not a non-empty list of teacher names ({', '.join(names)})")
-
-
 def to_param_space(space: Space) -> dict[str, Any]:
     """Tune's ``param_space``: the same dotted keys, each a Tune domain."""
     from ray import tune
@@ -135,9 +124,7 @@ def to_param_space(space: Space) -> dict[str, Any]:
 def sweep_config(cfg: DictConfig) -> DictConfig:
     """Check the sweep's settings (before Ray starts) and turn on a validation split:
     ``data.val_per_class`` := ``tune.val_per_class`` when it is 0."""
-    from rayexperts.data import build_dataset
-
-    cfg = with_overrides(cfg, {"data.val_per_class": cfg.data.val_per_class or cfg.tune.val_per_class})
+    cfg = with_overrides(cfg, {"data.val_per_class": cfg.data.val_per_class or cfg.tune.val_per_class}, "sweep")
     if not str(cfg.tune.metric).startswith("val_"):
         raise ConfigError(
             f"tune.metric={cfg.tune.metric!r} is not a validation metric: sweeps never tune on the test split; "
@@ -149,8 +136,6 @@ def sweep_config(cfg: DictConfig) -> DictConfig:
             "a sweep needs one (data.val_split for split files, val rows or a val/ folder for parquet/imagefolder)"
         )
     if not cfg.run.name:
-        from rayexperts.launch.train import default_run_name
-
         cfg.run.name = "sweep-" + default_run_name(cfg)
     return cfg
 
@@ -181,69 +166,65 @@ def max_concurrent(cfg: DictConfig) -> int:
     return max(1, math.floor(min(fits) + 1e-9))
 
 
-def cbd_student_config(cfg: DictConfig) -> DictConfig:
-    """CBD sweeps the student stage against fixed teachers: the runs in ``cbd.teacher_runs``, or,
-    when it is empty, the ``teachers`` trained once (in parallel, skipped when finished) into
-    ``<sweep>/teachers/``. Returns the student's base config."""
-    from rayexperts.launch.ensemble import student_config, teacher_config, train_teachers
-
-    runs = list(cfg.cbd.teacher_runs)
-    if not runs:
-        outcomes = train_teachers([teacher_config(cfg, i) for i in range(len(cfg.teachers))])
-        failed = [o for o in outcomes if o.status == "failed"]
-        if failed:
-            raise TeacherFailed("; ".join(f"teacher {o.name} failed ({o.error}), see {o.path}/error.log" for o in failed))
-        runs = [o.path for o in outcomes]
-    student = student_config(cfg, runs)
-    return with_overrides(student, {"run.storage_path": cfg.run.storage_path, "run.name": cfg.run.name})
+def after_prerequisites(cfg: DictConfig) -> DictConfig:
+    """A method with runs that must finish first (CBD's teachers) sweeps its own stage against them:
+    they are trained once, in parallel (finished ones skipped), under the sweep directory."""
+    method = METHODS.get(cfg.method)
+    first = method.prerequisites(cfg)
+    if not first:
+        return cfg
+    outcomes = train_in_parallel(first, str(cfg.method))
+    raise_failed([o for o in outcomes if o.status == "failed"], "The sweep did not start")
+    main = method.after_prerequisites(cfg, [o.path for o in outcomes])
+    return with_overrides(main, {"run.storage_path": cfg.run.storage_path, "run.name": cfg.run.name}, "sweep")
 
 
 # ------------------------------------------------------------------------------- trials
 
 
 def _report_callback(cfg: DictConfig):
-    """Tune's ``TuneReportCallback`` adding ``epochs_done`` (ASHA's time) and, with ``tune.view``,
-    that view's metrics from the run's metrics.parquet; epochs without the tuned metric are skipped."""
+    """Tune's ``TuneReportCallback`` adding ``epochs_done`` (ASHA's time) and, with ``tune.view``, that
+    view's metrics at the top level (every view's metrics are reported as ``<view>/<metric>``);
+    epochs without the tuned metric are skipped."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class TrialReport(TuneReportCallback):
-        def __init__(self, metric: str, view: str, storage: str, name: str) -> None:
+        def __init__(self, metric: str, view: str) -> None:
             super().__init__()
-            self.metric, self.view, self.storage, self.name = metric, view, storage, name
+            self.metric, self.view = metric, view
 
         def after_report(self, run_context, metrics, checkpoint):
-            m = dict(metrics[0])
-            if self.view and self.view != m.get("view") and self.metric in m:
-                m.update(_view_metrics(self.storage, self.name, int(m["epoch"]), self.view))
+            m = view_metrics(dict(metrics[0]), self.view)
             if self.metric not in m:
                 return
             m[TIME_ATTR] = int(m["epoch"]) + 1
             super().after_report(run_context, [m, *metrics[1:]], checkpoint)
 
-    return TrialReport(str(cfg.tune.metric), str(cfg.tune.view), str(cfg.run.storage_path), str(cfg.run.name))
+    return TrialReport(str(cfg.tune.metric), str(cfg.tune.view))
 
 
-def _view_metrics(storage: str, name: str, epoch: int, view: str) -> dict[str, Any]:
-    df = RunFiles(storage, name).read_table("metrics.parquet")
-    row = df[(df["epoch"] == epoch) & (df["view"] == view)] if df is not None else pd.DataFrame()
-    if row.empty:
-        views = sorted(df["view"].unique()) if df is not None else []
+def view_metrics(reported: dict[str, Any], view: str) -> dict[str, Any]:
+    """A worker's report with ``view``'s metrics (reported as ``<view>/<metric>``) at the top level;
+    unchanged when ``view`` is empty or the primary view. An epoch without evaluation passes through."""
+    if not view or view == reported.get("view") or "view" not in reported:
+        return reported
+    prefix = f"{view}/"
+    chosen = {k[len(prefix):]: v for k, v in reported.items() if k.startswith(prefix)}
+    if not chosen:
+        views = sorted({k.split("/")[0] for k in reported if "/" in k})
         raise ValueError(f"tune.view={view!r} is not a view of this run; views: {', '.join(views)}")
-    return {k: v for k, v in row.iloc[0].items() if isinstance(v, (int, float, str))}
+    return {**reported, **chosen, "view": view}
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], trials_storage: str) -> None:
     """One Tune trial: the base config with the sampled ``params``, trained through Ray Train."""
     import ray.tune
 
-    from rayexperts.launch.train import run_training
-
-    if TEACHERS_KEY in params:  # teacher names -> the run directories the base config lists
-        runs = list(base["cbd"]["teacher_runs"])
-        params = {**params, TEACHERS_KEY: [runs[int(name.removeprefix("teacher"))] for name in params[TEACHERS_KEY]]}
-    cfg = with_overrides(from_dict(base), params, "sweep trial")
-    cfg.run.storage_path = trials_storage
-    cfg.run.name = ray.tune.get_context().get_trial_id()
+    cfg = from_dict(base)
+    method = METHODS.get(cfg.method)
+    params = {k: method.search_value(k, v, cfg) for k, v in params.items()}
+    cfg = with_overrides(cfg, {**params, "run.storage_path": trials_storage,
+                               "run.name": ray.tune.get_context().get_trial_id()}, "sweep trial")
     run_training(cfg, callbacks=[_report_callback(cfg)])
 
 
@@ -260,13 +241,12 @@ def build_tuner(cfg: DictConfig, space: Space):
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    path = sweep_uri(cfg)
-    trials_storage = f"{path}/{TRIALS_DIR}"
+    sweep = RunDir.of(cfg.run.storage_path, cfg.run.name)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(cfg), trials_storage=trials_storage), DRIVER_RESOURCES
+        tune.with_parameters(run_trial, base=to_dict(cfg), trials_storage=sweep.child(TRIALS_DIR).uri), DRIVER_RESOURCES
     )
-    if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    if tune.Tuner.can_restore(sweep.uri):
+        return tune.Tuner.restore(sweep.uri, trainable, resume_unfinished=True, resume_errored=True)
     if cfg.tune.scheduler == "asha":
         scheduler = AsyncHyperBandScheduler(
             time_attr=TIME_ATTR,
@@ -289,42 +269,36 @@ def build_tuner(cfg: DictConfig, space: Space):
         ),
         run_config=tune.RunConfig(
             name=str(cfg.run.name),
-            storage_path=storage_uri(cfg.run.storage_path),
+            storage_path=RunDir(cfg.run.storage_path).uri,
             verbose=1 if cfg.run.verbose else 0,
         ),
     )
 
 
-def sweep_uri(cfg: DictConfig) -> str:
-    """The sweep directory as Tune and Train want it (absolute path or URI)."""
-    return f"{storage_uri(cfg.run.storage_path).rstrip('/')}/{cfg.run.name}"
-
-
-def check_same_sweep(files: RunFiles, cfg: DictConfig, space: Space) -> None:
+def check_same_sweep(sweep: RunDir, cfg: DictConfig, space: Space) -> None:
     """Write ``sweep.yaml`` (config + space); refuse to continue a sweep of another one."""
-    spec = {"config": to_dict(cfg), "space": space}
-    if files.exists("sweep.yaml"):
-        old = OmegaConf.to_container(OmegaConf.create(files.read_text("sweep.yaml")))
+    spec = {"config": {k: v for k, v in to_dict(cfg).items() if k != "layers"}, "space": space}
+    if sweep.is_file("sweep.yaml"):
+        old = OmegaConf.to_container(OmegaConf.create(sweep.read_text("sweep.yaml")))
+        old["config"].pop("layers", None)  # type: ignore[index, union-attr]
         if old != spec:
             raise ConfigError(
-                f"{files.path} holds a sweep of another config or search space; choose another run.name "
+                f"{sweep} holds a sweep of another config or search space; choose another run.name "
                 "or remove that directory"
             )
-        print(f"[rayexperts] continuing the sweep in {files.path}", flush=True)
-    files.write_text("sweep.yaml", OmegaConf.to_yaml(OmegaConf.create(spec)))
+        print(f"[rayexperts] continuing the sweep in {sweep}", flush=True)
+    sweep.write_text("sweep.yaml", OmegaConf.to_yaml(OmegaConf.create({**spec, "config": to_dict(cfg)})))
 
 
 def trials_table(results, space: Space, cfg: DictConfig) -> pd.DataFrame:
     """One row per trial: trial_id, status, run, each searched key, and the last evaluation of the tuned
     view read from the trial's run directory (current even for trials a continued sweep resumed)."""
-    from rayexperts.methods import get_method
-
-    view = str(cfg.tune.view) or get_method(str(cfg.method)).primary_view
+    view = str(cfg.tune.view) or METHODS.get(str(cfg.method)).primary_view
+    trials = RunDir.of(cfg.run.storage_path, cfg.run.name).child(TRIALS_DIR)
     rows = []
     for r in results:
         trial_id = Path(r.path).name.removeprefix("tune_")
-        metrics = RunFiles(f"{sweep_uri(cfg)}/{TRIALS_DIR}", trial_id).read_table("metrics.parquet")
-        last = _last_row(metrics, view)
+        last = _last_row(trials.child(trial_id).read_table("metrics.parquet"), view)
         done = int(last["epoch"]) + 1 if last else 0
         status = "error" if r.error else ("completed" if done >= cfg.train.epochs else "stopped")
         row = {"trial_id": trial_id, "status": status, "run": f"{TRIALS_DIR}/{trial_id}", TIME_ATTR: done}
@@ -343,9 +317,9 @@ def _last_row(metrics: pd.DataFrame | None, view: str) -> dict[str, Any]:
 
 def best_config(best: pd.Series, cfg: DictConfig) -> str:
     """``best.yaml``: the best trial's full config, runnable with ``jobs/train.py --config``."""
-    files = RunFiles(f"{sweep_uri(cfg)}/{TRIALS_DIR}", str(best["trial_id"]))
-    trial = from_dict(OmegaConf.to_container(OmegaConf.create(files.read_text("config.yaml"))))
-    trial.run.storage_path, trial.run.name = cfg.run.storage_path, f"{cfg.run.name}-best"
+    trial = RunDir.of(cfg.run.storage_path, cfg.run.name).child(TRIALS_DIR).child(str(best["trial_id"])).config()
+    trial = with_overrides(trial, {"run.storage_path": cfg.run.storage_path, "run.name": f"{cfg.run.name}-best"},
+                           f"best trial of sweep {cfg.run.name}")
     metric = cfg.tune.metric
     head = (
         f"# best trial {best['trial_id']} of sweep {cfg.run.name}: {metric} = {best[metric]:.4f} (validation)\n"
@@ -356,23 +330,20 @@ def best_config(best: pd.Series, cfg: DictConfig) -> str:
 
 def run_sweep(cfg: DictConfig, space: Space) -> dict[str, Any]:
     """Run (or continue) the sweep; writes trials.parquet and best.yaml into the sweep directory."""
-    from rayexperts.launch.train import ensure_ray
-
     cfg = sweep_config(cfg)
     ensure_ray()
     if cfg.scaling.cpus_per_worker <= 0:
-        cfg.scaling.cpus_per_worker = _cpu_share(cfg)
-    files = RunFiles(cfg.run.storage_path, cfg.run.name)
-    check_same_sweep(files, cfg, space)
-    if cfg.method == "cbd":
-        cfg = cbd_student_config(cfg)
+        cfg = with_overrides(cfg, {"scaling.cpus_per_worker": _cpu_share(cfg)}, "sweep: CPU share per trial")
+    sweep = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    check_same_sweep(sweep, cfg, space)
+    cfg = after_prerequisites(cfg)
     results = build_tuner(cfg, space).fit()
     trials = trials_table(results, space, cfg)
-    files.write_table("trials.parquet", trials)
+    sweep.write_table("trials.parquet", trials)
     best = best_trial(trials, str(cfg.tune.metric), str(cfg.tune.mode))
     if best is not None:
-        files.write_text("best.yaml", best_config(best, cfg))
-    return {"path": files.path, "trials": trials, "best": best, "config": cfg}
+        sweep.write_text("best.yaml", best_config(best, cfg))
+    return {"path": sweep.uri, "trials": trials, "best": best, "config": cfg}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -388,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TeacherFailed as e:
+    except PrerequisiteFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     best, metric = out["best"], out["config"].tune.metric

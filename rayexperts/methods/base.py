@@ -1,21 +1,45 @@
-"""What a method provides to the engine: a model, its loss terms, its inference views.
+"""What a method provides: its config section, its model, its loss terms, its inference views.
 
-The engine (``rayexperts.engine``) knows no method by name. It asks the method for
-a model, feeds it batches, and calls :meth:`Method.training_step` and
-:meth:`Method.predict`. A method module reads like its paper: build the model from the
-config, compute the loss terms from the model outputs with ``rayexperts.losses``.
+The engine (``rayexperts.engine``) knows no method by name. It asks the method for a model,
+feeds it batches, calls :meth:`Method.training_step` and :meth:`Method.predict`, and reports
+the views :meth:`Method.views` names. A method module reads like its paper: an ``Options``
+dataclass (its section ``<name>.*`` of the config, with the paper's defaults), the model it
+assembles from ``rayexperts.models``, and its loss terms from ``rayexperts.losses``.
+
+Adding a method is one module plus one preset::
+
+    @METHODS.register("my_method")
+    class MyMethod(Method):
+        Options = MyOptions                      # the section cfg.my_method
+        defaults = {"model.num_experts": 2}      # core keys it sets (a config layer)
+        def build_model(self): ...
+        def loss(self, out, targets): ...
+
+Method modules import torch inside their functions: resolving a config imports the method's
+module (its options and defaults), and that must not cost a torch import.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from omegaconf import DictConfig
-from torch import Tensor, nn
+from rayexperts.registry import METHODS
 
-from rayexperts.losses import pc_softmax_logits
-from rayexperts.models.output import ModelOutput
+if TYPE_CHECKING:
+    import torch
+    from omegaconf import DictConfig
+    from torch import Tensor, nn
+
+    from rayexperts.models.output import ModelOutput
+
+View = Callable[[Any], "Tensor"]  # inference output -> logits [B, C]
+
+
+@dataclass
+class NoOptions:
+    """A method without options of its own."""
 
 
 @dataclass
@@ -28,34 +52,62 @@ class LossOutput:
 class Batch:
     images: Tensor  # [B, ...] the (query) view
     targets: Tensor  # [B]
-    key_images: Tensor | None = None  # MoCo key view, when the method asks for it
+    key_images: Tensor | None = None  # the second (contrastive) view, when the method asks for it
+
+
+def register_method(name: str):
+    """``@register_method("name")``: register a :class:`Method` subclass under ``method=name``."""
+    def add(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS.register(name, cls)
+        return cls
+
+    return add
 
 
 class Method:
-    """Base class: a single-expert model trained with cross-entropy (override what differs)."""
+    """Base class: one or K networks' logits as views (override what differs)."""
 
-    name: str = "base"
-    uses_key_view: bool = False  # the data loader yields a second (MoCo) view
-    default_sampler: str = "instance"
-    pc_views: bool = False  # add ``<view>_pc`` (PC softmax) for every view
-    primary_view: str = "expert0"  # the view reported to Ray Train / Tune
+    name: ClassVar[str] = ""  # set by register_method; also the name of its config section
+    Options: ClassVar[type] = NoOptions  # the dataclass of the section cfg.<name>
+    defaults: ClassVar[Mapping[str, Any]] = {}  # dotted core keys this method sets (its defaults layer)
+    official: ClassVar[Mapping[str, Any]] = {}  # dotted keys compat=official switches (METHODS.md table)
+    renamed: ClassVar[Mapping[str, str]] = {}  # removed key -> its new key (in this section, or dotted)
+    path_keys: ClassVar[tuple[str, ...]] = ()  # keys holding local paths, made absolute by load_config
+    sampler: ClassVar[str] = "instance"  # the sampler of data.sampler=auto
+    pc_views: ClassVar[bool] = False  # add ``<view>_pc`` (PC softmax) for every view
+    primary_view: ClassVar[str] = "expert0"  # the view reported to Ray Train / Tune by default
 
     def __init__(self, cfg: DictConfig, class_counts: Tensor, in_channels: int = 3) -> None:
         self.cfg = cfg
+        self.opts = cfg[self.name]
         self.class_counts = class_counts.float()
         self.num_classes = int(class_counts.numel())
         self.in_channels = in_channels
 
+    @classmethod
+    def validate(cls, cfg: DictConfig) -> None:
+        """Checks of ``cfg`` that the option types cannot express; raise ConfigError naming the key."""
+
     # -- model -------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return int(self.cfg.model.num_experts)
+
+    @property
+    def uses_key_view(self) -> bool:
+        """True when the data loader must yield a second (contrastive) view."""
+        return False
+
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def setup(self, device: torch.device) -> None:
+    def setup(self, device: torch.device, memory_format: torch.memory_format) -> None:
         """Move method-held state (class counts, frozen teachers) to ``device``."""
         self.class_counts = self.class_counts.to(device)
 
     # -- training ----------------------------------------------------------------------
-    def forward(self, model: nn.Module, batch: Batch) -> ModelOutput:
+    def forward(self, model: nn.Module, batch: Batch) -> Any:
         if self.uses_key_view:
             return model(batch.images, batch.key_images)
         return model(batch.images)
@@ -63,34 +115,97 @@ class Method:
     def training_step(self, model: nn.Module, batch: Batch) -> LossOutput:
         return self.loss(self.forward(model, batch), batch.targets)
 
-    def loss(self, out: ModelOutput, targets: Tensor) -> LossOutput:
+    def loss(self, out: Any, targets: Tensor) -> LossOutput:
         raise NotImplementedError
 
     def after_step(self, model: nn.Module) -> None:
-        """Called after each optimizer step (e.g. momentum-encoder updates); no-op by default."""
+        """Called after each optimizer step; no-op by default."""
 
     # -- inference ---------------------------------------------------------------------
-    def view_logits(self, out: ModelOutput) -> dict[str, Tensor]:
-        """Logits per inference view: ``expert0..K-1`` and, for K > 1, ``ensemble`` (mean of logits)."""
-        views = {f"expert{k}": z for k, z in enumerate(out.logits)}
-        if len(out.logits) > 1:
-            views["ensemble"] = torch.stack(out.logits).mean(0)
+    def infer(self, model: nn.Module, images: Tensor) -> Any:
+        """The evaluation forward pass; every view is a function of what it returns."""
+        return model(images)
+
+    def views(self) -> dict[str, View]:
+        """The inference views, by name: ``expert0..K-1``, ``ensemble`` (mean of the experts' logits)
+        for K > 1, and ``<view>_pc`` (PC softmax) when :attr:`pc_views`. The one definition: the
+        engine evaluates exactly these names."""
+        k = self.num_experts
+        views: dict[str, View] = {f"expert{i}": _expert(i) for i in range(k)}
+        if k > 1:
+            views["ensemble"] = mean_logits
+        if self.pc_views:
+            for name, view in list(views.items()):
+                views[f"{name}_pc"] = self._pc(view)
         return views
 
-    @torch.no_grad()
+    def _pc(self, view: View) -> View:
+        from rayexperts.losses import pc_softmax_logits
+
+        return lambda out: pc_softmax_logits(view(out), self.class_counts)
+
+    def view_names(self) -> list[str]:
+        return list(self.views())
+
+    @classmethod
+    def logits_view(cls, cfg: DictConfig) -> str:
+        """The view of the mean of the experts' raw logits (a CBD teacher's own accuracy)."""
+        return "ensemble" if int(cfg.model.num_experts) > 1 else "expert0"
+
     def predict(self, model: nn.Module, images: Tensor) -> tuple[dict[str, Tensor], ModelOutput]:
-        out = model(images)
-        views = self.view_logits(out)
-        if self.pc_views:
-            for name in list(views):
-                views[f"{name}_pc"] = pc_softmax_logits(views[name], self.class_counts)
-        return views, out
+        """Logits of every view, and the trained model's output (features, per-expert logits)."""
+        import torch
+
+        with torch.no_grad():
+            out = self.infer(model, images)
+            return {name: view(out) for name, view in self.views().items()}, self.model_output(out)
+
+    def model_output(self, out: Any) -> ModelOutput:
+        """The trained model's :class:`ModelOutput` inside what :meth:`infer` returns."""
+        return out
 
     def expert_logits_for_kl(self, out: ModelOutput) -> list[Tensor]:
         """The experts whose disagreement is logged as ``expert_kl`` (NCL Fig. 1/5b)."""
         return list(out.logits)
 
-    def view_names(self) -> list[str]:
-        k = int(self.cfg.model.num_experts)
-        names = [f"expert{i}" for i in range(k)] + (["ensemble"] if k > 1 else [])
-        return names + ([f"{n}_pc" for n in names] if self.pc_views else [])
+    # -- runs that must finish first (CBD's teachers) --------------------------------------
+    @classmethod
+    def prerequisites(cls, cfg: DictConfig) -> list[DictConfig]:
+        """Configs of runs that must finish before this one can start (trained in parallel)."""
+        return []
+
+    @classmethod
+    def after_prerequisites(cls, cfg: DictConfig, run_dirs: list[str]) -> DictConfig:
+        """This method's config once its prerequisites have finished in ``run_dirs``."""
+        return cfg
+
+    @classmethod
+    def summary_views(cls) -> tuple[str, ...]:
+        """The views a two-stage job's summary reports for this method's own run."""
+        return (cls.primary_view,)
+
+    # -- sweeps ----------------------------------------------------------------------------
+    @classmethod
+    def check_search_space(cls, key: str, distribution: Mapping[str, list], cfg: DictConfig, where: str) -> None:
+        """Refuse a searched ``key`` that this method gives a meaning of its own; no-op by default."""
+
+    @classmethod
+    def search_value(cls, key: str, value: Any, cfg: DictConfig) -> Any:
+        """A sampled value as the config takes it (e.g. CBD's teacher names → run directories)."""
+        return value
+
+    @classmethod
+    def probe_values(cls, key: str, values: list[Any], cfg: DictConfig) -> list[Any]:
+        """Values of a searched key to check against the config before a sweep starts."""
+        return [cls.search_value(key, v, cfg) for v in values]
+
+
+def _expert(i: int) -> View:
+    return lambda out: out.logits[i]
+
+
+def mean_logits(out: ModelOutput) -> Tensor:
+    """The mean of the experts' logits (every method's ``ensemble`` view)."""
+    import torch
+
+    return torch.stack(list(out.logits)).mean(0)

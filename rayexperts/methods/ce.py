@@ -6,22 +6,28 @@ With ``model.num_experts`` = K > 1 it trains K independent networks, each with i
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
-from rayexperts.methods.base import LossOutput, Method
-from rayexperts.models import build_model
-from rayexperts.models.output import ModelOutput
+from rayexperts.methods.base import LossOutput, Method, register_method
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from rayexperts.models import ModelOutput
 
 
+@register_method("ce")
 class CrossEntropy(Method):
-    name = "ce"
     pc_views = True
     primary_view = "expert0_pc"
 
     def build_model(self) -> nn.Module:
-        return build_model(self.cfg.model, self.num_classes, self.in_channels, shared_trunk=False)
+        from rayexperts.models import build_experts
+
+        return build_experts(self.cfg.model, self.num_classes, self.in_channels, shared_trunk=False)
 
     def loss(self, out: ModelOutput, targets: Tensor) -> LossOutput:
+        import torch.nn.functional as F
+
         ce = sum(F.cross_entropy(z.float(), targets) for z in out.logits)
         return LossOutput(ce, {"ce": ce.detach()})

@@ -10,79 +10,109 @@ K independent networks (no shared trunk), each trained with the balanced softmax
     L_con  = Σ_k InfoNCE_k                                                         # eq. 11
     L      = L_nil + L_con + λ · L_dis                                             # eq. 12
 
-``C_hard = round(loss.hard_ratio · C)``, λ = ``loss.ncl_lambda``, InfoNCE temperature
-``model.moco_temperature``. One hard set Ψ per sample is shared by all experts. It is mined
+``C_hard = round(ncl.hard_ratio · C)``, λ = ``ncl.distill_weight``, InfoNCE temperature
+``ncl.moco.temperature``. One hard set Ψ per sample is shared by all experts. It is mined
 from the *raw* logits ``z^a`` of the anchor expert ``a``: eq. 3 ranks ``z^k_ij``, not the
 balanced logits, and the official code does the same (``inputs[0]`` before ``+ log n``).
-The anchor is ``loss.anchor_expert`` (default 0, as the official code), or with
-``loss.hard_anchor=random`` an expert drawn per step (the paper's wording). ``loss.hard_mode``:
+The anchor is ``ncl.anchor_expert`` (default 0, as the official code), or with
+``ncl.hard_anchor=random`` an expert drawn per step (the paper's wording). ``ncl.hard_mode``:
 ``restrict`` removes the other classes from the normaliser (eq. 4), ``mask`` is the official
 code's logit mask. No side of any KL is detached: eq. 8–9 and the official ``NBOD`` let every
 expert be teacher and student at once.
 
-Ablation switches (NCL Table 5): ``loss.nil_hard`` (the ``p*`` sum of L_nil), ``loss.bod_all``,
-``loss.bod_hard`` (the two halves of L_dis), ``loss.self_sup`` (L_con and the MoCo branch).
+Ablation switches (NCL Table 5): ``ncl.learn_hard`` (the ``p*`` sum of L_nil), ``ncl.distill_all``,
+``ncl.distill_hard`` (the two halves of L_dis), ``ncl.contrastive`` (L_con and the MoCo branch).
 Logged terms, weighted as they enter L: ``nil``, ``dis`` (= λ·L_dis), ``con``.
 Inference: each expert, and the ensemble (mean logits); balanced training needs no PC softmax.
 """
 
 from __future__ import annotations
 
-import torch
-from omegaconf import DictConfig
-from torch import Tensor, nn
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
-from rayexperts.losses import hard_category_mask, info_nce_loss, nbod_loss, nil_loss
-from rayexperts.methods.base import LossOutput, Method
-from rayexperts.models import build_model
-from rayexperts.models.output import ModelOutput
+from rayexperts.errors import ConfigError
+from rayexperts.methods.base import LossOutput, Method, register_method
+from rayexperts.methods.contrastive import MOCO_RENAMED, MocoOptions, contrastive_loss, with_moco
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+    from torch import Tensor, nn
 
-def contrastive_loss(out: ModelOutput, temperature: float) -> Tensor:
-    """``L_con = Σ_k InfoNCE(q^k, k^k, Q^k)`` (NCL eq. 11, ECL eq. 9) over the experts' MoCo branches."""
-    if out.queries is None or out.keys is None or out.queues is None:
-        raise ValueError("the contrastive term needs MoCo outputs: call the model in training mode with x_key")
-    return sum(
-        info_nce_loss(q.float(), k.float(), queue, temperature)
-        for q, k, queue in zip(out.queries, out.keys, out.queues, strict=True)
-    )
+    from rayexperts.models import ContrastiveOutput
 
 
+@dataclass
+class NCLOptions:
+    tau: float = 1.0  # balanced softmax: z + τ·log n_j (eq. 2)
+    hard_ratio: float = 0.3  # β = C_hard / C, the share of classes mined as hard (HCM, eq. 3)
+    hard_anchor: Literal["fixed", "random"] = "fixed"  # the expert that mines Ψ: anchor_expert, or one per step
+    anchor_expert: int = 0
+    hard_mode: Literal["restrict", "mask"] = "restrict"  # p* over Ψ (eq. 4), or the official code's logit mask
+    distill_weight: float = 0.6  # λ (eq. 12)
+    learn_hard: bool = True  # NIL's hard-category term: the −log p*_y sum of eq. 5–7
+    distill_all: bool = True  # BOD_all: distillation over all classes (eq. 8)
+    distill_hard: bool = True  # BOD_hard: distillation over the hard categories (eq. 9)
+    contrastive: bool = True  # L_con with a MoCo branch per expert (eq. 11)
+    moco: MocoOptions = field(default_factory=MocoOptions)
+
+
+@register_method("ncl")
 class NestedCollaborative(Method):
-    name = "ncl"
+    Options = NCLOptions
+    defaults = {"model.num_experts": 3, "model.classifier": "linear"}
+    renamed = {
+        "loss.tau": "tau", "loss.hard_ratio": "hard_ratio", "loss.hard_anchor": "hard_anchor",
+        "loss.anchor_expert": "anchor_expert", "loss.hard_mode": "hard_mode", "loss.ncl_lambda": "distill_weight",
+        "loss.nil_hard": "learn_hard", "loss.bod_all": "distill_all", "loss.bod_hard": "distill_hard",
+        "loss.self_sup": "contrastive", **MOCO_RENAMED,
+    }
     primary_view = "ensemble"
 
     def __init__(self, cfg: DictConfig, class_counts: Tensor, in_channels: int = 3) -> None:
         super().__init__(cfg, class_counts, in_channels)
-        self.uses_key_view = bool(cfg.loss.self_sup)
-        self.num_hard = round(float(cfg.loss.hard_ratio) * self.num_classes)  # C_hard = β·C
-        num_experts, anchor = int(cfg.model.num_experts), int(cfg.loss.anchor_expert)
-        if not 0 <= anchor < num_experts:
-            raise ValueError(f"'loss.anchor_expert'={anchor} must lie in [0, {num_experts - 1}] (model.num_experts)")
+        self.num_hard = round(float(self.opts.hard_ratio) * self.num_classes)  # C_hard = β·C
+
+    @classmethod
+    def validate(cls, cfg: DictConfig) -> None:
+        o = cfg.ncl
+        if not 0 <= o.hard_ratio <= 1:
+            raise ConfigError(f"'ncl.hard_ratio' must lie in [0, 1], got {o.hard_ratio}")
+        if not 0 <= o.anchor_expert < cfg.model.num_experts:
+            raise ConfigError(f"'ncl.anchor_expert'={o.anchor_expert} must lie in [0, {cfg.model.num_experts - 1}] "
+                              "(model.num_experts)")
+
+    @property
+    def uses_key_view(self) -> bool:
+        return bool(self.opts.contrastive)
 
     def build_model(self) -> nn.Module:
-        return build_model(
-            self.cfg.model, self.num_classes, self.in_channels, shared_trunk=False, moco=self.uses_key_view
-        )
+        from rayexperts.models import build_experts
 
-    def anchor(self, num_experts: int) -> int:
+        net = build_experts(self.cfg.model, self.num_classes, self.in_channels, shared_trunk=False)
+        return with_moco(net, self.opts.moco) if self.opts.contrastive else net
+
+    def anchor(self) -> int:
         """The expert whose logits mine the hard categories for this step."""
-        if self.cfg.loss.hard_anchor == "random":
-            return int(torch.randint(num_experts, ()))
-        return int(self.cfg.loss.anchor_expert)
+        if self.opts.hard_anchor == "random":
+            import torch
 
-    def loss(self, out: ModelOutput, targets: Tensor) -> LossOutput:
-        lc = self.cfg.loss
+            return int(torch.randint(self.num_experts, ()))
+        return int(self.opts.anchor_expert)
+
+    def loss(self, out: ContrastiveOutput, targets: Tensor) -> LossOutput:
+        from rayexperts.losses import hard_category_mask, nbod_loss, nil_loss
+
+        o = self.opts
         logits = [z.float() for z in out.logits]
-        mask = None
-        if lc.nil_hard or lc.bod_hard:
-            mask = hard_category_mask(logits[self.anchor(len(logits))], targets, self.num_hard)
-        counts, tau, mode = self.class_counts, float(lc.tau), str(lc.hard_mode)
-        terms = {"nil": nil_loss(logits, targets, counts, mask, tau, hard=bool(lc.nil_hard), mode=mode)}
-        if lc.self_sup:
-            terms["con"] = contrastive_loss(out, float(self.cfg.model.moco_temperature))
-        if lc.bod_all or lc.bod_hard:
-            dis = nbod_loss(logits, counts, mask, tau, bod_all=bool(lc.bod_all), bod_hard=bool(lc.bod_hard), mode=mode)
-            terms["dis"] = float(lc.ncl_lambda) * dis
+        mask = hard_category_mask(logits[self.anchor()], targets, self.num_hard) if o.learn_hard or o.distill_hard else None
+        counts, tau, mode = self.class_counts, float(o.tau), str(o.hard_mode)
+        terms = {"nil": nil_loss(logits, targets, counts, mask, tau, hard=bool(o.learn_hard), mode=mode)}
+        if o.contrastive:
+            terms["con"] = contrastive_loss(out, float(o.moco.temperature))
+        if o.distill_all or o.distill_hard:
+            dis = nbod_loss(logits, counts, mask, tau, bod_all=bool(o.distill_all), bod_hard=bool(o.distill_hard),
+                            mode=mode)
+            terms["dis"] = float(o.distill_weight) * dis
         total = sum(terms.values())
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})

@@ -1,8 +1,10 @@
-"""The backbone contract every family follows: ``stem`` → ``stages`` → global average pool."""
+"""The backbone contract every family follows: ``stem`` → ``stages`` → global average pool,
+and the registry entry a backbone family provides (:class:`BackboneEntry`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
@@ -38,3 +40,13 @@ class PooledStages(nn.Sequential):
 def scale_width(channels: int, width: float) -> int:
     """``channels × width``, rounded, at least 1 (RIDE's "reduced dimension": 64 × 0.75 = 48)."""
     return max(1, round(channels * width))
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """What a backbone family registers for each of its names (``rayexperts.registry.BACKBONES``)."""
+
+    build: Callable[..., Backbone]  # (in_channels, download, **options) -> the whole network
+    expert_stages: Callable[..., tuple[nn.Module, int]]  # (start, width, in_channels, **options) -> (stages + pool, dim)
+    num_stages: int
+    downloadable: bool = False  # torchvision's ImageNet weights

@@ -37,3 +37,34 @@ def build_classifier(kind: str, in_features: int, num_classes: int, scale: float
     if kind == "cosine":
         return CosineClassifier(in_features, num_classes, scale)
     raise ValueError(f"unknown classifier '{kind}'; choose linear or cosine")
+
+
+class WithExtraHeads(nn.Module):
+    """A multi-expert model (``MultiExpertNet``) plus a second classifier per expert on the same
+    features; ``forward(x)`` returns the model's output with these heads' logits in ``out.aux[name]``.
+    It offers the wrapped model's ``heads``, ``encoder``, ``feature_dim`` and ``num_experts``, so a
+    MoCo branch can sit on top."""
+
+    def __init__(self, inner: nn.Module, name: str, heads: nn.ModuleList) -> None:
+        super().__init__()
+        self.net, self.aux_name, self.aux_heads = inner, name, heads
+
+    @property
+    def heads(self) -> nn.ModuleList:
+        return self.net.heads
+
+    @property
+    def feature_dim(self) -> int:
+        return self.net.feature_dim
+
+    @property
+    def num_experts(self) -> int:
+        return self.net.num_experts
+
+    def encoder(self, k: int) -> nn.Module:
+        return self.net.encoder(k)
+
+    def forward(self, *args: Tensor):
+        out = self.net(*args)
+        out.aux[self.aux_name] = [head(v) for head, v in zip(self.aux_heads, out.features)]
+        return out

@@ -1,7 +1,9 @@
-"""MoCo v2 branch of one expert (METHODS.md NCL "Self-supervision", ECL's CPT; issue 4).
+"""MoCo v2 branches on a multi-expert model (METHODS.md NCL "Self-supervision", ECL's CPT).
 
-A momentum copy of the expert's encoder and of its MLP projection head, and a FIFO queue of
-ℓ2-normalised keys. The temperature belongs to the loss (``rayexperts.losses.info_nce_loss``).
+:class:`MocoBranch`: for one expert, a momentum copy of its encoder and of its MLP projection
+head, and a FIFO queue of ℓ2-normalised keys. :class:`MocoExperts` wraps a
+:class:`~rayexperts.models.experts.MultiExpertNet` with one branch per expert. The temperature
+belongs to the loss (``rayexperts.losses.info_nce_loss``).
 """
 
 from __future__ import annotations
@@ -9,11 +11,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from itertools import chain
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rayexperts.models.experts import MultiExpertNet
+from rayexperts.models.output import ModelOutput
 
 
 @dataclass
@@ -90,3 +96,42 @@ class MocoBranch(nn.Module):
         idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
+
+
+@dataclass
+class ContrastiveOutput(ModelOutput):
+    """A :class:`ModelOutput` plus, per expert, the MoCo query, key and queue of this forward pass."""
+
+    queries: Optional[list[Tensor]] = None  # l2-normalised projections of the query view
+    keys: Optional[list[Tensor]] = None  # l2-normalised momentum-encoder keys of the key view
+    queues: Optional[list[Tensor]] = None  # each expert's queue *before* this batch's keys
+
+
+class MocoExperts(nn.Module):
+    """``net`` with one :class:`MocoBranch` per expert.
+
+    ``forward(x, x_key=None)``: in training mode with ``x_key``, the output also holds per expert
+    the query ``normalize(proj(v))`` of this pass, the key of ``x_key`` from the momentum encoder
+    (updated first), and a snapshot of the queue before this batch's keys are enqueued; otherwise
+    it is the plain output of ``net``.
+    """
+
+    def __init__(self, net: MultiExpertNet | nn.Module, cfg: MocoConfig) -> None:
+        super().__init__()
+        self.net = net
+        self.branches = nn.ModuleList(MocoBranch(net.encoder(k), net.feature_dim, cfg) for k in range(net.num_experts))
+
+    @property
+    def heads(self) -> nn.ModuleList:
+        return self.net.heads
+
+    def forward(self, x: Tensor, x_key: Tensor | None = None) -> ContrastiveOutput:
+        out = self.net(x)
+        res = ContrastiveOutput(out.features, out.logits, out.aux)
+        if self.training and x_key is not None:
+            res.queries = [branch.query(v) for branch, v in zip(self.branches, out.features)]
+            res.keys = [branch.keys(self.net.encoder(k), x_key) for k, branch in enumerate(self.branches)]
+            res.queues = [branch.queue.detach().clone() for branch in self.branches]
+            for branch, keys in zip(self.branches, res.keys):
+                branch.enqueue(keys)
+        return res

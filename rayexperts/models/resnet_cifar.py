@@ -12,10 +12,12 @@ Convolutions are initialised with ``kaiming_normal_`` as in LDAM-DRW.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from torch import Tensor, nn
 
-from rayexperts.models.base import Backbone, PooledStages, scale_width
+from rayexperts.models.base import Backbone, BackboneEntry, PooledStages, scale_width
+from rayexperts.registry import BACKBONES
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,16 @@ def cifar_expert_stages(name: str, start: int, width: float, in_channels: int) -
     """Stages ``start..end`` at ``width`` followed by global pooling, and their output dimension."""
     stages, channels = cifar_stages(name, start, width, in_channels)
     return PooledStages(*stages), channels[-1] if channels else in_channels
+
+
+def _build(name: str, in_channels: int = 3, download: bool = False) -> Backbone:
+    if download:
+        raise ValueError(f"backbone '{name}' has no downloadable weights; give a local file with model.weights=")
+    return cifar_resnet(name, in_channels)
+
+
+for _name, _spec in SPECS.items():
+    BACKBONES.register(_name, BackboneEntry(partial(_build, _name), partial(cifar_expert_stages, _name), len(_spec.widths)))
 
 
 def resnet8(in_channels: int = 3) -> Backbone:

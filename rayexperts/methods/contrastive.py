@@ -1,0 +1,52 @@
+"""The contrastive branch NCL and ECL share: MoCo v2 per expert and ``L_con = Σ_k InfoNCE_k``
+(NCL eq. 11, ECL eq. 9; METHODS.md NCL "Self-supervision")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from rayexperts.models import ContrastiveOutput, MocoExperts, MultiExpertNet
+
+
+@dataclass
+class MocoOptions:
+    """MoCo v2 settings of the official NCL CIFAR config (METHODS.md)."""
+
+    dim: int = 64  # projection (key) dimension
+    hidden: int = 0  # hidden width of the projection MLP; 0: the feature dimension
+    queue_size: int = 1024  # keys in each expert's queue
+    momentum: float = 0.999  # key encoder: θ_k ← m θ_k + (1 − m) θ_q
+    temperature: float = 0.2  # InfoNCE temperature
+
+
+# Where these settings lived before they moved into the method sections.
+MOCO_RENAMED = {
+    "model.moco_dim": "moco.dim",
+    "model.moco_hidden": "moco.hidden",
+    "model.moco_queue": "moco.queue_size",
+    "model.moco_momentum": "moco.momentum",
+    "model.moco_temperature": "moco.temperature",
+}
+
+
+def with_moco(net: MultiExpertNet | nn.Module, opts: MocoOptions) -> MocoExperts:
+    """``net`` with one MoCo branch per expert."""
+    from rayexperts.models import MocoConfig, MocoExperts
+
+    return MocoExperts(net, MocoConfig(int(opts.dim), int(opts.hidden), int(opts.queue_size), float(opts.momentum)))
+
+
+def contrastive_loss(out: ContrastiveOutput, temperature: float) -> Tensor:
+    """``L_con = Σ_k InfoNCE(q^k, k^k, Q^k)`` over the experts' MoCo branches."""
+    from rayexperts.losses import info_nce_loss
+
+    if out.queries is None or out.keys is None or out.queues is None:
+        raise ValueError("the contrastive term needs MoCo outputs: call the model in training mode with the key view")
+    return sum(
+        info_nce_loss(q.float(), k.float(), queue, temperature)
+        for q, k, queue in zip(out.queries, out.keys, out.queues, strict=True)
+    )

@@ -1,0 +1,256 @@
+"""The run directory (INTERFACES.md), local path or URI: one object for everything that reads or writes it.
+
+``RunDir.of(storage_path, name)`` is ``<storage_path>/<name>``: its ``config.yaml``, its Parquet
+tables, the checkpoint Ray Train registered last, and the check that a run directory holds a run of
+the same configuration before it is resumed or reused. Paths may be local or any URI pyarrow
+understands (``s3://``, ``gs://``), like Ray Train's ``storage_path``. Every file is written to a
+temporary name and moved into place, so a reader never sees half a file. Checkpoints are loaded
+with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.fs as pafs
+
+from rayexperts.config import absolute_path_or_uri, from_dict, is_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+    from omegaconf import DictConfig
+    from torch import nn
+
+CHECKPOINT_FILE = "checkpoint.pt"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+# Config keys that must match for a run directory (and its checkpoints) to be resumed or reused.
+IDENTITY_KEYS = ("method", "model.backbone", "model.num_experts", "model.classifier", "data.name")
+
+
+class CheckpointMismatch(RuntimeError):
+    """A run directory or checkpoint belongs to a run of another configuration."""
+
+
+def identity(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run loading it."""
+    from omegaconf import OmegaConf
+
+    ident: dict[str, Any] = {k: OmegaConf.select(cfg, k) for k in IDENTITY_KEYS}
+    ident["num_classes"] = int(num_classes)
+    return ident
+
+
+def check_identity(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointMismatch(
+            f"checkpoint {where} was written by a different configuration ({'; '.join(diffs)}). "
+            "Use another run.name, or remove that run directory to start over."
+        )
+
+
+# ------------------------------------------------------------------------------ checkpoint files
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper."""
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                    ident: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Model (incl. MoCo queues, which are buffers), optimizer and the next epoch.
+
+    The LR schedule, the sampler and the random streams are pure functions of (seed, rank,
+    epoch) — the loop reseeds at every epoch — so the epoch is their whole state, and a resumed
+    run continues exactly. bf16 autocast needs no gradient scaler, so there is none to save.
+    """
+    import torch
+
+    path = Path(directory) / CHECKPOINT_FILE
+    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "identity": ident, "extra": extra or {}}
+    torch.save(state, path)
+    return path
+
+
+def load_checkpoint(directory: str | Path, ident: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a local checkpoint directory with ``weights_only=True``; refuse one of another configuration."""
+    import torch
+
+    path = Path(directory) / CHECKPOINT_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {CHECKPOINT_FILE} in checkpoint directory {directory}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if ident is not None:
+        check_identity(state.get("identity", {}), ident, str(directory))
+    return state
+
+
+# ------------------------------------------------------------------------------ the directory
+
+
+class RunDir:
+    """One run directory ``uri`` (an absolute local path or a URI). Nothing is created until written."""
+
+    def __init__(self, uri: str, fs: pafs.FileSystem | None = None) -> None:
+        self.uri = absolute_path_or_uri(str(uri)).rstrip("/")
+        if fs is not None:  # a file system given (children share their parent's)
+            self.fs, self.path = fs, self.uri.split("://", 1)[-1] if is_uri(self.uri) else self.uri
+        elif is_uri(self.uri):
+            self.fs, self.path = pafs.FileSystem.from_uri(self.uri)
+        else:
+            self.fs, self.path = pafs.LocalFileSystem(), self.uri
+
+    @classmethod
+    def of(cls, storage_path: str, name: str) -> RunDir:
+        return cls(f"{absolute_path_or_uri(str(storage_path)).rstrip('/')}/{name}")
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.uri!r})"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def child(self, name: str) -> RunDir:
+        return RunDir(f"{self.uri}/{name}", self.fs)
+
+    def _file(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    # -- files -----------------------------------------------------------------------------
+    def exists(self, name: str = "") -> bool:
+        return self.fs.get_file_info(self._file(name) if name else self.path).type != pafs.FileType.NotFound
+
+    def is_file(self, name: str) -> bool:
+        return self.fs.get_file_info(self._file(name)).type == pafs.FileType.File
+
+    def create(self) -> RunDir:
+        self.fs.create_dir(self.path, recursive=True)
+        return self
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``name`` atomically (a temporary file moved into place)."""
+        self.create()
+        tmp = self._file(f".{name}.{uuid.uuid4().hex}.tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, self._file(name))
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
+
+    def read_text(self, name: str) -> str:
+        with self.fs.open_input_stream(self._file(name)) as f:
+            return f.read().decode()
+
+    def delete(self, name: str) -> None:
+        if self.is_file(name):
+            self.fs.delete_file(self._file(name))
+
+    def write_table(self, name: str, df: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), buf)
+        self.write_bytes(name, buf.getvalue())
+
+    def read_table(self, name: str) -> pd.DataFrame | None:
+        import pyarrow.parquet as pq
+
+        if not self.exists(name):
+            return None
+        with self.fs.open_input_file(self._file(name)) as f:
+            return pq.read_table(f).to_pandas()
+
+    def check_writable(self, key: str = "run.storage_path") -> None:
+        """Create the directory and write, then remove, a probe file; an error names ``key`` and the location."""
+        probe = f".write-probe-{uuid.uuid4().hex}"
+        try:
+            self.write_text(probe, "ok")
+            self.delete(probe)
+        except Exception as e:
+            raise OSError(f"cannot write to {self.uri} ({key}): {e}") from e
+
+    # -- config ------------------------------------------------------------------------------
+    def config(self) -> DictConfig | None:
+        """The run's resolved ``config.yaml`` (typed), or None when there is none."""
+        from omegaconf import OmegaConf
+
+        if not self.is_file("config.yaml"):
+            return None
+        return from_dict(OmegaConf.to_container(OmegaConf.create(self.read_text("config.yaml"))),  # type: ignore[arg-type]
+                         f"{self.uri}/config.yaml")
+
+    def write_config(self, cfg: DictConfig) -> None:
+        from rayexperts.config import to_yaml
+
+        self.write_text("config.yaml", to_yaml(cfg))
+
+    def holds_run_of(self, cfg: DictConfig, keys: Sequence[str] = IDENTITY_KEYS) -> bool:
+        """True when this directory already holds a run (``config.yaml``) agreeing with ``cfg`` on ``keys``;
+        False when it holds none; :class:`CheckpointMismatch` when it holds a run of another configuration."""
+        from omegaconf import OmegaConf
+
+        if not self.is_file("config.yaml"):
+            return False
+        old = OmegaConf.create(self.read_text("config.yaml"))
+        diffs = [f"{k}: {OmegaConf.select(old, k)!r} there vs {OmegaConf.select(cfg, k)!r} now"
+                 for k in keys if OmegaConf.select(old, k) != OmegaConf.select(cfg, k)]
+        if diffs:
+            raise CheckpointMismatch(f"run directory {self.uri} holds a run of another configuration "
+                                     f"({'; '.join(diffs)}); choose another run.name or remove that directory")
+        return True
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def registered_checkpoint(self) -> dict[str, Any]:
+        """The latest checkpoint Ray Train registered (what a re-run resumes from):
+        ``{"checkpoint_dir_name": ..., "metrics": {...}}`` from its snapshot file, or ``{}``.
+        A worker's reports reach Ray's controller when it polls, so a newer ``checkpoint_*``
+        directory may exist that Ray has not registered."""
+        try:
+            return json.loads(self.read_text(SNAPSHOT_FILE)).get("latest_checkpoint_result") or {}
+        except (OSError, ValueError):
+            return {}
+
+    def latest_checkpoint(self) -> RunDir | None:
+        """The checkpoint directory Ray Train registered last, else the newest ``checkpoint_*``; None if none."""
+        latest = self.registered_checkpoint().get("checkpoint_dir_name")
+        if latest and self.child(latest).is_file(CHECKPOINT_FILE):
+            return self.child(latest)
+        if not self.exists():
+            return None
+        found = sorted(i.base_name for i in self.fs.get_file_info(pafs.FileSelector(self.path))
+                       if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory)
+        found = [name for name in found if self.child(name).is_file(CHECKPOINT_FILE)]
+        return self.child(found[-1]) if found else None
+
+    def load_checkpoint(self, ident: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The latest checkpoint's state (CPU tensors), or None when there is none; ``ident`` refuses
+        a checkpoint of another configuration. A URI's file is copied to a local temp dir first."""
+        latest = self.latest_checkpoint()
+        if latest is None:
+            return None
+        if latest.is_local:
+            return load_checkpoint(latest.path, ident)
+        with tempfile.TemporaryDirectory() as tmp:
+            pafs.copy_files(latest._file(CHECKPOINT_FILE), str(Path(tmp) / CHECKPOINT_FILE), source_filesystem=latest.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            return load_checkpoint(tmp, ident)
+
+    def finished(self, epochs: int) -> bool:
+        """True when the latest checkpoint holds the end of epoch ``epochs`` (the run needs no more training)."""
+        state = self.load_checkpoint()
+        return state is not None and int(state["epoch"]) >= epochs
