@@ -8,6 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory, installed or not
 
+import rayexperts  # noqa: E402
+
+rayexperts.check_install_or_exit()  # an upload without the presets stops here, not halfway through a run
 from rayexperts.launch.train import main  # noqa: E402
 
 if __name__ == "__main__":

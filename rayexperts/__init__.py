@@ -1,0 +1,50 @@
+"""rayexperts: long-tailed recognition with multiple experts (MLLT, NCL, ECL, CBD) on Ray.
+
+Importing the package costs nothing: subpackages are imported where they are used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.2.0"
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# What a complete copy of the package holds (an upload whose excludes dropped one of these is not).
+REQUIRED = ("config.py", "registry.py", "rundir.py", "losses.py", "data", "models", "methods", "engine", "eval",
+            "launch", "presets")
+
+
+class IncompletePackage(RuntimeError):
+    """The imported rayexperts lacks files it needs (typically an upload whose excludes removed them)."""
+
+
+def check_install() -> Path:
+    """Stop with a clear message when the imported package is incomplete; returns its folder.
+
+    ``ray job submit --working-dir .`` uploads the repository, and the job imports the uploaded
+    copy. A gitignore-style exclude such as ``data/`` also matches ``rayexperts/data/``, and
+    ``*.yaml`` the presets: such an upload would run with parts of the package missing.
+    """
+    missing = [name for name in REQUIRED if not (PACKAGE_DIR / name).exists()]
+    if not missing and not any((PACKAGE_DIR / "presets").glob("*.yaml")):
+        missing = ["presets/*.yaml"]
+    if missing:
+        raise IncompletePackage(
+            f"the rayexperts package imported from {PACKAGE_DIR} is incomplete: "
+            f"{', '.join('rayexperts/' + m for m in missing)} missing. With `ray job submit --working-dir .`, "
+            "an exclude pattern removed it: anchor patterns to the repository root (\"/data/\", \"/runs/\"), "
+            "as the README's command does."
+        )
+    return PACKAGE_DIR
+
+
+def check_install_or_exit() -> None:
+    """:func:`check_install` for the jobs/ scripts: ``error: ...`` on stderr and exit status 2."""
+    import sys
+
+    try:
+        check_install()
+    except IncompletePackage as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

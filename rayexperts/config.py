@@ -31,6 +31,7 @@ from rayexperts.errors import ConfigError
 from rayexperts.registry import BACKBONES, DATASETS, METHODS, did_you_mean
 
 PRESET_DIR = Path(__file__).parent / "presets"
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Ray job supervisor for a submitted job's driver
 
 __all__ = [
     "Config", "ConfigError", "Layer", "PRESET_DIR", "absolute_path_or_uri", "compose", "default_layers", "flatten",
@@ -125,6 +126,9 @@ class RunConfig:
     max_failures: int = 0
     verbose: bool = True  # one progress line per epoch
     ray_log_level: str = "WARNING"  # Ray Train's own logs (INFO shows every report)
+    tensorboard: bool = True  # event files in <run dir>/tensorboard/ (tensorboard --logdir runs/)
+    mlflow_tracking_uri: str = ""  # e.g. file:///shared/mlruns or http://host:5000: log config and metrics there
+    mlflow_experiment: str = "rayexperts"
 
 
 @dataclass
@@ -397,10 +401,23 @@ def load_config(
     for registry, value, at in ((METHODS, method, where), (DATASETS, data_name, data_where)):
         if str(value) not in registry:
             raise ConfigError(f"{at}: " + _registry_message(registry, str(value)))
+    storage, storage_where = _setting(user, "run.storage_path", RunConfig.storage_path)
+    if in_ray_job() and not is_uri(str(storage)) and not os.path.isabs(os.path.expanduser(str(storage))):
+        raise ConfigError(
+            f"run.storage_path={storage!r} ({storage_where}) is a relative path, and this is a Ray job: it would "
+            "resolve inside the job's temporary working directory, which Ray deletes with the session. Give "
+            "run.storage_path an absolute path on storage every node sees, or a URI (run.storage_path=/shared/runs, "
+            "run.storage_path=s3://bucket/runs)"
+        )
     return compose([("defaults", {}), *default_layers(str(method), str(data_name), str(compat)), *user])
 
 
 # ---------------------------------------------------------------------------- values
+
+
+def in_ray_job() -> bool:
+    """True in the driver of a job submitted with ``ray job submit``."""
+    return RAY_JOB_ENV in os.environ
 
 
 def is_uri(value: str) -> bool:

@@ -38,6 +38,10 @@ class CheckpointMismatch(RuntimeError):
     """A run directory or checkpoint belongs to a run of another configuration."""
 
 
+class StorageError(OSError):
+    """The storage a run writes to cannot be written; the message names the key and the location."""
+
+
 def identity(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
     """What a checkpoint must agree on with the run loading it."""
     from omegaconf import OmegaConf
@@ -176,13 +180,14 @@ class RunDir:
             return pq.read_table(f).to_pandas()
 
     def check_writable(self, key: str = "run.storage_path") -> None:
-        """Create the directory and write, then remove, a probe file; an error names ``key`` and the location."""
+        """Create the directory and write, then remove, a probe file; an error names ``key`` and the location.
+        Nothing else is written, so a failed check leaves no run directory behind."""
         probe = f".write-probe-{uuid.uuid4().hex}"
         try:
             self.write_text(probe, "ok")
             self.delete(probe)
         except Exception as e:
-            raise OSError(f"cannot write to {self.uri} ({key}): {e}") from e
+            raise StorageError(f"cannot write to {key}={self.uri}: {e}") from e
 
     # -- config ------------------------------------------------------------------------------
     def config(self) -> DictConfig | None:

@@ -29,6 +29,7 @@ from rayexperts.data import EpochSampler, TransformedDataset, TwoView, build_dat
 from rayexperts.engine.loop import LoopOptions, evaluate, train_one_epoch
 from rayexperts.engine.results import ResultWriter
 from rayexperts.engine.schedule import build_optimizer, lr_schedule
+from rayexperts.engine.track import Trackers
 from rayexperts.eval.metrics import EvalAccumulator
 from rayexperts.methods import METHODS, Method
 from rayexperts.rundir import RunDir, identity, load_checkpoint, save_checkpoint, unwrap
@@ -237,6 +238,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     run = start_worker(loop_config)
     cfg, rank = run.cfg, run.rank
+    if rank == 0 and cfg.run.verbose:
+        import rayexperts
+
+        print(f"{cfg.run.name} | rayexperts {rayexperts.__version__} from {rayexperts.PACKAGE_DIR} | "
+              f"{run.world} worker(s) on {run.device.type}", flush=True)
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
@@ -249,25 +255,34 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[rayexperts] resuming {cfg.run.name} from checkpoint {checkpoint.path} at epoch {start_epoch}", flush=True)
 
-    writer = ResultWriter(RunDir.of(cfg.run.storage_path, cfg.run.name), start_epoch) if rank == 0 else None
+    rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    writer = ResultWriter(rundir, start_epoch) if rank == 0 else None
+    trackers = Trackers(cfg, rundir, start_epoch) if rank == 0 else None
     epochs = int(cfg.train.epochs)
     every_eval, every_ckpt = int(cfg.eval.every), int(cfg.run.checkpoint_every)
     primary = run.method.primary_view
-    for epoch in range(start_epoch, epochs):
-        stats = run.train_epoch(epoch)
-        last = epoch == epochs - 1
-        metrics: dict[str, Any] = {"epoch": epoch, **stats}
-        if last or (epoch + 1) % every_eval == 0:
-            accs = run.evaluate()
-            rows, classes = run.result_rows(epoch, accs, stats)
-            if writer is not None:
-                writer.add(rows, classes, reliability_table(epoch, accs[""], run.views))
-                if cfg.run.verbose:
-                    print(f"{cfg.run.name} | {progress_line(epoch, epochs, rows, primary)}", flush=True)
-            metrics = reported_metrics(epoch, stats, rows, primary)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if (last or (epoch + 1) % every_ckpt == 0) and rank == 0:
-                save_checkpoint(tmp, model=run.model, optimizer=run.optimizer, epoch=epoch + 1, ident=run.ident)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+    finished = False
+    try:
+        for epoch in range(start_epoch, epochs):
+            stats = run.train_epoch(epoch)
+            last = epoch == epochs - 1
+            metrics: dict[str, Any] = {"epoch": epoch, **stats}
+            if last or (epoch + 1) % every_eval == 0:
+                accs = run.evaluate()
+                rows, classes = run.result_rows(epoch, accs, stats)
+                if writer is not None and trackers is not None:
+                    writer.add(rows, classes, reliability_table(epoch, accs[""], run.views))
+                    trackers.log(epoch, rows, stats)
+                    if cfg.run.verbose:
+                        print(f"{cfg.run.name} | {progress_line(epoch, epochs, rows, primary)}", flush=True)
+                metrics = reported_metrics(epoch, stats, rows, primary)
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt = None
+                if (last or (epoch + 1) % every_ckpt == 0) and rank == 0:
+                    save_checkpoint(tmp, model=run.model, optimizer=run.optimizer, epoch=epoch + 1, ident=run.ident)
+                    ckpt = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=ckpt)
+        finished = True
+    finally:
+        if trackers is not None:
+            trackers.close(finished)

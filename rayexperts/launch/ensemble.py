@@ -28,10 +28,10 @@ from omegaconf import DictConfig
 from rayexperts import registry
 from rayexperts.config import ConfigError, from_dict, load_config, parse_overrides, to_dict
 from rayexperts.eval.metrics import SHOT_COLUMNS, shot_table
-from rayexperts.launch.cluster import ensure_ray, ship_plugins
-from rayexperts.launch.train import default_run_name, parse_cli, run_training
+from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
+from rayexperts.launch.train import announce, default_run_name, parse_cli, run_training
 from rayexperts.methods import METHODS
-from rayexperts.rundir import IDENTITY_KEYS, CheckpointMismatch, RunDir
+from rayexperts.rundir import IDENTITY_KEYS, CheckpointMismatch, RunDir, StorageError
 
 DEMO_PRESET = "cbd_digits"
 SUMMARY_COLUMNS = ["model", "top1", "top1_many", "top1_medium", "top1_few", "started_at", "finished_at"]
@@ -202,6 +202,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     first = method.prerequisites(cfg)  # config errors before Ray starts
     if not first:
         raise ConfigError(f"method={cfg.method} has no runs to train first (CBD's teachers): use jobs/train.py")
+    RunDir(cfg.run.storage_path).check_writable()
     job = RunDir.of(cfg.run.storage_path, cfg.run.name)
     job.write_config(cfg)
     started = time.time()
@@ -237,8 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "CBD / CBD_ENS: teachers in parallel on Ray, then the class-balanced student.")
     try:
         cfg = resolve_job_config(args.config, args.overrides)
+        announce(cfg, "job directory")
         out = run_ensemble(cfg)
-    except (ConfigError, CheckpointMismatch) as e:
+    except (ConfigError, CheckpointMismatch, StorageError, ClusterUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except PrerequisiteFailed as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -16,8 +17,8 @@ from omegaconf import DictConfig
 from rayexperts.config import ConfigError, load_config, to_dict
 from rayexperts.engine.worker import train_loop_per_worker
 from rayexperts.eval.metrics import shot_table
-from rayexperts.launch.cluster import ensure_ray, ship_plugins
-from rayexperts.rundir import CheckpointMismatch, RunDir
+from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
+from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
 
 
 def default_run_name(cfg: DictConfig) -> str:
@@ -69,11 +70,28 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
     )
 
 
-def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
-    """Train ``cfg`` through Ray Train; returns the run directory and the final metrics."""
-    ensure_ray()
+def announce(cfg: DictConfig, what: str) -> RunDir:
+    """Check that ``run.storage_path`` can be written (before anything is), then say which rayexperts runs
+    and where the results go; returns the run (or job, or sweep) directory."""
+    import rayexperts
+
     if not cfg.run.name:
         cfg.run.name = default_run_name(cfg)
+    RunDir(cfg.run.storage_path).check_writable()
+    rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    print(f"[rayexperts] {rayexperts.__version__} from {rayexperts.PACKAGE_DIR}; {what}: {rundir}", flush=True)
+    return rundir
+
+
+def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
+    """Train ``cfg`` through Ray Train; returns the run directory and the final metrics."""
+    if not cfg.run.name:
+        cfg.run.name = default_run_name(cfg)
+    if cfg.run.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(f"run.mlflow_tracking_uri={cfg.run.mlflow_tracking_uri!r} is set, but mlflow is not "
+                          "installed: pip install 'rayexperts[mlflow]'")
+    RunDir(cfg.run.storage_path).check_writable()
+    ensure_ray()
     rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
     if rundir.holds_run_of(cfg):
         print(f"[rayexperts] {rundir} exists: resuming from its latest checkpoint if there is one", flush=True)
@@ -101,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_cli(sys.argv[1:] if argv is None else argv, "jobs/train.py", "One training run on Ray Train.")
     try:
         cfg = load_config(args.config, args.overrides)
+        announce(cfg, "run directory")
         out = run_training(cfg)
-    except (ConfigError, CheckpointMismatch) as e:
+    except (ConfigError, CheckpointMismatch, StorageError, ClusterUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     metrics = RunDir(out["path"]).read_table("metrics.parquet")

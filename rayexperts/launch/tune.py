@@ -25,12 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 from rayexperts.analysis import best_trial, cell
 from rayexperts.config import ConfigError, from_dict, load_config, to_dict, to_yaml, valid_keys, with_overrides
 from rayexperts.data import DataError, build_dataset
-from rayexperts.launch.cluster import ensure_ray
+from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray
 from rayexperts.launch.ensemble import PrerequisiteFailed, raise_failed, train_in_parallel
-from rayexperts.launch.train import default_run_name, run_training
+from rayexperts.launch.train import announce, default_run_name, run_training
 from rayexperts.methods import METHODS
 from rayexperts.registry import did_you_mean
-from rayexperts.rundir import RunDir
+from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint")
 TRIALS_DIR = "trials"
@@ -123,8 +123,9 @@ def to_param_space(space: Space) -> dict[str, Any]:
 
 def sweep_config(cfg: DictConfig) -> DictConfig:
     """Check the sweep's settings (before Ray starts) and turn on a validation split:
-    ``data.val_per_class`` := ``tune.val_per_class`` when it is 0."""
-    cfg = with_overrides(cfg, {"data.val_per_class": cfg.data.val_per_class or cfg.tune.val_per_class}, "sweep")
+    ``data.val_per_class`` := ``tune.val_per_class`` when it is 0. Checking a checked config changes nothing."""
+    if not cfg.data.val_per_class:
+        cfg = with_overrides(cfg, {"data.val_per_class": cfg.tune.val_per_class}, "sweep: a validation split")
     if not str(cfg.tune.metric).startswith("val_"):
         raise ConfigError(
             f"tune.metric={cfg.tune.metric!r} is not a validation metric: sweeps never tune on the test split; "
@@ -331,6 +332,7 @@ def best_config(best: pd.Series, cfg: DictConfig) -> str:
 def run_sweep(cfg: DictConfig, space: Space) -> dict[str, Any]:
     """Run (or continue) the sweep; writes trials.parquet and best.yaml into the sweep directory."""
     cfg = sweep_config(cfg)
+    RunDir(cfg.run.storage_path).check_writable()
     ensure_ray()
     if cfg.scaling.cpus_per_worker <= 0:
         cfg = with_overrides(cfg, {"scaling.cpus_per_worker": _cpu_share(cfg)}, "sweep: CPU share per trial")
@@ -353,10 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted config keys, e.g. tune.num_samples=16 tune.scheduler=fifo")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = sweep_config(load_config(args.config, args.overrides))
         space = load_space(args.space, cfg)
+        announce(cfg, "sweep directory")
         out = run_sweep(cfg, space)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointMismatch, StorageError, ClusterUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except PrerequisiteFailed as e:

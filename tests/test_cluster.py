@@ -1,0 +1,219 @@
+"""The cluster path as users run it (issue 11): a real head node (``ray start --head --block``, token
+authentication on, its own temp dir and ports), the README's ``ray job submit`` command read from the
+README, and the three jobs. Each submitted job must succeed, write under the given storage, resolve the
+same config as ``load_config`` does locally, and print one progress line per epoch per run. The same
+train and CBD commands run locally (from another working directory, with a dead cluster's address file
+lying around) must give the same numbers. An upload without the presets stops with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from rayexperts.config import load_config, to_dict
+from rayexperts.launch.ensemble import resolve_job_config
+from rayexperts.launch.tune import sweep_config
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MARKER = "<!-- ray-job-submit:"
+VOLATILE = ("timestamp", "images_per_sec", "train_seconds")
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def readme_submit_options() -> list[str]:
+    """The options of the README's ``ray job submit`` command (everything before ``--``)."""
+    text = (REPO / "README.md").read_text()
+    block = text[text.index(MARKER):]
+    block = block[block.index("```bash") + 7:]
+    block = block[:block.index("```")]
+    lines = block.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("ray job submit"))
+    command = ""
+    for line in lines[start:]:
+        command += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            break
+    tokens = shlex.split(command)
+    return tokens[3:tokens.index("--")]  # after "ray job submit"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Head:
+    env: dict[str, str]
+    storage: Path
+
+    def submit(self, entrypoint: list[str], extra_excludes: tuple[str, ...] = ()) -> subprocess.Popen:
+        options = readme_submit_options()
+        if extra_excludes:
+            i = options.index("--runtime-env-json") + 1
+            spec = json.loads(options[i])
+            spec["excludes"] = [*spec["excludes"], *extra_excludes]
+            options[i] = json.dumps(spec)
+        cmd = [str(BIN / "ray"), "job", "submit", *options, "--", *entrypoint]
+        return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+
+
+@pytest.fixture(scope="module")
+def head():
+    root = Path(tempfile.mkdtemp(prefix="rxh"))  # short: Ray's socket paths live under --temp-dir
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(root / "home"), RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    gcs, dash, client, nm, om, metrics, agent, agent_grpc, runtime_env = free_ports(9)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),
+           "--dashboard-port", str(dash), "--dashboard-host", "127.0.0.1", "--ray-client-server-port", str(client),
+           "--node-manager-port", str(nm), "--object-manager-port", str(om), "--metrics-export-port", str(metrics),
+           "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+           "--runtime-env-agent-port", str(runtime_env), "--temp-dir", str(root / "ray"), "--disable-usage-stats"]
+    log = open(root / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while subprocess.run([str(BIN / "ray"), "job", "list"], env=env, capture_output=True).returncode != 0:
+            assert proc.poll() is None and time.time() < deadline, (root / "head.log").read_text()[-3000:]
+            time.sleep(2)
+        yield Head(env, root / "storage")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the head and everything it started: one process group
+        try:
+            proc.wait(timeout=45)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 900) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def metrics_of(run_dir: Path) -> pd.DataFrame:
+    df = pd.read_parquet(run_dir / "metrics.parquet")
+    return df.drop(columns=[c for c in VOLATILE if c in df]).sort_values(["epoch", "view"], ignore_index=True)
+
+
+def saved_config(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def local_run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python REPO/jobs/<script> ...`` from another working directory, with the address file of a dead
+    cluster in Ray's temp dir: the script must start its own local instance, not retry the dead one."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rxl"))
+    (ray_tmp / "ray_current_cluster").write_text("127.0.0.1:9\n")  # nothing listens on port 9
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1")
+    try:
+        return subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_jobs_submitted_with_the_readme_command(head, tmp_path):
+    storage = head.storage
+    train_args = ["method=mllt", "train.epochs=2", "run.name=train_job", f"run.storage_path={storage}",
+                  "scaling.cpus_per_worker=1"]
+    cbd_args = ["train.epochs=1", "cbd.teacher_epochs=2", "cbd.teachers=[{type: standard, seed: 0}, "
+                "{type: data_aug, seed: 1}]", "run.name=cbd_job", f"run.storage_path={storage}"]
+    sweep_args = ["--space", "tune_spaces/mllt.yaml", "method=mllt", "train.epochs=1", "tune.num_samples=2",
+                  "scaling.cpus_per_worker=1", "run.name=sweep_job", f"run.storage_path={storage}"]
+    started = time.time()
+    jobs = {
+        "train": head.submit(["python", "jobs/train.py", *train_args]),
+        "cbd": head.submit(["python", "jobs/cbd_ens.py", *cbd_args]),
+        "sweep": head.submit(["python", "jobs/sweep.py", *sweep_args]),
+    }
+    logs = {name: finish(proc) for name, proc in jobs.items()}
+    submitted_s = time.time() - started
+    for name, proc in jobs.items():
+        assert proc.returncode == 0 and "succeeded" in logs[name], f"{name} job:\n{logs[name][-5000:]}"
+
+    # Results under the given storage, configs as load_config resolves them locally.
+    train_dir, cbd_dir, sweep_dir = storage / "train_job", storage / "cbd_job", storage / "sweep_job"
+    assert saved_config(train_dir / "config.yaml") == to_dict(load_config(None, train_args))
+    assert saved_config(cbd_dir / "config.yaml") == to_dict(resolve_job_config(None, cbd_args))
+    local_sweep = sweep_config(load_config(None, sweep_args[2:]))
+    assert saved_config(sweep_dir / "sweep.yaml")["config"] == to_dict(local_sweep)
+    for run in ("teachers/teacher0", "teachers/teacher1", "student"):
+        assert (cbd_dir / run / "metrics.parquet").is_file() and list((cbd_dir / run).glob("checkpoint_*"))
+    assert len(pd.read_parquet(sweep_dir / "trials.parquet")) == 2 and (sweep_dir / "best.yaml").is_file()
+
+    # What a user watching `ray job logs` sees: one progress line per epoch per run, and which
+    # rayexperts ran (the uploaded copy, not the repository).
+    assert re.findall(r"train_job \| epoch (\d)/2", logs["train"]) == ["1", "2"]
+    for teacher in ("teacher0", "teacher1"):
+        assert re.findall(rf"{teacher} \| epoch (\d)/2", logs["cbd"]) == ["1", "2"], logs["cbd"][-3000:]
+    assert len(re.findall(r"student \| epoch 1/1", logs["cbd"])) == 1
+    packages = set(re.findall(r"rayexperts \S+ from (\S+)", logs["train"]))
+    assert packages and all("runtime_resources" in p and not p.startswith(str(REPO)) for p in packages), packages
+
+    # TensorBoard event files with every view's metrics and the loss terms.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(train_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"ensemble_pc/top1", "expert0/top1_many", "train/loss_mutual", "train/lr"} <= tags
+    assert [e.step for e in events.Scalars("ensemble_pc/top1")] == [0, 1]
+
+    # The same commands run locally give the same numbers.
+    started = time.time()
+    local = local_run("train.py", [*train_args[:-2], f"run.storage_path={tmp_path}", "scaling.cpus_per_worker=1"],
+                      cwd=tmp_path)
+    local_train_s = time.time() - started
+    assert local.returncode == 0, local.stderr[-3000:]
+    pd.testing.assert_frame_equal(metrics_of(tmp_path / "train_job"), metrics_of(train_dir))
+    started = time.time()
+    local = local_run("cbd_ens.py", [*cbd_args[:-1], f"run.storage_path={tmp_path}"], cwd=tmp_path)
+    local_cbd_s = time.time() - started
+    assert local.returncode == 0, local.stderr[-3000:]
+    config = saved_config(tmp_path / "cbd_job" / "config.yaml")
+    remote = saved_config(cbd_dir / "config.yaml")
+    assert {k: v for k, v in config.items() if k != "run"} == {k: v for k, v in remote.items() if k != "run"}
+    for run in ("teachers/teacher0", "teachers/teacher1", "student"):
+        pd.testing.assert_frame_equal(metrics_of(tmp_path / "cbd_job" / run), metrics_of(cbd_dir / run))
+    print(f"\nsubmitted (3 jobs at once): {submitted_s:.0f} s; local train: {local_train_s:.0f} s; "
+          f"local CBD: {local_cbd_s:.0f} s")
+
+
+def test_an_upload_without_the_presets_stops_with_a_clear_error(head):
+    proc = head.submit(["python", "jobs/train.py", f"run.storage_path={head.storage}", "run.name=never"],
+                       extra_excludes=("/rayexperts/presets/",))
+    out = finish(proc, timeout=300)
+    assert proc.returncode != 0, out[-3000:]
+    assert re.search(r"error: the rayexperts package imported from \S+ is incomplete: rayexperts/presets missing", out)
+    assert "anchor patterns" in out
+    assert not (head.storage / "never").exists()
