@@ -76,8 +76,13 @@ class DataConfig:
 class ModelConfig:
     backbone: str = BACKBONES.default  # a registered backbone (rayexperts.registry.BACKBONES)
     num_experts: int = 1
+    # Shortcut where a CIFAR-family block changes shape: A, parameter-free (stride-2 subsample, zero-padded
+    # channels; LDAM-DRW, RIDE, NCL), or B, a 1x1 conv + BN (torchvision's ResNets have B only).
+    shortcut: Literal["A", "B"] = "A"
     expert_width: float = 0.75  # shared-trunk experts: filters of the expert stages × this
-    shared_stages: int = 2  # shared trunk = stem + this many stages, for methods that share one
+    # Shared trunk = stem + this many stages, for methods that share one (MLLT): RIDE's layout shares
+    # stage 1 of a CIFAR ResNet (experts: stages 2-3) and stages 1-2 of an ImageNet ResNet.
+    shared_stages: int = 1
     classifier: Literal["linear", "cosine"] = "linear"
     cosine_scale: float = 16.0
     weights: Optional[str] = None  # local file of backbone weights
@@ -148,6 +153,9 @@ class TuneConfig:
 class Config:
     method: str = METHODS.default  # a registered method; its options are the section named after it
     seed: int = 0
+    # official: every setting where the authors' code differs from the paper's text takes the code's form
+    # (METHODS.md "Checked against the official code"); the method declares which keys that switches.
+    compat: Literal["paper", "official"] = "paper"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -332,16 +340,19 @@ def _setting(layers: Sequence[Layer], key: str, default: Any) -> tuple[Any, str]
     return value, where
 
 
+def method_layers(method: str, compat: str = "paper") -> list[Layer]:
+    """The method's defaults layer, and with ``compat=official`` the authors'-code values it declares."""
+    m = METHODS.get(method)
+    layers: list[Layer] = [(f"method {method} defaults", dict(getattr(m, "defaults", {})))]
+    if compat == "official":
+        layers.append((f"compat official ({method})", {"compat": "official", **dict(getattr(m, "official", {}))}))
+    return layers
+
+
 def default_layers(method: str, data_name: str, compat: str = "paper") -> list[Layer]:
     """The data set's and the method's default layers (and ``compat=official``'s), in merge order."""
-    data_set, m = DATASETS.get(data_name), METHODS.get(method)
-    layers: list[Layer] = [
-        (f"data set {data_name} defaults", dict(getattr(data_set, "defaults", {}))),
-        (f"method {method} defaults", dict(getattr(m, "defaults", {}))),
-    ]
-    if compat == "official":
-        layers.append((f"compat official ({method})", dict(getattr(m, "official", {}))))
-    return layers
+    data_set = DATASETS.get(data_name)
+    return [(f"data set {data_name} defaults", dict(getattr(data_set, "defaults", {}))), *method_layers(method, compat)]
 
 
 def _merge(cfg: DictConfig, layer: Mapping[str, Any], source: str, keys: set[str], method: str) -> DictConfig:
@@ -397,7 +408,9 @@ def load_config(
             user.append((f"command line ({', '.join(flat)})", _nest(flat)))
     method, where = _setting(user, "method", Config.method)
     data_name, data_where = _setting(user, "data.name", DataConfig.name)
-    compat, _ = _setting(user, "compat", "paper")
+    compat, _ = _setting(user, "compat", Config.compat)
+    if compat not in ("paper", "official"):
+        raise ConfigError(f"invalid value {compat!r} for 'compat': choose paper or official")
     for registry, value, at in ((METHODS, method, where), (DATASETS, data_name, data_where)):
         if str(value) not in registry:
             raise ConfigError(f"{at}: " + _registry_message(registry, str(value)))

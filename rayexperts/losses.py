@@ -279,23 +279,29 @@ def nbod_loss(
     bod_hard: bool = True,
     mode: Literal["restrict", "mask"] = "restrict",
     detach_target: bool = False,
+    norm: Literal["official", "paper"] = "official",
 ) -> Tensor:
     """NCL Nested Balanced Online Distillation (NCL eq. 8–10).
 
-    ``L_dis = 1/(K(K−1)) Σ_k Σ_{q≠k} KL(p(θ_k) ‖ p(θ_q))``   (BOD_all, eq. 8, ``bod_all``)
-    ``      + 1/(K(K−1)) Σ_k Σ_{q≠k} KL(p*(θ_k) ‖ p*(θ_q))`` (BOD_hard, eq. 9, ``bod_hard``)
+    ``L_dis = 1/Z Σ_k Σ_{q≠k} KL(p(θ_k) ‖ p(θ_q))``   (BOD_all, eq. 8, ``bod_all``)
+    ``      + 1/Z Σ_k Σ_{q≠k} KL(p*(θ_k) ‖ p*(θ_q))`` (BOD_hard, eq. 9, ``bod_hard``)
     on the balanced probabilities (eq. 2) and the balanced probabilities restricted to the
     hard set (eq. 4; ``mode="mask"``: the official logit-mask variant). Batch mean; 0 for
     K = 1 or with both parts off.
+
+    ``norm`` (METHODS.md "Checked against the official code", row 1): ``"official"`` (default)
+    Z = K − 1, as the official ``NBOD`` divides the sum over ordered pairs, the form NCL's λ = 0.6
+    and its λ sweep were tuned with; ``"paper"`` Z = K(K − 1), eq. 8–9 as printed (K× weaker).
 
     ``detach_target=False`` (default): no stop-gradient. The paper's eq. 8–9 have none and
     it describes online mutual distillation where "each expert can be a teacher to others
     and also can be a student"; the official code (``lib/loss/loss.py``, ``NBOD``) also
     back-propagates through both sides of ``F.kl_div``. ``True`` detaches ``p(θ_k)`` (the
-    target of each ordered pair), DML style. Note the official code divides the sum over
-    ordered pairs by ``K − 1`` rather than the paper's ``K(K−1)``; we follow the paper.
+    target of each ordered pair), DML style.
     """
     _check_mode(mode)
+    if norm not in ("official", "paper"):
+        raise ValueError(f"norm must be 'official' or 'paper', got {norm!r}")
     z = _stack(expert_logits, "expert_logits")
     num_experts, batch, num_classes = z.shape
     _check_counts(class_counts, num_classes)
@@ -313,7 +319,8 @@ def nbod_loss(
         log_p_hard = _hard_log_probs(balanced, mask, mode)
         finite_log_p = log_p_hard.masked_fill(~mask, 0.0) if mode == "restrict" else log_p_hard  # 0·log 0 := 0
         per_sample = per_sample + _pairwise_kl(log_p_hard.exp(), finite_log_p, detach_target)
-    return per_sample.mean() / (num_experts * (num_experts - 1))
+    pairs_per_expert = num_experts - 1
+    return per_sample.mean() / (pairs_per_expert if norm == "official" else num_experts * pairs_per_expert)
 
 
 # -- ECL ------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def test_nil_hand_values_both_modes():
     assert restrict.item() != pytest.approx(L.nil_loss(experts, y, counts, mask, mode="mask").item())
 
 
-def nbod_hand(p_hard, parts=("all", "hard")) -> float:
+def nbod_hand(p_hard, parts=("all", "hard"), norm="official") -> float:
     total = 0.0
     for i in range(2):
         for k, q in ((0, 1), (1, 0)):
@@ -212,23 +212,33 @@ def nbod_hand(p_hard, parts=("all", "hard")) -> float:
                 total += kl(p_full(NCL_Z[k][i]), p_full(NCL_Z[q][i]))
             if "hard" in parts:
                 total += kl(p_hard(NCL_Z[k][i], NCL_MASK[i]), p_hard(NCL_Z[q][i], NCL_MASK[i]))
-    return total / (2 * 1) / 2  # 1/(K(K−1)), batch mean
+    pairs = 1 if norm == "official" else 2 * 1  # K − 1 (the official NBOD) or K(K − 1) (eq. 8–9)
+    return total / pairs / 2  # batch mean
 
 
-def test_nbod_hand_values_and_switches():
+@pytest.mark.parametrize("norm", ["official", "paper"])
+def test_nbod_hand_values_and_switches(norm):
     experts, _, mask, counts = ncl_inputs()
-    close(L.nbod_loss(experts, counts, mask), nbod_hand(p_restrict))
-    close(L.nbod_loss(experts, counts, mask, mode="mask"), nbod_hand(p_maskmode))
-    close(L.nbod_loss(experts, counts, mask, bod_hard=False), nbod_hand(p_restrict, ("all",)))
-    close(L.nbod_loss(experts, counts, mask, bod_all=False), nbod_hand(p_restrict, ("hard",)))
-    close(L.nbod_loss(experts, counts, None, bod_all=False, bod_hard=False), 0.0)
+    close(L.nbod_loss(experts, counts, mask, norm=norm), nbod_hand(p_restrict, norm=norm))
+    close(L.nbod_loss(experts, counts, mask, mode="mask", norm=norm), nbod_hand(p_maskmode, norm=norm))
+    close(L.nbod_loss(experts, counts, mask, bod_hard=False, norm=norm), nbod_hand(p_restrict, ("all",), norm))
+    close(L.nbod_loss(experts, counts, mask, bod_all=False, norm=norm), nbod_hand(p_restrict, ("hard",), norm))
+    close(L.nbod_loss(experts, counts, None, bod_all=False, bod_hard=False, norm=norm), 0.0)
 
 
-def test_nbod_three_experts_normaliser():
+def test_nbod_default_is_the_official_normaliser():
+    experts, _, mask, counts = ncl_inputs()
+    close(L.nbod_loss(experts, counts, mask), nbod_hand(p_restrict, norm="official"))
+    with pytest.raises(ValueError, match="norm must be"):
+        L.nbod_loss(experts, counts, mask, norm="mean")
+
+
+@pytest.mark.parametrize("norm, pairs", [("official", 2), ("paper", 6)])
+def test_nbod_three_experts_normaliser(norm, pairs):
     z = [[1.0, 0.0, 2.0], [0.0, 2.0, 1.0], [-1.0, 0.5, 0.0]]
     ps = [p_full(row) for row in z]
-    expected = sum(kl(ps[k], ps[q]) for k in range(3) for q in range(3) if k != q) / 6
-    close(L.nbod_loss([t([row]) for row in z], t(N), None, bod_hard=False), expected)
+    expected = sum(kl(ps[k], ps[q]) for k in range(3) for q in range(3) if k != q) / pairs  # K−1 = 2, K(K−1) = 6
+    close(L.nbod_loss([t([row]) for row in z], t(N), None, bod_hard=False, norm=norm), expected)
 
 
 def test_nbod_gradient_sides():
@@ -236,7 +246,7 @@ def test_nbod_gradient_sides():
 
     def grad_z1(detach_target: bool) -> list[float]:
         a, b = t([z1]).requires_grad_(), t([z2]).requires_grad_()
-        L.nbod_loss([a, b], t(N), None, bod_hard=False, detach_target=detach_target).backward()
+        L.nbod_loss([a, b], t(N), None, bod_hard=False, detach_target=detach_target, norm="paper").backward()
         return a.grad[0].tolist()
 
     # detached: z1 is the student only in KL(p2 ‖ p1), gradient (p1 − p2) / (K(K−1))

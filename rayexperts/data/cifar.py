@@ -180,4 +180,4 @@ def decode_rows(path: Path, column: str, rows: np.ndarray) -> np.ndarray:
 
 
 for _name in _LAYOUT:
-    DATASETS.register(_name, DataSetEntry(partial(build_cifar, name=_name), DEFAULTS))
+    DATASETS.register(_name, DataSetEntry(partial(build_cifar, name=_name), DEFAULTS, _LAYOUT[_name].num_classes))

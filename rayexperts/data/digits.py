@@ -42,4 +42,4 @@ def build_digits(data_cfg) -> LTDataset:
     )
 
 
-DATASETS.register("digits-lt", DataSetEntry(build_digits, DEFAULTS))
+DATASETS.register("digits-lt", DataSetEntry(build_digits, DEFAULTS, num_classes=10, in_channels=1))

@@ -60,7 +60,7 @@ def build_imagefolder(data_cfg) -> LTDataset:
 # A generic image folder: ImageNet-sized defaults (ResNet-50, 224 crops, cosine).
 DEFAULTS = {
     "data.image_size": 224, "data.imbalance_type": "none", "data.augment": "standard", "data.num_workers": 4,
-    "model.backbone": "resnet50",
+    "model.backbone": "resnet50", "model.shortcut": "B", "model.shared_stages": 2,
     "train.epochs": 90, "train.batch_size": 256, "train.lr": 0.1, "train.weight_decay": 5e-4, "train.schedule": "cosine",
 }
 DATASETS.register("imagefolder", DataSetEntry(build_imagefolder, DEFAULTS))

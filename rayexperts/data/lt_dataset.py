@@ -41,6 +41,8 @@ class DataSetEntry:
 
     build: Callable[[Any], LTDataset]  # data config (the ``data.*`` keys) -> the data set
     defaults: Mapping[str, Any] = field(default_factory=dict)  # dotted config keys it sets: a config layer
+    num_classes: int | None = None  # known without reading the data (None: the data decide)
+    in_channels: int = 3
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str,

@@ -113,23 +113,24 @@ def build_split_files(data_cfg, name: str) -> LTDataset:
 # ImageNet-LT (published split files): ResNet-50, RandomResizedCrop 224 + flip, cosine.
 IMAGENET_LT = {
     "data.image_size": 224, "data.imbalance_type": "none", "data.augment": "standard", "data.num_workers": 8,
-    "data.test_batch_size": 256, "model.backbone": "resnet50",
+    "data.test_batch_size": 256, "model.backbone": "resnet50", "model.shortcut": "B", "model.shared_stages": 2,
     "train.epochs": 90, "train.batch_size": 256, "train.lr": 0.1, "train.weight_decay": 5e-4,
     "train.schedule": "cosine", "train.warmup_epochs": 0,
 }
 # Places-LT: ImageNet-pretrained ResNet-152 (set model.weights to a local file).
 PLACES_LT = {
     "data.image_size": 224, "data.imbalance_type": "none", "data.augment": "standard", "data.num_workers": 8,
-    "data.test_batch_size": 256, "model.backbone": "resnet152",
+    "data.test_batch_size": 256, "model.backbone": "resnet152", "model.shortcut": "B", "model.shared_stages": 2,
     "train.epochs": 30, "train.batch_size": 128, "train.lr": 0.01, "train.weight_decay": 5e-4,
     "train.schedule": "cosine", "train.warmup_epochs": 0,
 }
 # iNaturalist 2018: ResNet-50, cosine.
 INAT2018 = {
     "data.image_size": 224, "data.imbalance_type": "none", "data.augment": "standard", "data.num_workers": 8,
-    "data.test_batch_size": 256, "model.backbone": "resnet50",
+    "data.test_batch_size": 256, "model.backbone": "resnet50", "model.shortcut": "B", "model.shared_stages": 2,
     "train.epochs": 200, "train.batch_size": 256, "train.lr": 0.1, "train.weight_decay": 1e-4,
     "train.schedule": "cosine", "train.warmup_epochs": 0,
 }
-for _name, _defaults in (("imagenet-lt", IMAGENET_LT), ("places-lt", PLACES_LT), ("inat2018", INAT2018)):
-    DATASETS.register(_name, DataSetEntry(partial(build_split_files, name=_name), _defaults))
+for _name, _defaults, _classes in (("imagenet-lt", IMAGENET_LT, 1000), ("places-lt", PLACES_LT, 365),
+                                   ("inat2018", INAT2018, 8142)):
+    DATASETS.register(_name, DataSetEntry(partial(build_split_files, name=_name), _defaults, _classes))

@@ -10,8 +10,10 @@ frozen teachers, which see the same augmented batch:
     CBD_ENS: L = (1−α) CE(z, y) + α β (1 − cos(h(v), [v̂¹ … v̂ᴷ]))              # eq. 4, K > 1
 
 α = ``cbd.distill_mix``, β = ``cbd.distill_scale``; batch mean instead of the paper's sum over i
-(as every method here). ``h`` is a linear ``d → Σ_k d_k`` layer and the student's cosine classifier
-sits on ``h(v)``; with one teacher there is no ``h`` and ``v`` must have the teacher's width.
+(as every method here). ``h: R^d → R^{Σ_k d_k}`` (``cbd.projection``) is a linear layer (the text,
+default) or the authors' code's Dense → ReLU → ℓ2-normalise (``mlp``; with ``compat=official``, which
+also fixes the cosine classifier's scale at 20), and the student's cosine classifier sits on ``h(v)``;
+with one teacher there is no ``h`` and ``v`` must have the teacher's width.
 
 Teachers are the run directories in ``cbd.teacher_runs`` (paths or URIs; each its ``config.yaml``
 and latest checkpoint, through :class:`~rayexperts.rundir.RunDir`), of any registered method.
@@ -31,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from rayexperts.config import compose, default_layers, flatten, to_dict, with_overrides
+from rayexperts.config import compose, flatten, method_layers, to_dict, with_overrides
 from rayexperts.errors import ConfigError
 from rayexperts.methods.base import LossOutput, Method, View, register_method
 from rayexperts.registry import METHODS
@@ -67,6 +69,7 @@ def _default_teachers() -> list[TeacherSpec]:
 class CBDOptions:
     distill_mix: float = 0.4  # α: L = (1−α)·CE + α·β·(1 − cos)  (eq. 2, 4)
     distill_scale: float = 100.0  # β
+    projection: Literal["linear", "mlp"] = "linear"  # h: a linear layer (the text) or Dense-ReLU-l2norm (the code)
     teachers: list[TeacherSpec] = field(default_factory=_default_teachers)  # stage 1 (jobs/cbd_ens.py)
     teacher_runs: list[str] = field(default_factory=list)  # the student's teachers: run directories (paths or URIs)
     teacher_cpus: float = 1.0  # per teacher worker
@@ -99,8 +102,8 @@ def teacher_config(cfg: DictConfig, i: int) -> DictConfig:
         "run.storage_path": RunDir.of(cfg.run.storage_path, cfg.run.name).child("teachers").uri,
         "run.name": f"teacher{i}",
     }
-    method_layer = [layer for layer in default_layers(alias["method"], str(cfg.data.name)) if "method" in layer[0]]
-    layers = [(f"cbd job {cfg.run.name}", {"method": alias["method"], **core}), *method_layer, (where, fixed)]
+    layers = [(f"cbd job {cfg.run.name}", {"method": alias["method"], **core}),
+              *method_layers(alias["method"], str(cfg.compat)), (where, fixed)]
     if spec.overrides:
         layers.append((f"{where}.overrides", flatten(dict(spec.overrides))))
     return compose(layers, resolve_paths=False)
@@ -133,6 +136,7 @@ def load_teacher(run: str, class_counts: Tensor, in_channels: int, data_name: st
 class ClassBalancedDistillation(Method):
     Options = CBDOptions
     defaults = {"model.num_experts": 1, "model.classifier": "cosine"}
+    official = {"cbd.projection": "mlp", "model.cosine_scale": 20.0}
     renamed = {"loss.cbd_alpha": "distill_mix", "loss.cbd_beta": "distill_scale", "teachers": "teachers"}
     path_keys = (TEACHER_RUNS,)
     sampler = "class_balanced"
@@ -141,9 +145,6 @@ class ClassBalancedDistillation(Method):
     def __init__(self, cfg: DictConfig, class_counts: Tensor, in_channels: int = 3) -> None:
         super().__init__(cfg, class_counts, in_channels)
         self.teacher_runs = [str(r) for r in self.opts.teacher_runs]
-        if not self.teacher_runs:
-            raise ConfigError("method=cbd needs its teachers: set cbd.teacher_runs to stage-1 run directories, "
-                              "or run jobs/cbd_ens.py, which trains them")
         self._teachers: list[nn.Module] | None = None
 
     @classmethod
@@ -178,25 +179,46 @@ class ClassBalancedDistillation(Method):
     @property
     def teachers(self) -> list[nn.Module]:
         """The frozen teachers, loaded on first use (CPU until :meth:`setup`); never submodules of the student."""
+        if not self.teacher_runs:
+            raise ConfigError("method=cbd trains against its teachers: set cbd.teacher_runs to stage-1 run "
+                              "directories, or run jobs/cbd_ens.py, which trains them")
         if self._teachers is None:
             self._teachers = [load_teacher(run, self.class_counts, self.in_channels, str(self.cfg.data.name))
                               for run in self.teacher_runs]
         return self._teachers
 
     def teacher_feature_dims(self) -> list[int]:
-        """Width of every part of the distillation target: one per teacher expert."""
+        """Width of every part of the distillation target: one per teacher expert. Without teacher runs
+        (``python -m rayexperts.models summary``): those of the ``cbd.teachers`` the job would train."""
+        import torch
+
         from rayexperts.models import find_experts
 
-        return [find_experts(t).feature_dim for t in self.teachers for _ in range(find_experts(t).num_experts)]
+        if self.teacher_runs:
+            teachers = self.teachers
+        else:
+            configs = [teacher_config(self.cfg, i) for i in range(len(self.opts.teachers))]
+            with torch.random.fork_rng(devices=[]):
+                teachers = [METHODS.get(c.method)(c, self.class_counts.cpu(), self.in_channels).build_model()
+                            for c in configs]
+        return [find_experts(t).feature_dim for t in teachers for _ in range(find_experts(t).num_experts)]
 
     def build_model(self) -> nn.Module:
         from torch import nn
 
         from rayexperts.models import build_experts
 
+        from rayexperts.models import L2Normalize
+
         dims = self.teacher_feature_dims()
         proj = sum(dims) if len(dims) > 1 else 0  # h: R^d → R^{Σd_k} (eq. 4); none for plain CBD (eq. 2)
-        neck = (lambda d: (nn.Linear(d, proj), proj)) if proj else None
+
+        def h(d: int) -> tuple[nn.Module, int]:
+            if self.opts.projection == "mlp":
+                return nn.Sequential(nn.Linear(d, proj), nn.ReLU(), L2Normalize()), proj
+            return nn.Linear(d, proj), proj
+
+        neck = h if proj else None
         model = build_experts(self.cfg.model, self.num_classes, self.in_channels, shared_trunk=False, neck=neck)
         if not proj and model.feature_dim != dims[0]:
             raise ValueError(

@@ -33,8 +33,9 @@ class MLLTOptions:
 @register_method("mllt")
 class MutualLearning(Method):
     Options = MLLTOptions
-    defaults = {"model.num_experts": 3, "model.shared_stages": 2, "model.expert_width": 0.75,
-                "model.classifier": "cosine", "model.cosine_scale": 16.0}
+    # The trunk split (model.shared_stages) is the data set's: RIDE's layout for its backbone family.
+    defaults = {"model.num_experts": 3, "model.expert_width": 0.75, "model.classifier": "cosine",
+                "model.cosine_scale": 16.0}
     renamed = {"loss.mllt_teacher": "teacher"}
     pc_views = True
     primary_view = "ensemble_pc"

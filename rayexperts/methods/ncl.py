@@ -6,12 +6,14 @@ K independent networks (no shared trunk), each trained with the balanced softmax
     Ψ      = TopHard_{C_hard}{ z^a_j | j ≠ y } ∪ {y}                              # HCM, eq. 3
     p*     = balanced softmax restricted to Ψ                                      # eq. 4
     L_nil  = Σ_k −log p_y(x; θ_k) + Σ_k −log p*_y(x; θ_k)                          # eq. 5–7
-    L_dis  = 1/(K(K−1)) Σ_k Σ_{q≠k} [ KL(p(θ_k) ‖ p(θ_q)) + KL(p*(θ_k) ‖ p*(θ_q)) ]  # eq. 8–10
+    L_dis  = 1/Z Σ_k Σ_{q≠k} [ KL(p(θ_k) ‖ p(θ_q)) + KL(p*(θ_k) ‖ p*(θ_q)) ]         # eq. 8–10, Z: see below
     L_con  = Σ_k InfoNCE_k                                                         # eq. 11
     L      = L_nil + L_con + λ · L_dis                                             # eq. 12
 
-``C_hard = round(ncl.hard_ratio · C)``, λ = ``ncl.distill_weight``, InfoNCE temperature
-``ncl.moco.temperature``. One hard set Ψ per sample is shared by all experts. It is mined
+``C_hard = round(ncl.hard_ratio · C)`` non-target classes plus the target (``ncl.hard_count=paper``), or
+the official code's ``int(β·C)`` classes including the target (``official``); λ = ``ncl.distill_weight``;
+L_dis divided by K − 1 (``ncl.distill_norm=official``, the form λ = 0.6 was tuned with) or by K(K − 1)
+(``paper``, eq. 8–9 as printed); InfoNCE temperature ``ncl.moco.temperature``. One hard set Ψ per sample is shared by all experts. It is mined
 from the *raw* logits ``z^a`` of the anchor expert ``a``: eq. 3 ranks ``z^k_ij``, not the
 balanced logits, and the official code does the same (``inputs[0]`` before ``+ log n``).
 The anchor is ``ncl.anchor_expert`` (default 0, as the official code), or with
@@ -49,7 +51,9 @@ class NCLOptions:
     hard_anchor: Literal["fixed", "random"] = "fixed"  # the expert that mines Ψ: anchor_expert, or one per step
     anchor_expert: int = 0
     hard_mode: Literal["restrict", "mask"] = "restrict"  # p* over Ψ (eq. 4), or the official code's logit mask
+    hard_count: Literal["paper", "official"] = "paper"  # Ψ: round(β·C) others + the target, or int(β·C) in all
     distill_weight: float = 0.6  # λ (eq. 12)
+    distill_norm: Literal["official", "paper"] = "official"  # L_dis ÷ (K − 1) as the official NBOD, or ÷ K(K − 1)
     learn_hard: bool = True  # NIL's hard-category term: the −log p*_y sum of eq. 5–7
     distill_all: bool = True  # BOD_all: distillation over all classes (eq. 8)
     distill_hard: bool = True  # BOD_hard: distillation over the hard categories (eq. 9)
@@ -61,17 +65,20 @@ class NCLOptions:
 class NestedCollaborative(Method):
     Options = NCLOptions
     defaults = {"model.num_experts": 3, "model.classifier": "linear"}
+    official = {"ncl.hard_count": "official", "ncl.hard_mode": "mask", "ncl.distill_norm": "official"}
     renamed = {
         "loss.tau": "tau", "loss.hard_ratio": "hard_ratio", "loss.hard_anchor": "hard_anchor",
         "loss.anchor_expert": "anchor_expert", "loss.hard_mode": "hard_mode", "loss.ncl_lambda": "distill_weight",
         "loss.nil_hard": "learn_hard", "loss.bod_all": "distill_all", "loss.bod_hard": "distill_hard",
-        "loss.self_sup": "contrastive", **MOCO_RENAMED,
+        "loss.self_sup": "contrastive", "loss.bod_norm": "distill_norm", **MOCO_RENAMED,
     }
     primary_view = "ensemble"
 
     def __init__(self, cfg: DictConfig, class_counts: Tensor, in_channels: int = 3) -> None:
         super().__init__(cfg, class_counts, in_channels)
-        self.num_hard = round(float(self.opts.hard_ratio) * self.num_classes)  # C_hard = β·C
+        beta_c = float(self.opts.hard_ratio) * self.num_classes
+        # C_hard non-target classes: β·C rounded (the paper), or int(β·C) counting the target (the code)
+        self.num_hard = round(beta_c) if self.opts.hard_count == "paper" else max(int(beta_c) - 1, 0)
 
     @classmethod
     def validate(cls, cfg: DictConfig) -> None:
@@ -112,7 +119,7 @@ class NestedCollaborative(Method):
             terms["con"] = contrastive_loss(out, float(o.moco.temperature))
         if o.distill_all or o.distill_hard:
             dis = nbod_loss(logits, counts, mask, tau, bod_all=bool(o.distill_all), bod_hard=bool(o.distill_hard),
-                            mode=mode)
+                            mode=mode, norm=str(o.distill_norm))
             terms["dis"] = float(o.distill_weight) * dis
         total = sum(terms.values())
         return LossOutput(total, {k: v.detach() for k, v in terms.items()})

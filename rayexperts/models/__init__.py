@@ -13,7 +13,7 @@ _EXPORTS = {
     "Backbone": "base", "BackboneEntry": "base", "PooledStages": "base",
     "build_backbone": "backbones", "expert_stages": "backbones", "load_weights": "backbones",
     "MultiExpertNet": "experts", "build_experts": "experts", "find_experts": "experts",
-    "CosineClassifier": "heads", "LinearClassifier": "heads", "WithExtraHeads": "heads", "build_classifier": "heads",
+    "CosineClassifier": "heads", "L2Normalize": "heads", "LinearClassifier": "heads", "WithExtraHeads": "heads", "build_classifier": "heads",
     "ContrastiveOutput": "moco", "MocoBranch": "moco", "MocoConfig": "moco", "MocoExperts": "moco",
     "ModelOutput": "output",
 }
@@ -22,6 +22,7 @@ __all__ = [
     "BackboneEntry",
     "ContrastiveOutput",
     "CosineClassifier",
+    "L2Normalize",
     "LinearClassifier",
     "MocoBranch",
     "MocoConfig",
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from rayexperts.models.backbones import build_backbone, expert_stages, load_weights
     from rayexperts.models.base import Backbone, BackboneEntry, PooledStages
     from rayexperts.models.experts import MultiExpertNet, build_experts, find_experts
-    from rayexperts.models.heads import CosineClassifier, LinearClassifier, WithExtraHeads, build_classifier
+    from rayexperts.models.heads import CosineClassifier, L2Normalize, LinearClassifier, WithExtraHeads, build_classifier
     from rayexperts.models.moco import ContrastiveOutput, MocoBranch, MocoConfig, MocoExperts
     from rayexperts.models.output import ModelOutput
 

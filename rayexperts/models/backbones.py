@@ -110,8 +110,16 @@ def _backbone_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _torchvision_backbone(name: str, in_channels: int = 3, download: bool = False) -> Backbone:
+def _torchvision_shortcut(name: str, shortcut: str) -> None:
+    if shortcut != "B":
+        raise ValueError(f"model.shortcut={shortcut!r}: torchvision's {name} has projection shortcuts (B) only; "
+                         "set model.shortcut=B")
+
+
+def _torchvision_backbone(name: str, in_channels: int = 3, download: bool = False, shortcut: str = "B") -> Backbone:
     from torchvision import models as tvm
+
+    _torchvision_shortcut(name, shortcut)
 
     if download and in_channels != 3:
         raise ValueError(f"ImageNet weights for '{name}' need 3 input channels, got {in_channels}")
@@ -124,10 +132,13 @@ def _torchvision_backbone(name: str, in_channels: int = 3, download: bool = Fals
     return Backbone(stem, stages, [p * _EXPANSION for p in _PLANES])
 
 
-def _torchvision_stages(name: str, start: int, width: float, in_channels: int) -> tuple[nn.Module, int]:
+def _torchvision_stages(name: str, start: int, width: float, in_channels: int,
+                        shortcut: str = "B") -> tuple[nn.Module, int]:
     """torchvision's own ``_make_layer`` at planes × ``width``, on a throw-away ResNet whose
     ``inplanes`` is set to ``in_channels`` (groups and width per group as ``name``)."""
     from torchvision.models.resnet import Bottleneck, ResNet
+
+    _torchvision_shortcut(name, shortcut)
 
     spec = _TORCHVISION[name]
     shell = ResNet(Bottleneck, [1, 1, 1, 1], groups=spec.groups, width_per_group=spec.width_per_group)

@@ -119,6 +119,7 @@ def build_experts(
         neck=neck,
         weights=model_cfg.weights,
         allow_download=model_cfg.allow_download,
+        backbone_options={"shortcut": str(model_cfg.shortcut)},
     )
 
 

@@ -39,6 +39,13 @@ def build_classifier(kind: str, in_features: int, num_classes: int, scale: float
     raise ValueError(f"unknown classifier '{kind}'; choose linear or cosine")
 
 
+class L2Normalize(nn.Module):
+    """``v / ‖v‖₂`` over the feature dimension."""
+
+    def forward(self, v: Tensor) -> Tensor:
+        return F.normalize(v, dim=1)
+
+
 class WithExtraHeads(nn.Module):
     """A multi-expert model (``MultiExpertNet``) plus a second classifier per expert on the same
     features; ``forward(x)`` returns the model's output with these heads' logits in ``out.aux[name]``.
