@@ -1,10 +1,16 @@
-"""Benchmark (not a test): images/s of a training step per method and backbone,
-(a) plain single-process PyTorch, (b) Ray Train with 1 worker, (c) Ray Train with 2 workers.
+"""Benchmark (not a test): images/s of a training step per method, backbone, data pipeline and
+``train.compile`` setting, (a) in a plain process and (b) through Ray Train with 1 and 2 workers.
 
     python jobs/bench_throughput.py [--methods ce,mllt,ncl,ecl] [--backbones resnet8,resnet32]
-        [--steps 30] [--warmup 5] [--data PARQUET] [--out runs/bench]
+        [--pipelines loader,device] [--runners plain,ray] [--compile off] [--steps 30] [--warmup 5]
+        [--data PARQUET] [--out runs/bench] [key=value ...]
 
-Uses CIFAR-10-LT IF 100 from ../shared/data/cifar10-jpeg.parquet when present, else digits-lt.
+``loader`` is the per-image DataLoader path (``data.cache=off``), ``device`` the data on the training
+device with batched augmentation (``data.cache=device``). ``DIR/throughput.parquet``: one row per
+(method, backbone, pipeline, compile) with ``plain_img_s`` and, with the ray runner, ``ray1_img_s``,
+``ray2_img_s``, ``ray_overhead``, ``ray1_fit_s``, ``ray2_fit_s``. Uses CIFAR-10-LT IF 100 from
+../shared/data/cifar10-jpeg.parquet when present, else digits-lt. With ``scaling.use_gpu=true`` on a
+machine with CUDA, the plain runner times CUDA.
 """
 
 import argparse
@@ -19,54 +25,67 @@ import pandas as pd  # noqa: E402
 
 from rayexperts.config import load_config  # noqa: E402
 from rayexperts.launch.bench import plain, through_ray  # noqa: E402
-from rayexperts.launch.train import ensure_ray  # noqa: E402
+
+PIPELINES = {"loader": "off", "device": "device"}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="ce,mllt,ncl,ecl")
     p.add_argument("--backbones", default="resnet8,resnet32")
+    p.add_argument("--pipelines", default="loader,device")
+    p.add_argument("--runners", default="plain,ray")
+    p.add_argument("--compile", default="off", help="train.compile values to time, e.g. off,on")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=0, help="torch threads of the plain runner (0: all CPUs)")
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpeg.parquet"))
     p.add_argument("--out", default="runs/bench")
     p.add_argument("overrides", nargs="*", help="extra dotted config keys")
     args = p.parse_args()
+    runners = args.runners.split(",")
+    pipelines = args.pipelines.split(",")
+    unknown = [x for x in pipelines if x not in PIPELINES] + [x for x in runners if x not in ("plain", "ray")]
+    if unknown:
+        print(f"error: unknown pipeline or runner {', '.join(unknown)}", file=sys.stderr)
+        return 2
 
-    data = (
-        ["data.name=cifar10-lt", f"data.root={args.data}", "data.imbalance_factor=100"]
-        if Path(args.data).exists()
-        else ["data.name=digits-lt"]
-    )
-    ensure_ray()
-    import ray
+    cifar = Path(args.data).exists()
+    data = ["data.name=cifar10-lt", f"data.root={args.data}", "data.imbalance_factor=100"] if cifar else ["data.name=digits-lt"]
+    threads = args.threads
+    if "ray" in runners:
+        import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+        from rayexperts.launch.cluster import ensure_ray
+
+        ensure_ray()
+        threads = threads or int(ray.cluster_resources().get("CPU", 1))
+    if not threads:
+        import os
+
+        threads = len(os.sched_getaffinity(0))
     rows = []
     storage = tempfile.mkdtemp(prefix="rayexperts-bench-")
     for method in args.methods.split(","):
-        for backbone in args.backbones.split(",") if Path(args.data).exists() else ["digitsnet"]:
-            cfg = load_config(
-                None,
-                [f"method={method}", *data, f"model.backbone={backbone}", f"train.batch_size={args.batch_size}"]
-                + list(args.overrides),
-            )
-            a = plain(cfg, args.warmup, args.steps, threads=cpus)
-            b, b_wall = through_ray(cfg, args.warmup, args.steps, 1, storage)
-            c, c_wall = through_ray(cfg, args.warmup, args.steps, 2, storage)
-            row = {
-                "method": method,
-                "backbone": backbone,
-                "plain_img_s": round(a, 1),
-                "ray1_img_s": round(b, 1),
-                "ray2_img_s": round(c, 1),
-                "ray_overhead": round(1 - b / a, 4),
-                "ray1_fit_s": round(b_wall, 1),
-                "ray2_fit_s": round(c_wall, 1),
-            }
-            print(row, flush=True)
-            rows.append(row)
+        for backbone in args.backbones.split(",") if cifar else ["digitsnet"]:
+            for pipeline in pipelines:
+                for compiled in args.compile.split(","):
+                    cfg = load_config(None, [f"method={method}", *data, f"model.backbone={backbone}",
+                                             f"train.batch_size={args.batch_size}", f"data.cache={PIPELINES[pipeline]}",
+                                             f"train.compile={compiled}", "run.verbose=false", *args.overrides])
+                    row = {"method": method, "backbone": backbone, "pipeline": pipeline, "compile": compiled}
+                    if "plain" in runners:
+                        row["plain_img_s"] = round(plain(cfg, args.warmup, args.steps, threads=threads), 1)
+                    if "ray" in runners:
+                        b, b_wall = through_ray(cfg, args.warmup, args.steps, 1, storage)
+                        c, c_wall = through_ray(cfg, args.warmup, args.steps, 2, storage)
+                        row.update(ray1_img_s=round(b, 1), ray2_img_s=round(c, 1), ray1_fit_s=round(b_wall, 1),
+                                   ray2_fit_s=round(c_wall, 1))
+                        if "plain_img_s" in row:
+                            row["ray_overhead"] = round(1 - b / row["plain_img_s"], 4)
+                    print(row, flush=True)
+                    rows.append(row)
     df = pd.DataFrame(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,10 @@ import rayexperts  # noqa: E402
 
 rayexperts.check_install_or_exit()  # an upload without the presets stops here, not halfway through a run
 from rayexperts.launch.train import main  # noqa: E402
+from rayexperts.trace import mark  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    mark("imports done")
+    code = main()
+    mark("exit")
+    sys.exit(code)

@@ -64,7 +64,15 @@ class DataConfig:
     augment: Literal["standard", "randaugment", "autoaugment_cutout", "data_aug", "none"] = "standard"
     key_augment: Literal["moco", "same"] = "moco"  # the second (contrastive) view, for methods that ask for one
     image_size: int = 32
-    num_workers: int = 0  # DataLoader processes per Ray worker
+    # Where the decoded images live: device (one uint8 tensor on the training device, batches augmented
+    # there), host (in memory, each batch copied to the device), off (a per-image DataLoader), or auto
+    # (device when all images have one size and fit in cache_limit_mb decoded, else off).
+    cache: Literal["auto", "device", "host", "off"] = "auto"
+    cache_limit_mb: float = 4096.0
+    # Without a cache, who decodes image files: the DataLoader workers (PIL, per image), or the training
+    # device a batch at a time (torchvision.io.decode_jpeg; nvJPEG on CUDA); auto: device on CUDA.
+    decode: Literal["auto", "workers", "device"] = "auto"
+    num_workers: int = 0  # DataLoader processes per Ray worker (data.cache=off)
     sampler: Literal["auto", "instance", "class_balanced", "sqrt"] = "auto"  # auto: the method's choice
     many_threshold: int = 100  # many-shot: more than this many training images
     few_threshold: int = 20  # few-shot: fewer than this many
@@ -88,7 +96,8 @@ class ModelConfig:
     weights: Optional[str] = None  # local file of backbone weights
     allow_download: bool = False  # let torchvision fetch ImageNet weights at run time
     sync_bn: Optional[bool] = None  # None: on when num_workers > 1 on GPU
-    channels_last: bool = True  # CUDA only
+    # channels_last memory format: auto is on (measured faster on CPU and on CUDA for these ResNets)
+    channels_last: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass
@@ -105,6 +114,11 @@ class TrainConfig:
     warmup_epochs: int = 0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     grad_clip: float = 0.0  # 0: off
+    # torch.compile of the model for training: auto is on for CUDA, off on CPU (its warm-up does not pay
+    # there); compile_mode auto: CUDA graphs (reduce-overhead) on CUDA unless the model updates buffers in
+    # its forward pass (MoCo queues), else torch.compile's default.
+    compile: Literal["auto", "on", "off"] = "auto"
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune"] = "auto"
 
 
 @dataclass
@@ -355,6 +369,21 @@ def default_layers(method: str, data_name: str, compat: str = "paper") -> list[L
     return [(f"data set {data_name} defaults", dict(getattr(data_set, "defaults", {}))), *method_layers(method, compat)]
 
 
+def _yaml_switches(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``on``/``off`` (and ``yes``/``no``) as booleans: for a choice that offers ``on``/``off``
+    (``data.cache=off``, ``train.compile=on``), a boolean means that choice."""
+    out = dict(flat)
+    for key, value in flat.items():
+        if isinstance(value, bool):
+            node = OmegaConf.select(cfg, key.rsplit(".", 1)[0]) if "." in key else cfg
+            choices = getattr(getattr(node, "_get_node", lambda _: None)(key.rsplit(".", 1)[-1]), "_metadata", None)
+            allowed = getattr(getattr(choices, "ref_type", None), "__args__", ())
+            word = "on" if value else "off"
+            if word in allowed:
+                out[key] = word
+    return out
+
+
 def _merge(cfg: DictConfig, layer: Mapping[str, Any], source: str, keys: set[str], method: str) -> DictConfig:
     flat = _flatten(layer)
     for key in flat:
@@ -362,6 +391,7 @@ def _merge(cfg: DictConfig, layer: Mapping[str, Any], source: str, keys: set[str
             raise ConfigError(f"'{key}' in {source}: it is written by the config loader, not set")
         if key not in keys:
             raise unknown_key_error(key, source, sorted(keys), method)
+    flat = _yaml_switches(cfg, flat)
     try:
         return OmegaConf.merge(cfg, _nest(flat))  # type: ignore[return-value]
     except ConfigKeyError as e:

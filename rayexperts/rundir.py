@@ -64,7 +64,8 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], where: str) -
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper."""
+    """The model inside ``torch.compile`` and DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if hasattr(model, "module") else model
 
 
@@ -254,6 +255,30 @@ class RunDir:
             pafs.copy_files(latest._file(CHECKPOINT_FILE), str(Path(tmp) / CHECKPOINT_FILE), source_filesystem=latest.fs,
                             destination_filesystem=pafs.LocalFileSystem())
             return load_checkpoint(tmp, ident)
+
+    def get_file(self, name: str, local_path: str) -> None:
+        """Copy file ``name`` of this directory to ``local_path``."""
+        pafs.copy_files(self._file(name), local_path, source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+
+    def put_checkpoint(self, local_dir: str, epoch: int, keep: int) -> RunDir:
+        """Store the checkpoint in ``local_dir`` as ``checkpoint_<epoch>`` (written under a temporary name,
+        then moved into place) and delete all but the newest ``keep`` ``checkpoint_*`` directories."""
+        name = f"checkpoint_{epoch:06d}"
+        tmp = self.child(f".{name}.{uuid.uuid4().hex}.tmp")
+        tmp.create()
+        for f in Path(local_dir).iterdir():
+            pafs.copy_files(str(f), tmp._file(f.name), source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+        target = self.child(name)
+        if target.exists():
+            self.fs.delete_dir(target.path)
+        self.fs.move(tmp.path, target.path)
+        found = sorted(i.base_name for i in self.fs.get_file_info(pafs.FileSelector(self.path))
+                       if i.base_name.startswith("checkpoint_") and i.type == pafs.FileType.Directory)
+        for old in found[:-keep] if keep > 0 else []:
+            self.fs.delete_dir(self.child(old).path)
+        return target
 
     def finished(self, epochs: int) -> bool:
         """True when the latest checkpoint holds the end of epoch ``epochs`` (the run needs no more training)."""

@@ -26,6 +26,19 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def cbd_job(ray_cluster, tmp_path_factory) -> tuple[Path, dict]:
+    """The short CBD job (``helpers.CBD_JOB`` on preset cbd_digits), run once per session on the shared
+    cluster: (its job directory, run_ensemble's result)."""
+    from helpers import CBD_JOB
+
+    from rayexperts.launch.ensemble import resolve_job_config, run_ensemble
+
+    root = tmp_path_factory.mktemp("cbd_job")
+    cfg = resolve_job_config(None, [*CBD_JOB, f"run.storage_path={root}", "run.verbose=false"])
+    return root / "job", run_ensemble(cfg)
+
+
+@pytest.fixture(scope="session")
 def cifar10_parquet() -> Path:
     if not CIFAR10_PARQUET.exists():
         pytest.skip(f"{CIFAR10_PARQUET} not present")

@@ -97,8 +97,8 @@ def fake_sweep(root: Path) -> Path:
     for i, (lam, k, val, status) in enumerate([(0.3, 2, 0.5, "completed"), (0.7, 3, 0.7, "completed"),
                                                 (0.9, 2, 0.8, "stopped")]):
         tid = f"abc_0000{i}"
-        fake_run(root / "trials" / tid, method="ncl", acc=val, **{"ncl.distill_weight": lam, "model.num_experts": k})
-        rows.append({"trial_id": tid, "status": status, "run": f"trials/{tid}", "ncl.distill_weight": lam,
+        fake_run(root / f"tune_{tid}", method="ncl", acc=val, **{"ncl.distill_weight": lam, "model.num_experts": k})
+        rows.append({"trial_id": tid, "status": status, "run": f"tune_{tid}", "ncl.distill_weight": lam,
                      "model.num_experts": k, "val_top1": val, "top1": val + 0.01, "epochs_done": 3 if i < 2 else 1})
     pd.DataFrame(rows).to_parquet(root / "trials.parquet")
     return root
@@ -128,7 +128,8 @@ def test_report_on_an_engine_run_without_ray(tmp_path):
     """A real (1-epoch) run directory written by the engine's Run and ResultWriter, reliability included."""
     import torch
 
-    from rayexperts.engine.worker import Run, reliability_table
+    from rayexperts.engine.run import Run
+    from rayexperts.engine.worker import reliability_table
 
     torch.set_num_threads(1)
     cfg = load_config(None, ["method=ce", "train.epochs=1", "data.val_per_class=10", "run.verbose=false"])

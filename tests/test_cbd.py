@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from rayexperts.config import load_config, with_overrides
-from rayexperts.engine.worker import Run
-from rayexperts.launch.ensemble import SUMMARY_COLUMNS, PrerequisiteFailed, is_finished, run_ensemble
+from rayexperts.engine.run import Run
+from helpers import CBD_JOB
+from rayexperts.launch.ensemble import SUMMARY_COLUMNS, PrerequisiteFailed, is_finished, resolve_job_config, run_ensemble
 from rayexperts.methods.base import Batch
 from rayexperts.rundir import CheckpointMismatch, RunDir, save_checkpoint
 
@@ -177,11 +178,10 @@ def test_latest_checkpoint_rule(tmp_path, remote):
 # (everything skipped); the job with a third, failing teacher (the two finished ones kept).
 
 
-def job_config(root: Path, teachers: list[dict]):
-    return load_config("cbd_digits", {
-        "run.storage_path": str(root), "run.name": "job", "run.verbose": False,
-        "train.epochs": 1, "cbd.teacher_epochs": 10, "cbd.teacher_cpus": 1, "cbd.teachers": teachers,
-    })
+def job_config(root: Path, teachers: list[dict] | None = None):
+    """The session's short CBD job (``helpers.CBD_JOB``), with other teachers if given."""
+    over = [*CBD_JOB, f"run.storage_path={root}", "run.verbose=false"]
+    return resolve_job_config(None, over + ([f"cbd.teachers={json.dumps(teachers)}"] if teachers else []))
 
 
 GOOD = [{"type": "standard", "seed": 0}, {"type": "data_aug", "seed": 1}]
@@ -192,10 +192,9 @@ def _checkpoints(job: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime for p in sorted(job.glob("**/checkpoint_*/checkpoint.pt"))}
 
 
-@pytest.fixture(scope="module")
-def finished_job(ray_cluster, tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("cbd_job")
-    return root / "job", run_ensemble(job_config(root, GOOD))
+@pytest.fixture
+def finished_job(cbd_job) -> tuple[Path, dict]:
+    return cbd_job
 
 
 @pytest.mark.ray
@@ -233,7 +232,7 @@ def test_rerun_skips_finished_runs(finished_job, capsys):
     job, first = finished_job
     before = _checkpoints(job)
     capsys.readouterr()
-    again = run_ensemble(job_config(job.parent, GOOD))
+    again = run_ensemble(job_config(job.parent))
     printed = capsys.readouterr().out
     for name in ("teacher0", "teacher1", "student"):
         assert f"[cbd] {name}: finished checkpoint found" in printed

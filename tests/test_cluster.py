@@ -86,7 +86,9 @@ class Head:
 def head():
     root = Path(tempfile.mkdtemp(prefix="rxh"))  # short: Ray's socket paths live under --temp-dir
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(root / "home"), RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
+    # As the README: the head starts inside the project's environment (`source .venv/bin/activate`).
+    env.update(HOME=str(root / "home"), RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1", VIRTUAL_ENV=str(BIN.parent),
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     gcs, dash, client, nm, om, metrics, agent, agent_grpc, runtime_env = free_ports(9)
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs),

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import os
-import re
+import random
 import signal
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import psutil
 import pytest
 
-from helpers import quick_overrides
+from helpers import metrics_without_time, quick_overrides
 from rayexperts.config import load_config, with_overrides
-from rayexperts.engine.worker import Run
+from rayexperts.engine.run import Run
 from rayexperts.launch.train import run_training
 from rayexperts.rundir import CheckpointMismatch, RunDir
 
@@ -27,7 +28,7 @@ def _epoch_batches(run: Run, epoch: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("sampler", ["instance", "class_balanced", "sqrt"])
 def test_two_workers_train_on_the_one_worker_sample_set(sampler):
-    cfg1 = load_config(None, ["data.name=digits-lt", "train.batch_size=64", f"data.sampler={sampler}"])
+    cfg1 = load_config(None, ["data.name=digits-lt", "train.batch_size=64", f"data.sampler={sampler}", "data.cache=off"])
     cfg2 = with_overrides(cfg1, {"scaling.num_workers": 2})
     one = Run(cfg1)
     two = [Run(cfg2, rank, 2) for rank in (0, 1)]
@@ -42,22 +43,33 @@ def test_two_workers_train_on_the_one_worker_sample_set(sampler):
 
 
 def _registered_epoch(run_dir) -> int:
-    """The epoch of the latest checkpoint Ray Train has registered (what a re-run resumes from), or -1."""
+    """The epoch of the latest checkpoint Ray Train has registered (what a restart resumes from), or -1."""
     return int((RunDir(str(run_dir)).registered_checkpoint().get("metrics") or {}).get("epoch", -1))
 
 
-def _kill_a_worker_after(run_dir, epoch: int, timeout: float = 120) -> int:
-    """Wait until Ray has registered the checkpoint of ``epoch``, then SIGKILL one Ray Train worker."""
+def _train_workers() -> list[psutil.Process]:
+    """This session's Ray Train worker processes."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        mine = any(a.pid == os.getpid() for a in _parents(p))
+        if mine and any("RayTrainWorker" in c for c in (p.info["cmdline"] or [])):
+            found.append(p)
+    return found
+
+
+def _kill_workers_after(run_dir, epochs: list[int], killed: list[int], timeout: float = 300) -> None:
+    """For each epoch in ``epochs``: once Ray has registered its checkpoint, SIGKILL one Ray Train worker."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if _registered_epoch(run_dir) >= epoch:
-            for p in psutil.process_iter(["cmdline"]):
-                mine = any(a.pid == os.getpid() for a in _parents(p))  # this session's cluster only
-                if mine and any("RayTrainWorker" in c for c in (p.info["cmdline"] or [])):
-                    os.kill(p.pid, signal.SIGKILL)
-                    return p.pid
-        time.sleep(0.05)
-    raise TimeoutError("no Ray Train worker to kill")
+    for epoch in epochs:
+        while time.time() < deadline:
+            if _registered_epoch(run_dir) >= epoch and (workers := _train_workers()):
+                victim = workers[len(killed) % len(workers)]
+                os.kill(victim.pid, signal.SIGKILL)
+                killed.append(victim.pid)
+                break
+            time.sleep(0.05)
+        while _train_workers() and any(p.pid in killed for p in _train_workers()):
+            time.sleep(0.05)  # the killed worker is gone before the next kill is aimed
 
 
 def _parents(p: psutil.Process) -> list[psutil.Process]:
@@ -67,22 +79,31 @@ def _parents(p: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def _assert_complete(run_dir, epochs: int) -> None:
-    m = pd.read_parquet(run_dir / "metrics.parquet")
-    assert sorted(m["epoch"].unique()) == list(range(epochs))
-    assert m.groupby(["epoch", "view"]).size().eq(1).all()
-
-
 @pytest.mark.ray
-def test_two_worker_metrics_equal_one_worker_evaluation_of_checkpoint(ray_cluster, tmp_path):
-    over = quick_overrides(tmp_path, "ddp", **{"scaling.num_workers": 2, "scaling.cpus_per_worker": 1, "method": "mllt"})
-    cfg = load_config(None, over)
-    run_training(cfg)
-    run_dir = tmp_path / "runs" / "ddp"
-    metrics = pd.read_parquet(run_dir / "metrics.parquet")
-    last = metrics[metrics["epoch"] == metrics["epoch"].max()].set_index("view")
+def test_resume_is_exact_under_worker_faults(ray_cluster, tmp_path):
+    """A 2-worker run whose workers are killed twice, at epochs drawn at random, restarts from the latest
+    registered checkpoint each time and ends with the metrics of the same run left alone, bit for bit;
+    its 2-worker evaluation equals a 1-worker evaluation of its checkpoint."""
+    extra = {"scaling.num_workers": 2, "scaling.cpus_per_worker": 1, "method": "mllt", "train.epochs": 6}
+    clean_cfg = load_config(None, quick_overrides(tmp_path, "clean", **extra))
+    run_training(clean_cfg)
+    faulty_cfg = load_config(None, quick_overrides(tmp_path, "faulty", **extra, **{"run.max_failures": 3}))
+    kill_at = sorted(random.Random(1234).sample(range(0, 4), 2))  # after epoch k's checkpoint is registered
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_workers_after, args=(tmp_path / "runs" / "faulty", kill_at, killed),
+                              daemon=True)
+    killer.start()
+    run_training(faulty_cfg)
+    killer.join(timeout=5)
+    assert len(killed) == 2, f"killed {killed} at epochs {kill_at}"
+    clean, faulty = metrics_without_time(tmp_path / "runs" / "clean"), metrics_without_time(tmp_path / "runs" / "faulty")
+    assert faulty.groupby(["epoch", "view"]).size().eq(1).all() and faulty["epoch"].nunique() == 6
+    pd.testing.assert_frame_equal(faulty, clean)
+
+    run_dir = tmp_path / "runs" / "clean"
+    last = clean[clean["epoch"] == 5].set_index("view")
     assert (last["num_samples"] == 300).all()  # every test image counted once, not twice
-    evaluator = Run(with_overrides(cfg, {"scaling.num_workers": 1}))
+    evaluator = Run(with_overrides(clean_cfg, {"scaling.num_workers": 1}))
     evaluator.model.load_state_dict(RunDir(str(run_dir)).load_checkpoint(evaluator.ident)["model"])
     acc = evaluator.evaluate()[""]
     for view in evaluator.views:
@@ -91,41 +112,13 @@ def test_two_worker_metrics_equal_one_worker_evaluation_of_checkpoint(ray_cluste
         assert s["ece"] == pytest.approx(last.loc[view, "ece"], abs=0.01), view
 
 
-@pytest.mark.ray
-def test_killed_worker_restarts_from_checkpoint(ray_cluster, tmp_path):
-    over = quick_overrides(tmp_path, "ft", **{"train.epochs": 8, "run.max_failures": 1, "run.verbose": True})
-    cfg = load_config(None, over)
-    run_dir = tmp_path / "runs" / "ft"
-    killer = threading.Thread(target=_kill_a_worker_after, args=(run_dir, 1), daemon=True)
-    killer.start()
-    run_training(cfg)
-    killer.join(timeout=1)
-    _assert_complete(run_dir, 8)
-
-
-@pytest.mark.ray
-def test_rerun_resumes_and_replaces_rows(ray_cluster, tmp_path, capfd):
-    over = quick_overrides(tmp_path, "resume", **{"train.epochs": 8, "run.verbose": True})
-    cfg = load_config(None, over)
-    run_dir = tmp_path / "runs" / "resume"
-    killer = threading.Thread(target=_kill_a_worker_after, args=(run_dir, 1), daemon=True)
-    killer.start()
-    with pytest.raises(Exception):
-        run_training(cfg)  # max_failures=0: the run fails when its worker dies
-    killer.join(timeout=1)
-    ckpt_epoch = _registered_epoch(run_dir) + 1  # a checkpoint holds the next epoch to train
-    assert 1 < ckpt_epoch < 8
-    capfd.readouterr()
-    run_training(load_config(None, over))  # the same command again
-    out = capfd.readouterr()
-    assert re.search(rf"resuming resume from checkpoint .* at epoch {ckpt_epoch}\b", out.out + out.err), out.out[-3000:]
-    _assert_complete(run_dir, 8)
-
-
-@pytest.mark.ray
-def test_checkpoint_of_another_config_is_refused(ray_cluster, tmp_path):
+def test_a_run_directory_of_another_config_is_refused_before_anything_starts(tmp_path):
     cfg = load_config(None, quick_overrides(tmp_path, "same", **{"train.epochs": 1}))
-    run_training(cfg)
-    other = load_config(None, quick_overrides(tmp_path, "same", **{"train.epochs": 1, "method": "mllt"}))
-    with pytest.raises(CheckpointMismatch, match="method"):
-        run_training(other)
+    rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    rundir.write_config(cfg)
+    for key, value in (("method", "mllt"), ("model.backbone", "resnet8"), ("data.name", "cifar10-lt")):
+        other = load_config(None, quick_overrides(tmp_path, "same", **{"train.epochs": 1, key: value,
+                                                                        "data.root": str(tmp_path / "x.parquet")}))
+        with pytest.raises(CheckpointMismatch, match=key.replace(".", r"\.")):
+            run_training(other)
+    assert sorted(p.name for p in Path(rundir.path).iterdir()) == ["config.yaml"]

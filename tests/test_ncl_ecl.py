@@ -234,7 +234,7 @@ def test_ecl_bkt_weights_come_from_each_experts_own_ref_and_cls_heads() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["ncl", "ecl"])
 def test_one_epoch_on_digits_reports_all_views_and_updates_the_queues_fifo(method: str) -> None:
-    from rayexperts.engine.worker import Run
+    from rayexperts.engine.run import Run
     from rayexperts.methods.base import Batch
 
     queue, batch = 200, 128  # 4 steps: the pointer ends at 512 % 200 = 112, the next batch wraps

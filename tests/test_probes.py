@@ -131,7 +131,7 @@ FAST = P.ProbeOptions(
 
 def make_run_dir(root: Path, method: str, experts: int) -> Path:
     from rayexperts.config import load_config, to_yaml
-    from rayexperts.engine.worker import Run
+    from rayexperts.engine.run import Run
     from rayexperts.rundir import save_checkpoint
 
     name = f"{method}{experts}"

@@ -115,7 +115,8 @@ def test_asha_sweep_on_digits(ray_cluster, tmp_path):
     # The tuned metric comes from the validation split: 20 unused training images per class,
     # disjoint from the 300 test images, and the test split is reported beside it.
     assert (trials["val_num_samples"] == 10 * cfg.tune.val_per_class).all() and (trials["num_samples"] == 300).all()
-    trial_cfg = load_config(root / "trials" / trials["trial_id"][0] / "config.yaml")
+    assert list(trials["run"]) == [f"tune_{t}" for t in trials["trial_id"]]
+    trial_cfg = load_config(root / trials["run"][0] / "config.yaml")
     assert trial_cfg.data.val_per_class == cfg.tune.val_per_class
     from rayexperts.data import build_dataset
 

@@ -14,9 +14,10 @@ from rayexperts.launch.train import final_table, run_training
 
 pytestmark = pytest.mark.ray
 
+# One Ray Train run per method costs ~20 s of start-up on 2 cores: MLLT, whose views (per expert, their
+# ensemble, each with and without PC softmax) are the most; the other methods' run directories are written
+# through the same code (tests/test_architecture.py trains a plug-in method, tests/test_cluster.py more).
 CASES = {
-    "ce": ["expert0", "expert0_pc"],
-    "bsce": ["expert0"],
     "mllt": ["expert0", "expert1", "expert2", "ensemble", "expert0_pc", "expert1_pc", "expert2_pc", "ensemble_pc"],
 }
 
@@ -51,6 +52,6 @@ def test_throughput_benchmark_through_ray_train(ray_cluster, tmp_path):
     from rayexperts.launch.bench import plain, through_ray
 
     cfg = load_config(None, ["method=ce", "data.name=digits-lt", "train.batch_size=64"])
-    ips, wall = through_ray(cfg, warmup=1, steps=3, workers=1, storage=str(tmp_path))
+    ips, wall = through_ray(cfg, warmup=0, steps=2, workers=1, storage=str(tmp_path))
     assert ips > 0 and wall > 0
     assert plain(cfg, warmup=1, steps=3, threads=1) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from rayexperts.data.errors import DataError
 from rayexperts.data.lt_dataset import DataSetEntry, LTDataset, long_tail_split, make_dataset
 from rayexperts.data.sources import ArraySource
 from rayexperts.registry import DATASETS
@@ -18,15 +19,26 @@ DEFAULTS = {
 }
 
 
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (``sklearn.datasets.load_digits``): pixels 0..16 ``[1797, 8, 8]`` and
+    labels, read from the file scikit-learn ships without importing scikit-learn (seconds of start-up)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():
+        raise DataError(f"digits-lt: scikit-learn's digits file {path} is missing: pip install scikit-learn")
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+
+
 def build_digits(data_cfg) -> LTDataset:
     """Balanced test split of 30 images per class chosen with ``data.seed``; the LT train
     split (``data.imbalance_*``, ``n_max`` = the smallest remaining class) from the rest,
     in scikit-learn's order. Pixels 0..16 are scaled to uint8 0..255, shape ``[N, 1, 8, 8]``."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
-    labels = digits.target.astype(np.int64)
+    pixels, labels = load_digits()
+    images = np.round(pixels * (255 / 16)).astype(np.uint8)[:, None]
     rng = np.random.default_rng(data_cfg.seed)
     test = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:TEST_PER_CLASS] for c in range(10)]))
     rest = np.setdiff1d(np.arange(len(labels)), test)

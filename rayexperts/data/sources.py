@@ -37,6 +37,10 @@ class ImageSource:
         """Where image ``i`` comes from (for error messages)."""
         return f"image {i}"
 
+    def encoded(self, i: int) -> bytes:
+        """Image ``i``'s file as bytes (JPEG, PNG, ...), for decoding elsewhere (``data.decode=device``)."""
+        raise DataError(f"{type(self).__name__} holds decoded images: nothing to decode ({self.describe(i)})")
+
 
 class ArraySource(ImageSource):
     """In-memory uint8 images ``[N, C, H, W]``; items are uint8 CHW tensors."""
@@ -80,6 +84,12 @@ class FileSource(ImageSource):
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         return decode_image(self.root / self.paths[i], self.describe(i)), int(self.labels[i])
 
+    def encoded(self, i: int) -> bytes:
+        try:
+            return (self.root / self.paths[i]).read_bytes()
+        except FileNotFoundError as e:
+            raise DataError(f"image file {self.describe(i)} does not exist") from e
+
     def describe(self, i: int) -> str:
         return f"'{self.root / self.paths[i]}'"
 
@@ -99,6 +109,12 @@ class ParquetSource(ImageSource):
         if data is None:
             raise DataError(f"{self.describe(i)} holds no image (null)")
         return decode_image(data, self.describe(i)), int(self.labels[i])
+
+    def encoded(self, i: int) -> bytes:
+        data = self.images[i].as_py()
+        if data is None:
+            raise DataError(f"{self.describe(i)} holds no image (null)")
+        return data
 
     def describe(self, i: int) -> str:
         return f"row {self.rows[i]} (column '{self.column}') of '{self.path}'"

@@ -15,9 +15,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 
 from rayexperts.data.sources import ImageSource
+
+
+def _v2():
+    """torchvision's transforms v2, imported on first use (seconds that the device path never needs)."""
+    from torchvision.transforms import v2
+
+    return v2
 
 AUGMENTS = ("standard", "data_aug", "randaugment", "autoaugment_cutout", "none")
 MEAN_STD = {
@@ -51,11 +57,15 @@ class PadCropFlip(torch.nn.Module):
     def __init__(self, size: int, padding: int, flip: bool = True):
         super().__init__()
         self.size, self.padding, self.flip = size, padding, flip
-        self.fallback = v2.Compose([v2.RandomCrop(size, padding=padding)] + ([v2.RandomHorizontalFlip()] if flip else []))
+        self._fallback = None
 
     def forward(self, img):
         if not isinstance(img, torch.Tensor) or img.shape[-1] != self.size or img.shape[-2] != self.size:
-            return self.fallback(img)
+            if self._fallback is None:
+                v2 = _v2()
+                flip = [v2.RandomHorizontalFlip()] if self.flip else []
+                self._fallback = v2.Compose([v2.RandomCrop(self.size, padding=self.padding), *flip])
+            return self._fallback(img)
         p, n = self.padding, self.size
         padded = img.new_zeros((*img.shape[:-2], n + 2 * p, n + 2 * p))
         padded[..., p : p + n, p : p + n] = img
@@ -83,13 +93,14 @@ class ToNormalised(torch.nn.Module):
         self.std = torch.tensor(std).view(-1, 1, 1)
 
     def forward(self, img) -> torch.Tensor:
-        x = img if isinstance(img, torch.Tensor) else v2.functional.pil_to_tensor(img)
+        x = img if isinstance(img, torch.Tensor) else _v2().functional.pil_to_tensor(img)
         x = x.as_subclass(torch.Tensor)
         x = x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
         return x.sub_(self.mean).div_(self.std)
 
 
 def _to_normalised(image_kind: str, noise: bool = False) -> list:
+    v2 = _v2()
     mean, std = MEAN_STD[image_kind]
     if not noise:
         return [ToNormalised(mean, std)]
@@ -99,6 +110,7 @@ def _to_normalised(image_kind: str, noise: bool = False) -> list:
 
 def _standard(image_kind: str, image_size: int) -> list:
     """CIFAR: pad-4 crop + flip; ImageNet: RandomResizedCrop + flip; digits: pad-1 crop, no flip."""
+    v2 = _v2()
     if image_kind == "digits":
         return [PadCropFlip(8, padding=1, flip=False)]
     if image_kind == "cifar":
@@ -114,6 +126,7 @@ def build_transform(image_kind: str, augment: str, train: bool, image_size: int 
     ``randaugment`` = standard + RandAugment; ``autoaugment_cutout`` = standard +
     AutoAugment (CIFAR-10 policy) + Cutout of half the image side (16 px on CIFAR).
     """
+    v2 = _v2()
     _check_kind(image_kind)
     if augment not in AUGMENTS:
         raise ValueError(f"unknown data.augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
@@ -137,6 +150,7 @@ def moco_transform(image_kind: str, image_size: int = 32) -> Callable:
     """MoCo v2 key view: RandomResizedCrop(scale 0.2–1), ColorJitter(0.4, 0.4, 0.4, 0.1)
     with p = 0.8, grayscale p = 0.2, flip (+ Gaussian blur p = 0.5 for ImageNet, as MoCo v2).
     Digits: a random shift (±1 px) and scale (0.8–1.2) only."""
+    v2 = _v2()
     _check_kind(image_kind)
     if image_kind == "digits":
         ops = [

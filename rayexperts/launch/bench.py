@@ -1,7 +1,8 @@
 """Training-step throughput: plain PyTorch vs Ray Train (1 worker) vs Ray Train (N workers).
 
-The same :class:`~rayexperts.engine.worker.Run` (model, loss, data pipeline) is timed three
-ways, so the difference is what Ray adds. Images/s counts all workers' images.
+The same :class:`~rayexperts.engine.run.Run` (model, loss, data pipeline: ``data.cache`` picks the
+per-image loader or the device path) is timed each way, so the difference is what Ray adds.
+Images/s counts all workers' images.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from omegaconf import DictConfig
 
 from rayexperts.config import to_dict, with_overrides
 from rayexperts.engine.loop import train_one_epoch
-from rayexperts.engine.worker import Run, start_worker
+from rayexperts.engine.run import Run
+from rayexperts.engine.worker import start_worker
 from rayexperts.launch.train import worker_resources
 
 
@@ -35,9 +37,9 @@ class _Steps:
 
 def time_steps(run: Run, warmup: int, steps: int) -> float:
     """Images/s of ``steps`` training steps of this worker, after ``warmup`` untimed steps."""
-    run.sampler.set_epoch(0)
+    run.start_epoch(0)
     train_one_epoch(run.method, run.model, run.optimizer, _Steps(run.train_loader, warmup), 0, run.lr_at, run.opts)
-    run.sampler.set_epoch(1)
+    run.start_epoch(1)
     start = time.perf_counter()
     train_one_epoch(run.method, run.model, run.optimizer, _Steps(run.train_loader, steps), 1, run.lr_at, run.opts)
     elapsed = time.perf_counter() - start
@@ -45,9 +47,12 @@ def time_steps(run: Run, warmup: int, steps: int) -> float:
 
 
 def plain(cfg: DictConfig, warmup: int, steps: int, threads: int) -> float:
+    """Images/s of training steps of one :class:`Run` in this process (no Ray)."""
     torch.set_num_threads(threads)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
-    return time_steps(Run(cfg, 0, 1, device), warmup, steps)
+    run = Run(cfg, 0, 1, device)
+    run.compile()
+    return time_steps(run, warmup, steps)
 
 
 def _bench_worker(loop_config: dict[str, Any]) -> None:

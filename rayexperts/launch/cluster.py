@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rayexperts import registry
+from rayexperts.trace import mark
 
 CONNECT_TIMEOUT_S = float(os.environ.get("RAYEXPERTS_CONNECT_TIMEOUT_S", "30"))  # how long RAY_ADDRESS may stay silent
 
@@ -36,6 +37,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         connect(address)
     else:
         start_local_ray(num_cpus)
+    mark("ray ready")
 
 
 def gcs_address(address: str) -> tuple[str, int] | None:
@@ -114,6 +116,9 @@ def start_local_ray(num_cpus: int | None = None) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # No machine of a local instance is pre-empted: Ray Train's pre-emption watcher (an extra actor for
+    # every run) has nothing to watch.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=port)
 
 

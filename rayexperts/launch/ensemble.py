@@ -32,6 +32,7 @@ from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugi
 from rayexperts.launch.train import announce, default_run_name, parse_cli, run_training
 from rayexperts.methods import METHODS
 from rayexperts.rundir import IDENTITY_KEYS, CheckpointMismatch, RunDir, StorageError
+from rayexperts.trace import mark
 
 DEMO_PRESET = "cbd_digits"
 SUMMARY_COLUMNS = ["model", "top1", "top1_many", "top1_medium", "top1_few", "started_at", "finished_at"]
@@ -74,8 +75,10 @@ def is_finished(cfg: DictConfig) -> bool:
     return rundir.finished(int(cfg.train.epochs))
 
 
-class RunLauncher:
-    """Launches one Ray Train run from inside a Ray actor that reserves no CPU (its workers do)."""
+class RunActor:
+    """One run of the first stage, as a Ray actor: a one-worker run trains in the actor's own process
+    (the actor holds the worker's CPUs/GPUs); a multi-worker run is a Ray Train run launched from here
+    (then the actor holds nothing: its workers do)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -84,17 +87,34 @@ class RunLauncher:
         return self.name
 
     def train(self, cfg_dict: dict[str, Any], plugins: dict[str, Any]) -> str:
-        """``run_training``; on failure the traceback goes to ``<run dir>/error.log`` before re-raising."""
+        """Train; on failure the traceback goes to ``<run dir>/error.log`` before re-raising."""
+        mark(f"actor start {self.name}")
         registry.add_plugins(plugins)
         cfg = from_dict(cfg_dict)
         rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
         try:
-            run_training(cfg)
+            if cfg.scaling.num_workers > 1:
+                run_training(cfg)
+            else:
+                from rayexperts.engine.worker import train_here  # this actor's process, not the job's driver
+
+                rundir.holds_run_of(cfg)
+                rundir.write_config(cfg)
+                train_here({"config": cfg_dict, "threads": max(1, int(cfg.scaling.cpus_per_worker)),
+                            "plugins": plugins})
         except BaseException:
             rundir.write_text("error.log", traceback.format_exc())
             raise
         rundir.delete("error.log")
         return rundir.uri
+
+
+def actor_resources(cfg: DictConfig) -> dict[str, float]:
+    """A one-worker run's actor holds its worker's CPUs/GPUs; a Train-run launcher holds nothing."""
+    if cfg.scaling.num_workers > 1:
+        return {"num_cpus": 0}
+    gpus = float(cfg.scaling.gpus_per_worker) if cfg.scaling.use_gpu else 0.0
+    return {"num_cpus": float(cfg.scaling.cpus_per_worker), "num_gpus": gpus}
 
 
 def _describe(cfg: DictConfig) -> str:
@@ -105,7 +125,7 @@ def train_in_parallel(cfgs: list[DictConfig], tag: str) -> list[Outcome]:
     """Train every unfinished run concurrently, each from its own actor; wait for all, report each."""
     import ray
 
-    launcher = ray.remote(num_cpus=0)(RunLauncher)
+    actor_class = ray.remote(RunActor)
     outcomes: dict[int, Outcome] = {}
     pending: dict[Any, tuple[int, Any]] = {}
     for i, cfg in enumerate(cfgs):
@@ -115,7 +135,8 @@ def train_in_parallel(cfgs: list[DictConfig], tag: str) -> list[Outcome]:
             outcomes[i] = Outcome(name, cfg, path, "skipped")
             continue
         ensure_ray()  # only when something is left to train
-        actor = launcher.remote(name)
+        actor = actor_class.options(**actor_resources(cfg), max_restarts=int(cfg.run.max_failures),
+                                    max_task_retries=int(cfg.run.max_failures)).remote(name)
         pending[actor.train.remote(to_dict(cfg), ship_plugins())] = (i, actor)
         print(f"[{tag}] {name} ({_describe(cfg)}) launched: {path}", flush=True)
     while pending:

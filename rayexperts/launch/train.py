@@ -15,10 +15,13 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from rayexperts.config import ConfigError, load_config, to_dict
-from rayexperts.engine.worker import train_loop_per_worker
 from rayexperts.eval.metrics import shot_table
 from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
 from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
+from rayexperts.trace import mark
+
+
+POLL_INTERVAL_S = 0.25  # Ray Train's controller polls its workers this often (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
 
 
 def default_run_name(cfg: DictConfig) -> str:
@@ -42,6 +45,14 @@ def worker_resources(cfg: DictConfig) -> tuple[float, float, int]:
     return cpus, gpus, max(1, int(cpus))
 
 
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: :func:`rayexperts.engine.worker.train_loop_per_worker`, imported
+    there, so that the driver never imports the engine (torchvision, the data pipeline)."""
+    from rayexperts.engine.worker import train_loop_per_worker as loop
+
+    loop(loop_config)
+
+
 def build_trainer(cfg: DictConfig, callbacks: list | None = None):
     """The ``TorchTrainer`` for ``cfg`` (run.name must be set)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -49,6 +60,11 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
 
     # Worker prints go straight to stdout (Ray forwards them once) instead of through Train's logger.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Train's Prometheus metrics callbacks: nothing scrapes them on a local instance.
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
+    # A worker's report waits until the controller has taken the previous one, and the controller polls
+    # every 2 s by default: a short epoch would wait for the poll. Ray propagates this to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(POLL_INTERVAL_S))
     cpus, gpus, threads = worker_resources(cfg)
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
     return TorchTrainer(
@@ -91,12 +107,15 @@ def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, An
         raise ConfigError(f"run.mlflow_tracking_uri={cfg.run.mlflow_tracking_uri!r} is set, but mlflow is not "
                           "installed: pip install 'rayexperts[mlflow]'")
     RunDir(cfg.run.storage_path).check_writable()
-    ensure_ray()
     rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
-    if rundir.holds_run_of(cfg):
+    resuming = rundir.holds_run_of(cfg)  # another configuration's directory is refused before Ray starts
+    ensure_ray()
+    if resuming:
         print(f"[rayexperts] {rundir} exists: resuming from its latest checkpoint if there is one", flush=True)
     rundir.write_config(cfg)
+    mark(f"fit start {cfg.run.name}")
     result = build_trainer(cfg, callbacks).fit()
+    mark(f"fit end {cfg.run.name}")
     if result.error is not None:
         raise result.error
     return {"path": rundir.uri, "metrics": result.metrics, "checkpoint": result.checkpoint}

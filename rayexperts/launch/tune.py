@@ -1,12 +1,14 @@
-"""Search space (``tune_spaces/*.yaml``) → Ray Tune sweep whose trials are Ray Train runs (``jobs/sweep.py``).
+"""Search space (``tune_spaces/*.yaml``) → Ray Tune sweep whose trials are training runs (``jobs/sweep.py``).
 
-Each trial is a Tune function trainable that reserves no resources itself: it builds the
-trial's config, points ``run.storage_path``/``run.name`` at ``<sweep>/trials/<trial_id>``
-and calls :func:`~rayexperts.launch.train.run_training`, whose ``TorchTrainer`` asks for
-its own workers (Ray Train V2 inside Tune). ``tune.max_concurrent`` (0: as many trials as
-the cluster's CPUs/GPUs hold) caps how many Train runs start at once. The tuned metric is
-a validation metric only; the best trial's test accuracy is reported beside it. A method with
-runs that must finish first (CBD's teachers) has them trained once, before the trials.
+Each trial is a Tune function trainable whose run directory is its Tune trial directory
+``<sweep>/tune_<trial_id>/``. A one-worker trial (``scaling.num_workers=1``) asks Tune for the
+worker's resources and trains in its own process (Ray Tune's pattern for trials that need no
+distributed training: no Train run to start). A multi-worker trial reserves nothing itself and
+calls :func:`~rayexperts.launch.train.run_training`, whose ``TorchTrainer`` asks for its own workers
+(Ray Train V2 inside Tune). ``tune.max_concurrent`` (0: as many trials as the cluster's CPUs/GPUs
+hold) caps how many trials run at once. The tuned metric is a validation metric only; the best
+trial's test accuracy is reported beside it. A method with runs that must finish first (CBD's
+teachers) has them trained once, before the trials.
 """
 
 from __future__ import annotations
@@ -25,20 +27,20 @@ from omegaconf import DictConfig, OmegaConf
 from rayexperts.analysis import best_trial, cell
 from rayexperts.config import ConfigError, from_dict, load_config, to_dict, to_yaml, valid_keys, with_overrides
 from rayexperts.data import DataError, build_dataset
-from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray
+from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
 from rayexperts.launch.ensemble import PrerequisiteFailed, raise_failed, train_in_parallel
 from rayexperts.launch.train import announce, default_run_name, run_training
 from rayexperts.methods import METHODS
 from rayexperts.registry import did_you_mean
 from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
+from rayexperts.trace import mark
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid", "randint")
-TRIALS_DIR = "trials"
 TIME_ATTR = "epochs_done"
 
-# A trial only drives its Train run: no CPU, so the workers get every core. Tune needs a non-empty
-# request, so it asks for a sliver of the head node's marker resource, which also keeps the drivers
-# on the head node, the "safe node" Ray's Train + Tune guide recommends (at most 100 at a time).
+# A multi-worker trial only drives its Train run: no CPU, so the workers get every core. Tune needs a
+# non-empty request, so it asks for a sliver of the head node's marker resource, which also keeps the
+# drivers on the head node, the "safe node" Ray's Train + Tune guide recommends (at most 100 at a time).
 DRIVER_RESOURCES = {"cpu": 0, "node:__internal_head__": 0.01}
 
 Space = dict[str, dict[str, list]]  # dotted key -> {distribution: arguments}
@@ -183,10 +185,17 @@ def after_prerequisites(cfg: DictConfig) -> DictConfig:
 # ------------------------------------------------------------------------------- trials
 
 
+def trial_result(reported: dict[str, Any], metric: str, view: str) -> dict[str, Any] | None:
+    """A worker's report as Tune's result: ``tune.view``'s metrics at the top level and ``epochs_done``
+    (ASHA's time); None for an epoch without the tuned metric (it was not evaluated)."""
+    result = view_metrics(reported, view)
+    if metric not in result:
+        return None
+    return {**result, TIME_ATTR: int(result["epoch"]) + 1}
+
+
 def _report_callback(cfg: DictConfig):
-    """Tune's ``TuneReportCallback`` adding ``epochs_done`` (ASHA's time) and, with ``tune.view``, that
-    view's metrics at the top level (every view's metrics are reported as ``<view>/<metric>``);
-    epochs without the tuned metric are skipped."""
+    """Tune's ``TuneReportCallback`` for a Train run inside a trial, reporting :func:`trial_result`."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class TrialReport(TuneReportCallback):
@@ -195,11 +204,9 @@ def _report_callback(cfg: DictConfig):
             self.metric, self.view = metric, view
 
         def after_report(self, run_context, metrics, checkpoint):
-            m = view_metrics(dict(metrics[0]), self.view)
-            if self.metric not in m:
-                return
-            m[TIME_ATTR] = int(m["epoch"]) + 1
-            super().after_report(run_context, [m, *metrics[1:]], checkpoint)
+            result = trial_result(dict(metrics[0]), self.metric, self.view)
+            if result is not None:
+                super().after_report(run_context, [result, *metrics[1:]], checkpoint)
 
     return TrialReport(str(cfg.tune.metric), str(cfg.tune.view))
 
@@ -217,20 +224,45 @@ def view_metrics(reported: dict[str, Any], view: str) -> dict[str, Any]:
     return {**reported, **chosen, "view": view}
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], trials_storage: str) -> None:
-    """One Tune trial: the base config with the sampled ``params``, trained through Ray Train."""
+def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: str, plugins: dict[str, Any]) -> None:
+    """One Tune trial: the base config with the sampled ``params``, its run directory Tune's trial
+    directory; trained in this process (one worker) or through a Ray Train run (several)."""
     import ray.tune
 
+    from rayexperts import registry
+
+    mark("trial start")
+    registry.add_plugins(plugins)
     cfg = from_dict(base)
     method = METHODS.get(cfg.method)
     params = {k: method.search_value(k, v, cfg) for k, v in params.items()}
-    cfg = with_overrides(cfg, {**params, "run.storage_path": trials_storage,
-                               "run.name": ray.tune.get_context().get_trial_id()}, "sweep trial")
-    run_training(cfg, callbacks=[_report_callback(cfg)])
+    trial = _trial_dirname(ray.tune.get_context().get_trial_id())
+    cfg = with_overrides(cfg, {**params, "run.storage_path": sweep, "run.name": trial}, "sweep trial")
+    if cfg.scaling.num_workers > 1:
+        run_training(cfg, callbacks=[_report_callback(cfg)])
+        return
+    rundir = RunDir.of(sweep, trial)
+    if rundir.holds_run_of(cfg):
+        print(f"[rayexperts] {rundir} exists: resuming from Tune's latest checkpoint if there is one", flush=True)
+    rundir.write_config(cfg)
+    from rayexperts.engine.worker import tune_trial  # the trial's process, not the sweep's driver
+
+    metric, view = str(cfg.tune.metric), str(cfg.tune.view)
+    tune_trial({"config": to_dict(cfg), "threads": max(1, int(cfg.scaling.cpus_per_worker)), "plugins": plugins},
+               lambda reported: trial_result(reported, metric, view))
 
 
 def _trial_dirname(trial) -> str:
-    return f"tune_{trial.trial_id}"
+    return f"tune_{getattr(trial, 'trial_id', trial)}"
+
+
+def trial_resources(cfg: DictConfig) -> dict[str, float]:
+    """What a trial asks Tune for: a one-worker trial its worker's CPUs/GPUs, a multi-worker trial nothing
+    (its Train run asks for the workers)."""
+    if cfg.scaling.num_workers > 1:
+        return DRIVER_RESOURCES
+    gpus = float(cfg.scaling.gpus_per_worker) if cfg.scaling.use_gpu else 0.0
+    return {"cpu": float(cfg.scaling.cpus_per_worker), **({"gpu": gpus} if gpus else {})}
 
 
 # ------------------------------------------------------------------------------- sweep
@@ -244,7 +276,7 @@ def build_tuner(cfg: DictConfig, space: Space):
 
     sweep = RunDir.of(cfg.run.storage_path, cfg.run.name)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(cfg), trials_storage=sweep.child(TRIALS_DIR).uri), DRIVER_RESOURCES
+        tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep.uri, plugins=ship_plugins()), trial_resources(cfg)
     )
     if tune.Tuner.can_restore(sweep.uri):
         return tune.Tuner.restore(sweep.uri, trainable, resume_unfinished=True, resume_errored=True)
@@ -271,6 +303,7 @@ def build_tuner(cfg: DictConfig, space: Space):
         run_config=tune.RunConfig(
             name=str(cfg.run.name),
             storage_path=RunDir(cfg.run.storage_path).uri,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=int(cfg.run.num_to_keep)),
             verbose=1 if cfg.run.verbose else 0,
         ),
     )
@@ -295,14 +328,14 @@ def trials_table(results, space: Space, cfg: DictConfig) -> pd.DataFrame:
     """One row per trial: trial_id, status, run, each searched key, and the last evaluation of the tuned
     view read from the trial's run directory (current even for trials a continued sweep resumed)."""
     view = str(cfg.tune.view) or METHODS.get(str(cfg.method)).primary_view
-    trials = RunDir.of(cfg.run.storage_path, cfg.run.name).child(TRIALS_DIR)
+    sweep = RunDir.of(cfg.run.storage_path, cfg.run.name)
     rows = []
     for r in results:
-        trial_id = Path(r.path).name.removeprefix("tune_")
-        last = _last_row(trials.child(trial_id).read_table("metrics.parquet"), view)
+        run = Path(r.path).name
+        last = _last_row(sweep.child(run).read_table("metrics.parquet"), view)
         done = int(last["epoch"]) + 1 if last else 0
         status = "error" if r.error else ("completed" if done >= cfg.train.epochs else "stopped")
-        row = {"trial_id": trial_id, "status": status, "run": f"{TRIALS_DIR}/{trial_id}", TIME_ATTR: done}
+        row = {"trial_id": run.removeprefix("tune_"), "status": status, "run": run, TIME_ATTR: done}
         row.update({k: cell(r.config.get(k)) for k in space})
         row.update(last)
         rows.append(row)
@@ -318,7 +351,7 @@ def _last_row(metrics: pd.DataFrame | None, view: str) -> dict[str, Any]:
 
 def best_config(best: pd.Series, cfg: DictConfig) -> str:
     """``best.yaml``: the best trial's full config, runnable with ``jobs/train.py --config``."""
-    trial = RunDir.of(cfg.run.storage_path, cfg.run.name).child(TRIALS_DIR).child(str(best["trial_id"])).config()
+    trial = RunDir.of(cfg.run.storage_path, cfg.run.name).child(str(best["run"])).config()
     trial = with_overrides(trial, {"run.storage_path": cfg.run.storage_path, "run.name": f"{cfg.run.name}-best"},
                            f"best trial of sweep {cfg.run.name}")
     metric = cfg.tune.metric

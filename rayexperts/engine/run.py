@@ -1,0 +1,241 @@
+"""One worker's run in plain PyTorch (no Ray here): data → method → model → optimizer, with the
+train and evaluation steps. Benchmarks, tests and the Ray entry points (``engine.worker``) drive it."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from rayexperts.data import EpochSampler, TransformedDataset, TwoView, build_dataset, build_transform, moco_transform
+from rayexperts.data.batched import batch_moco_transform, batch_transform
+from rayexperts.data.device import CachedSplit, DeviceLoader, plan_cache
+from rayexperts.data.encoded import EncodedLoader
+from rayexperts.data.sources import ArraySource
+from rayexperts.engine.loop import LoopOptions, evaluate, train_one_epoch
+from rayexperts.engine.schedule import build_optimizer, lr_schedule
+from rayexperts.eval.metrics import EvalAccumulator
+from rayexperts.methods import METHODS, Method
+from rayexperts.rundir import identity, unwrap
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**31)
+
+
+class Run:
+    """One worker's training run: data → method → model → optimizer, with train/eval steps."""
+
+    def __init__(self, cfg: DictConfig, rank: int = 0, world: int = 1, device: torch.device | None = None):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.device = device or torch.device("cpu")
+        self.opts = LoopOptions.from_config(cfg, self.device)
+        self.data = build_dataset(cfg.data)
+        self.groups = self.data.shot_groups(cfg.data.many_threshold, cfg.data.few_threshold)
+        counts = torch.as_tensor(self.data.train_counts, dtype=torch.float32)
+        self.method: Method = METHODS.get(cfg.method)(cfg, counts, self.data.in_channels)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = self.method.build_model()
+        use_sync_bn = cfg.model.sync_bn if cfg.model.sync_bn is not None else (world > 1 and self.device.type == "cuda")
+        if use_sync_bn and world > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = self.eval_model = model.to(self.device, memory_format=self.opts.memory_format)
+        self.method.setup(self.device, self.opts.memory_format)
+        self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
+        self.lr_at = lr_schedule(cfg.train)
+        self.views = self.method.view_names()
+        self.ident = identity(cfg, self.data.num_classes)
+        self._build_loaders()
+
+    # -- data ----------------------------------------------------------------------------
+    def _build_loaders(self) -> None:
+        cfg, kind, size = self.cfg, self.data.image_kind, int(self.cfg.data.image_size)
+        sampler_kind = cfg.data.sampler if cfg.data.sampler != "auto" else self.method.sampler
+        self.sampler = EpochSampler(self.data.train.labels, sampler_kind, self.world, self.rank, cfg.seed)
+        self.cache = plan_cache(self.data, str(cfg.data.cache), float(cfg.data.cache_limit_mb))
+        if self.rank == 0 and cfg.run.verbose:
+            print(f"{cfg.run.name} | data.cache={cfg.data.cache}: {self.cache.mode} ({self.cache.why})", flush=True)
+        decode = str(cfg.data.decode)
+        encoded = not isinstance(self.data.train, ArraySource)
+        if self.cache.mode == "off" and encoded and (decode == "device" or (decode == "auto" and self.device.type == "cuda")):
+            self._build_encoded_loaders(kind, size)
+        elif self.cache.mode == "off":
+            self._build_image_loaders(kind, size)
+        else:
+            self._build_device_loaders(kind, size, on_device=self.cache.mode == "device")
+
+    def _build_device_loaders(self, kind: str, size: int, on_device: bool) -> None:
+        """Each split decoded once into a uint8 tensor (on the device or in host memory); batches are
+        gathered in the sampler's order and augmented a batch at a time (``rayexperts.data.batched``)."""
+        cfg, data = self.cfg, self.data
+        train_t = batch_transform(kind, cfg.data.augment, train=True, image_size=size)
+        key = None
+        if self.method.uses_key_view:
+            key = batch_moco_transform(kind, size) if cfg.data.key_augment == "moco" else train_t
+        split = CachedSplit(data.train, f"the train split of {data.name}", self.device, on_device)
+        self.train_loader = DeviceLoader(split, int(cfg.train.batch_size) // self.world, train_t,
+                                         sampler=self.sampler, key=key)
+        test_t = batch_transform(kind, "none", train=False, image_size=size)
+        self.eval_loaders = {}
+        for prefix, source in (("", data.test), ("val_", data.val)):
+            if source is not None:
+                cached = CachedSplit(source, f"a held-out split of {data.name}", self.device, on_device)
+                shard = torch.arange(self.rank, len(source), self.world)
+                self.eval_loaders[prefix] = DeviceLoader(cached, int(cfg.data.test_batch_size), test_t, indices=shard)
+
+    def _build_encoded_loaders(self, kind: str, size: int) -> None:
+        """Files read by DataLoader workers, decoded a batch at a time on the device, augmented there."""
+        cfg, data, nw = self.cfg, self.data, int(self.cfg.data.num_workers)
+        train_t = batch_transform(kind, cfg.data.augment, train=True, image_size=size)
+        key = None
+        if self.method.uses_key_view:
+            key = batch_moco_transform(kind, size) if cfg.data.key_augment == "moco" else train_t
+        self.train_loader = EncodedLoader(data.train, int(cfg.train.batch_size) // self.world, train_t, self.device,
+                                          image_size=size, train=True, sampler=self.sampler, key=key, num_workers=nw)
+        test_t = batch_transform(kind, "none", train=False, image_size=size)
+        self.eval_loaders = {
+            prefix: EncodedLoader(source, int(cfg.data.test_batch_size), test_t, self.device, image_size=size,
+                                  train=False, indices=list(range(self.rank, len(source), self.world)), num_workers=nw)
+            for prefix, source in (("", data.test), ("val_", data.val)) if source is not None
+        }
+
+    def _build_image_loaders(self, kind: str, size: int) -> None:
+        """The per-image path: a DataLoader applying ``transforms.build_transform`` to one image at a time."""
+        cfg = self.cfg
+        train_t = build_transform(kind, cfg.data.augment, train=True, image_size=size)
+        if self.method.uses_key_view:
+            key_t = moco_transform(kind, size) if cfg.data.key_augment == "moco" else train_t
+            train_t = TwoView(train_t, key_t)
+        pin = self.device.type == "cuda"
+        nw = int(cfg.data.num_workers)
+        self.train_loader = DataLoader(
+            TransformedDataset(self.data.train, train_t),
+            batch_size=int(cfg.train.batch_size) // self.world,
+            sampler=self.sampler,
+            num_workers=nw,
+            pin_memory=pin,
+            drop_last=True,
+            persistent_workers=nw > 0,
+        )
+        test_t = build_transform(kind, "none", train=False, image_size=size)
+        self.eval_loaders = {"": self._eval_loader(self.data.test, test_t)}
+        if self.data.val is not None:
+            self.eval_loaders["val_"] = self._eval_loader(self.data.val, test_t)
+
+    def _eval_loader(self, source, transform) -> DataLoader:
+        shard = Subset(TransformedDataset(source, transform), range(self.rank, len(source), self.world))
+        return DataLoader(
+            shard,
+            batch_size=int(self.cfg.data.test_batch_size),
+            num_workers=int(self.cfg.data.num_workers),
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def compile(self) -> None:
+        """``torch.compile`` the model for training when ``train.compile`` says so (after any DDP wrapper);
+        evaluation keeps the plain module (the same parameters), so its other batch shapes recompile nothing."""
+        mode = compile_mode(self.cfg, self.device, self.method.uses_key_view)
+        if mode is not None:
+            self.model = torch.compile(self.model, mode=mode)
+
+    # -- steps ---------------------------------------------------------------------------
+    def start_epoch(self, epoch: int) -> None:
+        """Seed everything random in ``epoch`` from (seed, rank, epoch): the epoch is their whole state."""
+        seed = epoch_seed(int(self.cfg.seed), self.rank, epoch)
+        torch.manual_seed(seed)
+        self.sampler.set_epoch(epoch)
+        if isinstance(self.train_loader, (DeviceLoader, EncodedLoader)):
+            self.train_loader.set_epoch(epoch, seed)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.start_epoch(epoch)
+        stats = train_one_epoch(self.method, self.model, self.optimizer, self.train_loader, epoch, self.lr_at, self.opts)
+        return _mean_over_workers(stats, sum_keys=("images_per_sec",))
+
+    def evaluate(self) -> dict[str, EvalAccumulator]:
+        """Evaluate every view on the test (and val) split; each sample counts once over all workers."""
+        sync_buffers(self.model)
+        return {prefix: evaluate(self.method, self.eval_model, loader, self.opts)
+                for prefix, loader in self.eval_loaders.items()}
+
+    def result_rows(self, epoch: int, accs: dict[str, EvalAccumulator], train_stats: dict[str, float]):
+        """One metrics row per view, and the per-class table of this evaluation."""
+        now = time.time()
+        rows = []
+        for view in self.views:
+            row: dict[str, Any] = {"epoch": epoch, "view": view}
+            for prefix, acc in accs.items():
+                row.update(acc.summary(view, self.groups, prefix))
+                if view == "ensemble":
+                    row.update(acc.expert_kl_summary(self.groups, prefix))
+            row.update(train_stats)
+            row["timestamp"] = now
+            rows.append(row)
+        test = accs[""]
+        classes = pd.concat(
+            [
+                pd.DataFrame(
+                    {
+                        "epoch": epoch,
+                        "view": view,
+                        "class_id": np.arange(self.data.num_classes),
+                        "class_name": self.data.class_names,
+                        "train_count": self.data.train_counts.astype("int64"),
+                        "shot_group": self.groups,
+                        "accuracy": test.per_class_accuracy(view),
+                    }
+                )
+                for view in self.views
+            ],
+            ignore_index=True,
+        )
+        return rows, classes
+
+
+def compile_mode(cfg: DictConfig, device: torch.device, mutates_buffers: bool) -> str | None:
+    """The ``torch.compile`` mode of ``train.compile``/``train.compile_mode``, or None for no compilation:
+    auto compiles on CUDA only (on CPU the warm-up outweighed the gain); mode auto uses CUDA graphs
+    (``reduce-overhead``) on CUDA unless the forward pass updates buffers (MoCo queues)."""
+    on = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+    if not on:
+        return None
+    if cfg.train.compile_mode != "auto":
+        return str(cfg.train.compile_mode)
+    return "reduce-overhead" if device.type == "cuda" and not mutates_buffers else "default"
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Give every worker rank 0's buffers (BatchNorm statistics, MoCo queues) before evaluating,
+    so N workers evaluate exactly the model that rank 0 checkpoints."""
+    if is_distributed():
+        for buf in unwrap(model).buffers():
+            dist.broadcast(buf, src=0)
+
+
+def reliability_table(epoch: int, acc: EvalAccumulator, views: list[str]) -> pd.DataFrame:
+    """Per view and confidence bin of the test split: count, mean confidence, accuracy (reliability diagrams)."""
+    return pd.concat([pd.DataFrame({"epoch": epoch, "view": v, **acc.reliability(v)}) for v in views], ignore_index=True)
+
+
+def _mean_over_workers(stats: dict[str, float], sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """Average per-worker training statistics (sum the throughput) across workers."""
+    if not is_distributed():
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    return {k: float(v) if k in sum_keys else float(v) / world for k, v in zip(keys, t.tolist())}

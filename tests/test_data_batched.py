@@ -1,0 +1,262 @@
+"""Batched augmentation (rayexperts.data.batched; issue 15): for each augmentation, the parameters differ
+across the images of one batch, their distribution is that of the per-image transform, and an operation
+with given parameters gives the per-image (torchvision) pixels to 1/255."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from rayexperts.data import batched as B
+from rayexperts.data.transforms import AUGMENTS, Cutout, ToNormalised, build_transform, moco_transform
+
+CPU = torch.device("cpu")
+
+
+def rng(seed: int = 0) -> B.BatchRng:
+    return B.BatchRng(seed, CPU)
+
+
+def images(n: int, c: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, c, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def close_u8(a: torch.Tensor, b: torch.Tensor) -> None:
+    diff = (a.float() - b.float()).abs()
+    assert diff.max() <= 1, f"max |diff| {diff.max()} (in uint8 steps)"
+
+
+# -- every augmentation: per-image parameters -----------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, augment", [("cifar", a) for a in AUGMENTS if a != "none"] + [("digits", "standard")])
+def test_every_augmentation_gives_each_image_its_own_parameters(kind, augment):
+    c, size = (1, 8) if kind == "digits" else (3, 32)
+    one = images(1, c, size).expand(64, -1, -1, -1).contiguous()
+    out = B.batch_transform(kind, augment, train=True, image_size=size)(one, rng())
+    distinct = {tuple(o.flatten().round(decimals=4).tolist()) for o in out}
+    possible = 9 if kind == "digits" else 17  # digits: a 1-pixel shift, 3 × 3 windows, no flip
+    assert len(distinct) >= possible, f"{augment}: {len(distinct)} distinct images out of 64 copies"
+    assert out.dtype == torch.float32 and out.shape == (64, c, size, size)
+
+
+@pytest.mark.parametrize("kind", ["cifar", "digits"])
+def test_the_moco_key_view_gives_each_image_its_own_parameters(kind):
+    c, size = (1, 8) if kind == "digits" else (3, 32)
+    one = images(1, c, size).expand(64, -1, -1, -1).contiguous()
+    out = B.batch_moco_transform(kind, size)(one, rng())
+    assert len({tuple(o.flatten().round(decimals=4).tolist()) for o in out}) > 16
+
+
+# -- distributions ----------------------------------------------------------------------------------
+
+
+def _positions(size: int = 32) -> torch.Tensor:
+    """Channel 0 = row + 1, channel 1 = column + 1 (0 marks the zero padding)."""
+    r = torch.arange(size).view(-1, 1).expand(size, size) + 1
+    return torch.stack([r, r.t(), torch.zeros_like(r)]).to(torch.uint8)
+
+
+def test_crop_offsets_cover_all_81_windows_uniformly_and_flip_half():
+    n = 81 * 60
+    x = _positions().expand(n, -1, -1, -1).float()
+    out = B.pad_crop_flip(4, flip=True)(x, rng(1))
+    top = out[:, 0, 4, 4].long() - 1  # output (4, 4) shows image row `top` whatever the offset
+    flipped = out[:, 1, 4, 5] < out[:, 1, 4, 4]
+    left = torch.where(flipped, out[:, 1, 4, 27], out[:, 1, 4, 4]).long() - 1
+    counts = torch.bincount(top * 9 + left, minlength=81).numpy()
+    assert (counts > 0).all() and stats.chisquare(counts).pvalue > 0.001, counts
+    assert abs(flipped.float().mean().item() - 0.5) < 0.03
+
+
+def test_randaugment_ops_are_uniform_and_signs_fair():
+    ra = B.BatchRandAugment()
+    rounds = ra.draw(20_000, 32, 32, rng(2))
+    assert len(rounds) == 2
+    names = [k[0] for keys in rounds for k in keys]
+    counts = np.array([names.count(op) for op in ra.names])
+    assert len(ra.names) == 14 and stats.chisquare(counts).pvalue > 0.001, dict(zip(ra.names, counts))
+    signed = [k[1] for keys in rounds for k in keys if k[0] == "Rotate"]
+    assert set(np.round(np.abs(signed), 6)) == {9.0} and abs(np.mean(np.array(signed) > 0) - 0.5) < 0.03
+    # the magnitudes are torchvision's: bin 9 of 31
+    assert {k for keys in rounds for k in keys if k[0] == "Posterize"} == {("Posterize", 7.0)}
+
+
+def test_autoaugment_subpolicies_uniform_and_ops_at_their_probability():
+    aa = B.BatchAutoAugment()
+    n = 25 * 400
+    first, second = aa.draw(n, 32, 32, rng(3))
+    policies = aa.t._policies
+    assert len(policies) == 25
+    # ("Invert", 0.1) opens sub-policy 0 only; ("Equalize", 0.8) opens sub-policy 23 (and 0.6, 0.3, 0.2 others)
+    inverted = sum(1 for k in first if k and k[0] == "Invert")
+    assert abs(inverted / (n / 25) - 0.1) < 0.05
+    applied = sum(k is not None for k in first) / n
+    expected = np.mean([p[0][1] for p in policies])
+    assert abs(applied - expected) < 0.02
+
+
+def test_color_jitter_factors_uniform_and_order_random():
+    n = 4000
+    gray = torch.full((n, 3, 2, 2), 100.0)
+    out = B.color_jitter((0.4, 0.0, 0.0))(gray, rng(4))  # brightness only: floor(100 · U(0.6, 1.4))
+    values = out[:, 0, 0, 0].numpy()
+    assert values.min() >= 60 and values.max() <= 139
+    assert stats.kstest((values + 0.5) / 100, "uniform", args=(0.6, 0.8)).pvalue > 0.001
+    # order: brightness ×1.4 then contrast ×0 on a two-tone image differs from contrast first
+    two = torch.zeros(n, 3, 2, 2)
+    two[:, :, 0] = 200.0
+    jitter = B.color_jitter((0.4, 0.4, 0.0))
+    results = jitter(two, rng(5))
+    assert len({tuple(r.flatten().tolist()) for r in results}) > 100
+
+
+def test_random_resized_crop_boxes_follow_torchvision():
+    torch.manual_seed(0)
+    reference = v2.RandomResizedCrop(32, scale=(0.2, 1.0))
+    ref = [reference.make_params([torch.zeros(3, 32, 32)]) for _ in range(3000)]
+    ours = B.resized_crop_boxes(3000, 32, 32, (0.2, 1.0), (3 / 4, 4 / 3), rng(6))
+    for key, col in (("height", 2), ("width", 3), ("top", 0), ("left", 1)):
+        assert stats.ks_2samp([p[key] for p in ref], ours[:, col].numpy()).pvalue > 0.001, key
+    assert ((ours[:, 0] + ours[:, 2]) <= 32).all() and ((ours[:, 1] + ours[:, 3]) <= 32).all()
+
+
+def test_digits_key_view_translations_and_scales():
+    n = 4000
+    r = rng(7)
+    tx = torch.round(r.uniform64(n, -1.0, 1.0))  # as random_affine draws them for 8 px: t = 0.125
+    share = [(tx == v).float().mean().item() for v in (-1, 0, 1)]
+    assert abs(share[0] - 0.25) < 0.03 and abs(share[1] - 0.5) < 0.03
+    out = B.random_affine(0.125, (0.8, 1.2))(torch.full((256, 1, 8, 8), 200.0), rng(8))
+    assert len({tuple(o.flatten().tolist()) for o in out}) > 8
+
+
+def test_cutout_centres_uniform():
+    n = 32 * 32 * 8
+    out = B.cutout(16)(torch.ones(n, 1, 32, 32), rng(9))
+    # the hole's first zero row/column: max(cy − 8, 0); the centre is uniform over 0..31
+    holes = out[:, 0] == 0
+    rows = holes.any(2).float().argmax(1)
+    assert stats.chisquare(torch.bincount(rows, minlength=32)[1:24].numpy()).pvalue > 0.001
+
+
+def test_gaussian_noise_of_the_data_aug_teachers():
+    x = torch.full((64, 3, 32, 32), 128.0)
+    noisy = B.normalise("cifar", 0.01)(x, rng(10))
+    clean = B.normalise("cifar")(x, rng(10))
+    std = torch.tensor((0.2023, 0.1994, 0.2010)).view(1, 3, 1, 1)
+    assert abs(((noisy - clean) * std).std().item() - 0.01) < 0.0005
+
+
+# -- fixed parameters: the per-image pixels --------------------------------------------------------
+
+
+def test_pad_crop_flip_pixels():
+    x = images(4)
+    padded = TF.pad(x, [4, 4, 4, 4])
+    r = rng(11)
+    out = B.pad_crop_flip(4, flip=True)(x.float(), r)
+    r = rng(11)  # the same draws again
+    top, left = r.randint(4, 9), r.randint(4, 9)
+    flips = r.uniform(4) < 0.5
+    for i in range(4):
+        ref = TF.crop(padded[i], int(top[i]), int(left[i]), 32, 32)
+        ref = TF.horizontal_flip(ref) if flips[i] else ref
+        assert torch.equal(out[i].to(torch.uint8), ref)
+
+
+@pytest.mark.parametrize("op, ref, factor", [
+    (B.brightness, TF.adjust_brightness, 1.3), (B.brightness, TF.adjust_brightness, 0.7),
+    (B.contrast, TF.adjust_contrast, 1.35), (B.contrast, TF.adjust_contrast, 0.62),
+    (B.saturation, TF.adjust_saturation, 1.2), (B.saturation, TF.adjust_saturation, 0.65),
+    (B.hue, TF.adjust_hue, 0.07), (B.hue, TF.adjust_hue, -0.093),
+])
+def test_colour_operations_match_torchvision(op, ref, factor):
+    x = images(6, seed=3)
+    out = op(x.float(), torch.full((6,), factor, dtype=torch.float64))
+    expected = torch.stack([ref(img, factor) for img in x])
+    close_u8(out, expected)
+
+
+def test_grayscale_and_normalisation_match():
+    x = images(3, seed=4)
+    gray = B.random_grayscale(1.0)(x.float(), rng())
+    assert torch.equal(gray.to(torch.uint8), TF.rgb_to_grayscale(x, num_output_channels=3))
+    norm = B.normalise("cifar")(x.float(), rng())
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+    assert torch.allclose(norm, torch.stack([ToNormalised(mean, std)(img) for img in x]), atol=1e-6)
+
+
+def test_resized_crop_matches_torchvision():
+    x = images(5, seed=5)
+    boxes = torch.tensor([[0, 0, 32, 32], [3, 5, 14, 20], [10, 2, 22, 17], [0, 9, 31, 23], [7, 7, 15, 15]])
+    out = B.crop_resize(x.float(), boxes, 32)
+    for img, o, (t, l, h, w) in zip(x, out, boxes.tolist()):
+        close_u8(o, TF.resized_crop(img, t, l, h, w, [32, 32], antialias=True))
+
+
+def test_affine_matches_torchvision_on_digits():
+    x = images(4, c=1, size=8, seed=6)
+    scale, tx, ty = torch.tensor([0.8, 1.0, 1.13, 1.2]), torch.tensor([-1.0, 0, 1, 1]), torch.tensor([0.0, 1, -1, 0])
+    out = B.affine_scale_translate(x.float(), scale, tx, ty)
+    for i in range(4):
+        ref = TF.affine(x[i], angle=0.0, translate=[int(tx[i]), int(ty[i])], scale=float(scale[i]), shear=[0.0, 0.0],
+                        interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+        close_u8(out[i], ref)
+
+
+def test_gaussian_blur_matches_torchvision():
+    x = images(2, size=40, seed=7)
+    r = rng(12)
+    out = B.gaussian_blur(23, (0.1, 2.0), p=1.0)(x.float(), r)
+    r = rng(12)
+    r.uniform(2)  # the coins
+    sigmas = r.uniform(2, 0.1, 2.0)
+    for img, o, s in zip(x, out, sigmas.tolist()):
+        close_u8(o, TF.gaussian_blur(img, [23, 23], [s, s]))
+
+
+def test_cutout_matches_the_per_image_transform():
+    x = torch.randn(3, 3, 32, 32)
+    r = rng(13)
+    out = B.cutout(16)(x, r)
+    r = rng(13)
+    cy, cx = r.randint(3, 32), r.randint(3, 32)
+    for i in range(3):
+        torch.manual_seed(0)
+        ref = x[i].clone()
+        ref[:, max(int(cy[i]) - 8, 0): int(cy[i]) + 8, max(int(cx[i]) - 8, 0): int(cx[i]) + 8] = 0
+        assert torch.equal(out[i], ref)
+    assert isinstance(Cutout(16), torch.nn.Module)
+
+
+def test_auto_augment_groups_equal_the_per_image_operations():
+    aa = B.BatchAutoAugment()
+    x = images(24, seed=8)
+    r = rng(14)
+    out = aa(x.float(), r)
+    r = rng(14)
+    rounds = aa.draw(24, 32, 32, r)
+    expected = []
+    for i in range(24):
+        img = x[i]
+        for keys in rounds:
+            if keys[i] is not None:
+                img = aa.t._apply_image_or_video_transform(img, keys[i][0], keys[i][1],
+                                                           interpolation=aa.t.interpolation, fill=aa.t._fill)
+        expected.append(img)
+    assert torch.equal(out.to(torch.uint8), torch.stack(expected))
+
+
+def test_per_image_and_batched_pipelines_share_their_definitions():
+    # the same named augmentations exist on both paths
+    for augment in AUGMENTS:
+        build_transform("cifar", augment, train=True)
+        B.batch_transform("cifar", augment, train=True)
+    moco_transform("cifar")
+    with pytest.raises(ValueError, match="unknown data.augment"):
+        B.batch_transform("cifar", "mixup", train=True)
