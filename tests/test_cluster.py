@@ -1,9 +1,10 @@
 """The cluster path as users run it (issue 11): a real head node (``ray start --head --block``, token
 authentication on, its own temp dir and ports), the README's ``ray job submit`` command read from the
-README, and the three jobs. Each submitted job must succeed, write under the given storage, resolve the
-same config as ``load_config`` does locally, and print one progress line per epoch per run. The same
-train and CBD commands run locally (from another working directory, with a dead cluster's address file
-lying around) must give the same numbers. An upload without the presets stops with a clear error.
+README, and the three jobs, submitted at once. Each submitted job must succeed, write under the given storage,
+resolve the same config as ``load_config`` does locally, and print one progress line per epoch per run.
+The train command run locally (from another working directory, with a dead cluster's address file lying
+around) and the CBD job run on the local cluster must give the same numbers. An upload without the
+presets stops with a clear error.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import CBD_JOB
 from rayexperts.config import load_config, to_dict
 from rayexperts.launch.ensemble import resolve_job_config
 from rayexperts.launch.tune import sweep_config
@@ -108,7 +111,7 @@ def head():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the head and everything it started: one process group
         try:
-            proc.wait(timeout=45)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -144,45 +147,48 @@ def local_run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedPr
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_jobs_submitted_with_the_readme_command(head, tmp_path):
+@pytest.fixture(scope="module")
+def jobs(head) -> dict[str, tuple[int, str]]:
+    """The three jobs and one upload without the presets, submitted at once: name -> (exit status, log)."""
     storage = head.storage
-    train_args = ["method=mllt", "train.epochs=2", "run.name=train_job", f"run.storage_path={storage}",
-                  "scaling.cpus_per_worker=1"]
-    cbd_args = ["train.epochs=1", "cbd.teacher_epochs=2", "cbd.teachers=[{type: standard, seed: 0}, "
-                "{type: data_aug, seed: 1}]", "run.name=cbd_job", f"run.storage_path={storage}"]
-    sweep_args = ["--space", "tune_spaces/mllt.yaml", "method=mllt", "train.epochs=1", "tune.num_samples=2",
-                  "scaling.cpus_per_worker=1", "run.name=sweep_job", f"run.storage_path={storage}"]
     started = time.time()
-    jobs = {
-        "train": head.submit(["python", "jobs/train.py", *train_args]),
-        "cbd": head.submit(["python", "jobs/cbd_ens.py", *cbd_args]),
-        "sweep": head.submit(["python", "jobs/sweep.py", *sweep_args]),
+    procs = {
+        "train": head.submit(["python", "jobs/train.py", *TRAIN_ARGS, f"run.storage_path={storage}"]),
+        "cbd": head.submit(["python", "jobs/cbd_ens.py", *CBD_JOB, f"run.storage_path={storage}"]),
+        "sweep": head.submit(["python", "jobs/sweep.py", *SWEEP_ARGS, f"run.storage_path={storage}"]),
+        "no_presets": head.submit(["python", "jobs/train.py", f"run.storage_path={storage}", "run.name=never"],
+                                  extra_excludes=("/rayexperts/presets/",)),
     }
-    logs = {name: finish(proc) for name, proc in jobs.items()}
-    submitted_s = time.time() - started
-    for name, proc in jobs.items():
-        assert proc.returncode == 0 and "succeeded" in logs[name], f"{name} job:\n{logs[name][-5000:]}"
+    with ThreadPoolExecutor(len(procs)) as pool:  # read every log while all run: no pipe fills up
+        logs = dict(zip(procs, pool.map(finish, procs.values())))
+    done = {name: (proc.returncode, logs[name]) for name, proc in procs.items()}
+    print(f"\nsubmitted (4 jobs at once): {time.time() - started:.0f} s")
+    return done
 
-    # Results under the given storage, configs as load_config resolves them locally.
-    train_dir, cbd_dir, sweep_dir = storage / "train_job", storage / "cbd_job", storage / "sweep_job"
-    assert saved_config(train_dir / "config.yaml") == to_dict(load_config(None, train_args))
-    assert saved_config(cbd_dir / "config.yaml") == to_dict(resolve_job_config(None, cbd_args))
-    local_sweep = sweep_config(load_config(None, sweep_args[2:]))
-    assert saved_config(sweep_dir / "sweep.yaml")["config"] == to_dict(local_sweep)
-    for run in ("teachers/teacher0", "teachers/teacher1", "student"):
-        assert (cbd_dir / run / "metrics.parquet").is_file() and list((cbd_dir / run).glob("checkpoint_*"))
-    assert len(pd.read_parquet(sweep_dir / "trials.parquet")) == 2 and (sweep_dir / "best.yaml").is_file()
 
-    # What a user watching `ray job logs` sees: one progress line per epoch per run, and which
-    # rayexperts ran (the uploaded copy, not the repository).
-    assert re.findall(r"train_job \| epoch (\d)/2", logs["train"]) == ["1", "2"]
-    for teacher in ("teacher0", "teacher1"):
-        assert re.findall(rf"{teacher} \| epoch (\d)/2", logs["cbd"]) == ["1", "2"], logs["cbd"][-3000:]
-    assert len(re.findall(r"student \| epoch 1/1", logs["cbd"])) == 1
-    packages = set(re.findall(r"rayexperts \S+ from (\S+)", logs["train"]))
+TRAIN_ARGS = ["method=mllt", "train.epochs=2", "run.name=train_job", "scaling.cpus_per_worker=1"]
+SWEEP_ARGS = ["--space", "tune_spaces/mllt.yaml", "method=mllt", "train.epochs=1", "tune.num_samples=2",
+              "scaling.cpus_per_worker=1", "run.name=sweep_job"]
+
+
+def succeeded(jobs: dict[str, tuple[int, str]], name: str) -> str:
+    rc, log = jobs[name]
+    assert rc == 0 and "succeeded" in log, f"{name} job:\n{log[-5000:]}"
+    return log
+
+
+def test_train_job_submitted_with_the_readme_command(head, jobs, tmp_path):
+    """Results under the given storage, the config load_config resolves locally, one progress line per
+    epoch, the uploaded package (not the repository), TensorBoard scalars; the same command run locally
+    (another working directory, a dead cluster's address file) gives the same numbers."""
+    log = succeeded(jobs, "train")
+    train_dir = head.storage / "train_job"
+    args = [*TRAIN_ARGS, f"run.storage_path={head.storage}"]
+    assert saved_config(train_dir / "config.yaml") == to_dict(load_config(None, args))
+    assert re.findall(r"train_job \| epoch (\d)/2", log) == ["1", "2"]
+    packages = set(re.findall(r"rayexperts \S+ from (\S+)", log))
     assert packages and all("runtime_resources" in p and not p.startswith(str(REPO)) for p in packages), packages
 
-    # TensorBoard event files with every view's metrics and the loss terms.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(train_dir / "tensorboard"))
@@ -191,31 +197,39 @@ def test_jobs_submitted_with_the_readme_command(head, tmp_path):
     assert {"ensemble_pc/top1", "expert0/top1_many", "train/loss_mutual", "train/lr"} <= tags
     assert [e.step for e in events.Scalars("ensemble_pc/top1")] == [0, 1]
 
-    # The same commands run locally give the same numbers.
     started = time.time()
-    local = local_run("train.py", [*train_args[:-2], f"run.storage_path={tmp_path}", "scaling.cpus_per_worker=1"],
-                      cwd=tmp_path)
-    local_train_s = time.time() - started
+    local = local_run("train.py", [*TRAIN_ARGS, f"run.storage_path={tmp_path}"], cwd=tmp_path)
+    print(f"\nlocal train: {time.time() - started:.0f} s")
     assert local.returncode == 0, local.stderr[-3000:]
     pd.testing.assert_frame_equal(metrics_of(tmp_path / "train_job"), metrics_of(train_dir))
-    started = time.time()
-    local = local_run("cbd_ens.py", [*cbd_args[:-1], f"run.storage_path={tmp_path}"], cwd=tmp_path)
-    local_cbd_s = time.time() - started
-    assert local.returncode == 0, local.stderr[-3000:]
-    config = saved_config(tmp_path / "cbd_job" / "config.yaml")
-    remote = saved_config(cbd_dir / "config.yaml")
-    assert {k: v for k, v in config.items() if k != "run"} == {k: v for k, v in remote.items() if k != "run"}
+
+
+def test_cbd_job_submitted_with_the_readme_command(head, jobs, cbd_job):
+    """Teachers and student under the given storage, one progress line per epoch per run, and the numbers
+    of the same job run on the local cluster (the session's ``cbd_job``)."""
+    log = succeeded(jobs, "cbd")
+    cbd_dir, (local_dir, _) = head.storage / "job", cbd_job
+    assert saved_config(cbd_dir / "config.yaml") == to_dict(
+        resolve_job_config(None, [*CBD_JOB, f"run.storage_path={head.storage}"]))
+    for teacher in ("teacher0", "teacher1"):
+        assert re.findall(rf"{teacher} \| epoch (\d+)/10", log) == [str(e) for e in range(1, 11)], log[-3000:]
+    assert len(re.findall(r"student \| epoch 1/1", log)) == 1
     for run in ("teachers/teacher0", "teachers/teacher1", "student"):
-        pd.testing.assert_frame_equal(metrics_of(tmp_path / "cbd_job" / run), metrics_of(cbd_dir / run))
-    print(f"\nsubmitted (3 jobs at once): {submitted_s:.0f} s; local train: {local_train_s:.0f} s; "
-          f"local CBD: {local_cbd_s:.0f} s")
+        assert list((cbd_dir / run).glob("checkpoint_*"))
+        pd.testing.assert_frame_equal(metrics_of(local_dir / run), metrics_of(cbd_dir / run))
 
 
-def test_an_upload_without_the_presets_stops_with_a_clear_error(head):
-    proc = head.submit(["python", "jobs/train.py", f"run.storage_path={head.storage}", "run.name=never"],
-                       extra_excludes=("/rayexperts/presets/",))
-    out = finish(proc, timeout=300)
-    assert proc.returncode != 0, out[-3000:]
+def test_sweep_job_submitted_with_the_readme_command(head, jobs):
+    succeeded(jobs, "sweep")
+    sweep_dir = head.storage / "sweep_job"
+    local_sweep = sweep_config(load_config(None, [*SWEEP_ARGS[2:], f"run.storage_path={head.storage}"]))
+    assert saved_config(sweep_dir / "sweep.yaml")["config"] == to_dict(local_sweep)
+    assert len(pd.read_parquet(sweep_dir / "trials.parquet")) == 2 and (sweep_dir / "best.yaml").is_file()
+
+
+def test_an_upload_without_the_presets_stops_with_a_clear_error(head, jobs):
+    rc, out = jobs["no_presets"]
+    assert rc != 0, out[-3000:]
     assert re.search(r"error: the rayexperts package imported from \S+ is incomplete: rayexperts/presets missing", out)
     assert "anchor patterns" in out
     assert not (head.storage / "never").exists()

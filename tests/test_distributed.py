@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -19,6 +22,8 @@ from rayexperts.config import load_config, with_overrides
 from rayexperts.engine.run import Run
 from rayexperts.launch.train import run_training
 from rayexperts.rundir import CheckpointMismatch, RunDir
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _epoch_batches(run: Run, epoch: int) -> list[list[int]]:
@@ -79,15 +84,23 @@ def _parents(p: psutil.Process) -> list[psutil.Process]:
         return []
 
 
+EXACT_RUN = {"scaling.num_workers": 2, "scaling.cpus_per_worker": 1, "method": "mllt", "train.epochs": 6}
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_cluster, tmp_path_factory) -> Path:
+    """The 2-worker MLLT run every fault test must reproduce, left alone: its storage root."""
+    root = tmp_path_factory.mktemp("exact")
+    run_training(load_config(None, quick_overrides(root, "clean", **EXACT_RUN)))
+    return root
+
+
 @pytest.mark.ray
-def test_resume_is_exact_under_worker_faults(ray_cluster, tmp_path):
+def test_resume_is_exact_under_worker_faults(clean_run, tmp_path):
     """A 2-worker run whose workers are killed twice, at epochs drawn at random, restarts from the latest
     registered checkpoint each time and ends with the metrics of the same run left alone, bit for bit;
     its 2-worker evaluation equals a 1-worker evaluation of its checkpoint."""
-    extra = {"scaling.num_workers": 2, "scaling.cpus_per_worker": 1, "method": "mllt", "train.epochs": 6}
-    clean_cfg = load_config(None, quick_overrides(tmp_path, "clean", **extra))
-    run_training(clean_cfg)
-    faulty_cfg = load_config(None, quick_overrides(tmp_path, "faulty", **extra, **{"run.max_failures": 3}))
+    faulty_cfg = load_config(None, quick_overrides(tmp_path, "faulty", **EXACT_RUN, **{"run.max_failures": 3}))
     kill_at = sorted(random.Random(1234).sample(range(0, 4), 2))  # after epoch k's checkpoint is registered
     killed: list[int] = []
     killer = threading.Thread(target=_kill_workers_after, args=(tmp_path / "runs" / "faulty", kill_at, killed),
@@ -96,11 +109,12 @@ def test_resume_is_exact_under_worker_faults(ray_cluster, tmp_path):
     run_training(faulty_cfg)
     killer.join(timeout=5)
     assert len(killed) == 2, f"killed {killed} at epochs {kill_at}"
-    clean, faulty = metrics_without_time(tmp_path / "runs" / "clean"), metrics_without_time(tmp_path / "runs" / "faulty")
+    clean, faulty = metrics_without_time(clean_run / "runs" / "clean"), metrics_without_time(tmp_path / "runs" / "faulty")
     assert faulty.groupby(["epoch", "view"]).size().eq(1).all() and faulty["epoch"].nunique() == 6
     pd.testing.assert_frame_equal(faulty, clean)
 
-    run_dir = tmp_path / "runs" / "clean"
+    run_dir = clean_run / "runs" / "clean"
+    clean_cfg = load_config(None, quick_overrides(clean_run, "clean", **EXACT_RUN))
     last = clean[clean["epoch"] == 5].set_index("view")
     assert (last["num_samples"] == 300).all()  # every test image counted once, not twice
     evaluator = Run(with_overrides(clean_cfg, {"scaling.num_workers": 1}))
@@ -110,6 +124,32 @@ def test_resume_is_exact_under_worker_faults(ray_cluster, tmp_path):
         s = acc.summary(view, evaluator.groups)
         assert s["top1"] == pytest.approx(last.loc[view, "top1"], abs=1 / 300 + 1e-9), view
         assert s["ece"] == pytest.approx(last.loc[view, "ece"], abs=0.01), view
+
+
+@pytest.mark.ray
+def test_resume_is_exact_after_the_driver_is_killed(clean_run, ray_cluster, tmp_path):
+    """``jobs/train.py`` killed (its whole process group, SIGKILL) once a checkpoint drawn at random is
+    registered, then the same command re-run: it resumes and ends with the uninterrupted run's metrics."""
+    command = [sys.executable, str(REPO / "jobs" / "train.py"), *quick_overrides(tmp_path, "driver", **EXACT_RUN)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    kill_after = random.Random(4321).randrange(0, 4)
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 300
+    while _registered_epoch(tmp_path / "runs" / "driver") < kill_after:
+        assert first.poll() is None and time.time() < deadline, f"ended before the kill: {first.stderr.read()[-3000:]}"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    while _train_workers() and time.time() < deadline:  # Ray ends the dead driver's workers
+        time.sleep(0.2)
+    assert len(metrics_without_time(tmp_path / "runs" / "driver")["epoch"].unique()) < 6
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    resumed = re.findall(r"resuming driver from checkpoint \S+ at epoch (\d)", second.stdout + second.stderr)
+    assert resumed and kill_after < int(resumed[0]) < 6, second.stdout[-2000:]
+    pd.testing.assert_frame_equal(metrics_without_time(tmp_path / "runs" / "driver"),
+                                  metrics_without_time(clean_run / "runs" / "clean"))
 
 
 def test_a_run_directory_of_another_config_is_refused_before_anything_starts(tmp_path):
