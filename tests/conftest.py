@@ -40,6 +40,10 @@ def cbd_job(ray_cluster, tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="session")
 def cifar10_parquet() -> Path:
+    """The real CIFAR-10 file in ``../shared/data``. Skipped in a clone without it, but a failure where
+    ``RAYEXPERTS_REQUIRE_SHARED_DATA=1`` (``.ci/run`` sets it when ``../shared`` is there)."""
     if not CIFAR10_PARQUET.exists():
+        if os.environ.get("RAYEXPERTS_REQUIRE_SHARED_DATA") == "1":
+            pytest.fail(f"{CIFAR10_PARQUET} not present, and RAYEXPERTS_REQUIRE_SHARED_DATA=1 requires it")
         pytest.skip(f"{CIFAR10_PARQUET} not present")
     return CIFAR10_PARQUET

@@ -13,10 +13,10 @@ import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 import torch
+from helpers import CBD_JOB, metrics_without_time
 
 from rayexperts.config import load_config, with_overrides
 from rayexperts.engine.run import Run
-from helpers import CBD_JOB
 from rayexperts.launch.ensemble import SUMMARY_COLUMNS, PrerequisiteFailed, is_finished, resolve_job_config, run_ensemble
 from rayexperts.methods.base import Batch
 from rayexperts.rundir import CheckpointMismatch, RunDir, save_checkpoint
@@ -238,6 +238,33 @@ def test_rerun_skips_finished_runs(finished_job, capsys):
         assert f"[cbd] {name}: finished checkpoint found" in printed
     assert _checkpoints(job) == before and list(again["summary"]["status"]) == ["skipped"] * 4
     pd.testing.assert_frame_equal(again["summary"][SUMMARY_COLUMNS], first["summary"][SUMMARY_COLUMNS])
+
+
+@pytest.mark.ray
+def test_an_unfinished_teacher_resumes_and_ends_as_if_never_stopped(finished_job, tmp_path):
+    """A copy of the job whose teacher0 stopped after epoch 9 of 10 (its last checkpoint and last
+    evaluation gone) and whose student never ran: re-running the job trains teacher0's last epoch only
+    (its earlier rows are kept as they were), skips teacher1, and every run ends with the numbers of the
+    job that was never stopped."""
+    job, _ = finished_job
+    copy = tmp_path / "job"
+    shutil.copytree(job, copy)
+    teacher = copy / "teachers" / "teacher0"
+    shutil.rmtree(teacher / "checkpoint_000010")
+    for table in ("metrics.parquet", "classes.parquet", "reliability.parquet"):
+        rows = pd.read_parquet(teacher / table)
+        rows[rows["epoch"] < 9].to_parquet(teacher / table)
+    shutil.rmtree(copy / "student")
+    kept = pd.read_parquet(teacher / "metrics.parquet")
+
+    out = run_ensemble(job_config(tmp_path))
+    status = out["summary"].set_index("model")["status"]
+    assert (status["teacher0"], status["teacher1"], status["student"]) == ("finished", "skipped", "finished")
+    resumed = pd.read_parquet(teacher / "metrics.parquet")
+    pd.testing.assert_frame_equal(resumed[resumed["epoch"] < 9], kept)  # not retrained: same timestamps
+    assert resumed["timestamp"].max() > kept["timestamp"].max()
+    for run in ("teachers/teacher0", "teachers/teacher1", "student"):
+        pd.testing.assert_frame_equal(metrics_without_time(copy / run), metrics_without_time(job / run))
 
 
 @pytest.mark.ray

@@ -56,11 +56,34 @@ def test_user_layers_beat_defaults():
     assert cfg.train.milestones == [160, 180]
 
 
-def test_every_preset_loads():
+DATA_OF = {"cifar10_lt": "cifar10-lt", "cifar100_lt": "cifar100-lt", "imagenet_lt": "imagenet-lt",
+           "inat2018": "inat2018", "digits": "digits-lt"}
+BACKBONE_OF = {"r50": "resnet50", "rx50": "resnext50_32x4d"}
+# The paper settings of METHODS.md for CIFAR-LT: (epochs, batch size, lr, schedule, experts).
+CIFAR_RECIPE = {"ce": (200, 128, 0.1, "multistep", 1), "bsce": (200, 128, 0.1, "multistep", 1),
+                "mllt": (200, 128, 0.1, "multistep", 3), "ncl": (400, 64, 0.1, "multistep", 3),
+                "ecl": (200, 64, 0.01, "cosine", 3), "cbd": (200, 128, 0.1, "multistep", 1)}
+
+
+def test_every_preset_is_the_setting_its_name_says():
+    """``<data>_if<N>_<method>``, ``<data>_<r50|rx50>_<method>``, ``cbd_<data...>``: the name's data set,
+    imbalance factor, backbone and method are the config's, and CIFAR-LT presets follow METHODS.md's recipe."""
     names = list_presets()
-    assert names
+    assert len(names) == 45
     for name in names:
-        load_config(name)
+        cfg = load_config(name)
+        method, rest = ("cbd", name[4:]) if name.startswith("cbd_") else (name.rsplit("_", 1)[1], name.rsplit("_", 1)[0])
+        data = next(d for d in DATA_OF if rest == d or rest.startswith(d + "_"))
+        tail = rest[len(data) + 1:]
+        assert (cfg.method, cfg.data.name) == (method, DATA_OF[data]), name
+        if tail.startswith("if"):
+            assert cfg.data.imbalance_factor == float(tail[2:]), name
+        elif tail:
+            assert cfg.model.backbone == BACKBONE_OF[tail], name
+        if data.startswith("cifar"):
+            t = cfg.train
+            assert cfg.model.backbone == "resnet32", name
+            assert (t.epochs, t.batch_size, t.lr, t.schedule, cfg.model.num_experts) == CIFAR_RECIPE[method], name
 
 
 def test_yaml_file_errors(tmp_path):

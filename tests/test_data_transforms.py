@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from rayexperts.data import AUGMENTS, ArraySource, TransformedDataset, TwoView, build_transform, moco_transform
-from rayexperts.data.transforms import Cutout
+from rayexperts.data.transforms import MEAN_STD, Cutout
 
 INPUTS = {
     "digits": (torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8), (1, 8, 8)),
@@ -44,14 +44,29 @@ def test_imagenet_test_transform_resizes_then_centre_crops():
     assert isinstance(steps[1], v2.CenterCrop) and steps[1].size == (224, 224)
 
 
-def test_data_aug_adds_jitter_and_noise_before_normalize():
-    steps = [type(t) for t in build_transform("cifar", "data_aug", train=True).transforms]
-    assert v2.ColorJitter in steps
-    assert steps.index(v2.ToDtype) < steps.index(v2.GaussianNoise) < steps.index(v2.Normalize)
-    noise = build_transform("cifar", "data_aug", train=True).transforms[steps.index(v2.GaussianNoise)]
-    assert noise.sigma == 0.01
-    digits = [type(t) for t in build_transform("digits", "data_aug", train=True).transforms]
-    assert v2.GaussianNoise in digits and v2.ColorJitter not in digits and v2.RandomHorizontalFlip not in digits
+def test_data_aug_is_brightness_jitter_and_noise_of_sigma_001_before_normalize():
+    """After the pad-crop (the first step), on a uniform grey image (value 128) only ColorJitter's
+    brightness acts (contrast and saturation blend grey with itself): each image is grey · b with
+    b ~ U[0.6, 1.4] (to uint8 rounding), the same in every channel, plus Gaussian noise of σ = 0.01 on
+    [0, 1] added before Normalize."""
+    torch.manual_seed(0)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in MEAN_STD["cifar"])
+    t = build_transform("cifar", "data_aug", train=True)
+    assert type(t.transforms[0]).__name__ == "PadCropFlip"
+    after_crop = v2.Compose(t.transforms[1:])
+    grey = torch.full((3, 32, 32), 128, dtype=torch.uint8)
+    centres = torch.stack([after_crop(grey) * std + mean for _ in range(400)])  # back to [0, 1]
+    noise = centres.std((2, 3)).mean(0)
+    assert ((noise - 0.01).abs() < 0.0015).all(), noise
+    level = centres.mean((2, 3))  # [400, 3]
+    assert (level.max(1).values - level.min(1).values).max() < 0.004  # grey stays grey
+    b = level.mean(1) / (128 / 255)
+    assert 0.6 - 0.02 < b.min() < 0.63 and 1.37 < b.max() < 1.4 + 0.01, (b.min(), b.max())
+    digits = build_transform("digits", "data_aug", train=True)
+    digits = v2.Compose(digits.transforms[1:])  # after the pad-1 crop
+    flat = torch.stack([digits(torch.full((1, 8, 8), 128, dtype=torch.uint8)) for _ in range(50)])
+    flat = flat * MEAN_STD["digits"][1][0] + MEAN_STD["digits"][0][0]
+    assert (flat.mean((1, 2, 3)) - 128 / 255).abs().max() < 0.01 and 0.007 < flat.std((2, 3)).mean() < 0.013
 
 
 def test_autoaugment_cutout_and_randaugment_presets():

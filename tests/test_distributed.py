@@ -21,7 +21,8 @@ from helpers import metrics_without_time, quick_overrides
 from rayexperts.config import load_config, with_overrides
 from rayexperts.engine.run import Run
 from rayexperts.launch.train import run_training
-from rayexperts.rundir import CheckpointMismatch, RunDir
+from rayexperts.engine.worker import Reporter, run_epochs
+from rayexperts.rundir import CheckpointMismatch, RunDir, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -162,3 +163,31 @@ def test_a_run_directory_of_another_config_is_refused_before_anything_starts(tmp
         with pytest.raises(CheckpointMismatch, match=key.replace(".", r"\.")):
             run_training(other)
     assert sorted(p.name for p in Path(rundir.path).iterdir()) == ["config.yaml"]
+
+
+def test_a_checkpoint_of_another_class_count_or_backbone_is_refused(tmp_path):
+    """A checkpoint records the run's identity (method, backbone, experts, classifier, data set and the
+    class count); loading it into a run that differs in any of them stops with a message naming it."""
+    cfg = load_config(None, quick_overrides(tmp_path, "ident", **{"train.epochs": 1}))
+    run = Run(cfg)
+    save_checkpoint(tmp_path, model=run.model, optimizer=run.optimizer, epoch=1, ident=run.ident)
+    assert load_checkpoint(tmp_path, run.ident)["epoch"] == 1
+    for key, value in (("num_classes", 100), ("model.backbone", "resnet8"), ("model.num_experts", 3)):
+        with pytest.raises(CheckpointMismatch, match=rf"{re.escape(key)}: checkpoint .* vs this run {value!r}"):
+            load_checkpoint(tmp_path, {**run.ident, key: value})
+
+
+def test_only_rank_0_writes_files(tmp_path):
+    """Rank 1 of a 2-worker run trains, evaluates and reports its metrics but writes nothing and hands
+    no checkpoint on; rank 0 writes the tables and the checkpoint (here without torch.distributed:
+    each rank's Run is built as Ray Train builds it)."""
+    cfg = load_config(None, quick_overrides(tmp_path, "ranks", **{"train.epochs": 1, "scaling.num_workers": 2}))
+    run_dir = tmp_path / "runs" / "ranks"
+    reports: dict[int, list] = {0: [], 1: []}
+    run_epochs(Run(cfg, 1, 2), Reporter(lambda m, c: reports[1].append((m, c))))
+    assert not run_dir.exists() and [c for _, c in reports[1]] == [None]
+    run_epochs(Run(cfg, 0, 2), Reporter(lambda m, c: reports[0].append((m, c))))
+    (metrics, checkpoint), = reports[0]
+    assert checkpoint is not None and (Path(checkpoint) / "checkpoint.pt").is_file()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["classes.parquet", "metrics.parquet", "reliability.parquet", "tensorboard"]
+    assert reports[1][0][0]["epoch"] == metrics["epoch"] == 0

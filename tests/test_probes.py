@@ -76,11 +76,18 @@ def test_tau_norm_zero_is_the_plain_classifier_and_one_normalises_rows():
     assert torch.allclose(P.tau_norm(w, None, v, 1.0), v @ F.normalize(w, dim=1).T)
 
 
-def test_lws_with_zero_epochs_is_the_plain_classifier():
-    g = torch.Generator().manual_seed(0)
-    train_z, test_z = torch.randn(30, 4, generator=g), torch.randn(9, 4, generator=g)
-    out = P.lws(train_z, torch.randint(4, (30,), generator=g), test_z, P.SGDSchedule(0, 0.1))
-    assert torch.equal(out, test_z)
+def test_lws_scales_each_class_logit_by_one_learned_factor():
+    """z̃_j = f_j · z_j: every test logit of class j is multiplied by the same learned f_j, and on a head
+    whose head-class logits are doubled the tail classes' factors come out larger."""
+    x, y = clusters([400, 400, 10, 10], spread=1.5, sep=2.0)
+    test_x, _ = clusters([50] * 4, spread=1.5, sep=2.0, seed=1)
+    head_bias = torch.tensor([2.0, 2.0, 1.0, 1.0])
+    logits = lambda v: 16 * F.normalize(v, dim=1) @ torch.eye(4, 8).T * head_bias  # noqa: E731
+    plain = logits(test_x)
+    ratio = P.lws(logits(x), y, plain, P.SGDSchedule(2, 0.1)) / plain
+    f = ratio.median(0).values
+    torch.testing.assert_close(ratio, f.expand_as(ratio), rtol=1e-4, atol=1e-4)
+    assert f[2:].min() > f[:2].max()
 
 
 def test_lws_undoes_a_head_favouring_logit_scale():

@@ -138,3 +138,24 @@ def test_asha_sweep_on_digits(ray_cluster, tmp_path):
 
     assert load_sweep(root).keys == list(space)
     assert (write_report(root).parent / "sweep_model.num_experts.png").exists()
+
+
+@pytest.mark.ray
+def test_grid_values_repeat_num_samples_times_and_max_concurrent_trials_run_at_once(ray_cluster, tmp_path):
+    """A ``grid`` of 2 values with ``tune.num_samples=2`` gives 4 trials, each value twice, each trial
+    in its own run directory; with ``tune.max_concurrent=1`` no two trials' training overlaps in time."""
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("train.lr: {grid: [0.05, 0.2]}\n")
+    cfg = load_config(None, ["method=ce", f"run.storage_path={tmp_path}", "run.name=grid", "run.verbose=false",
+                             "train.epochs=1", "tune.num_samples=2", "tune.max_concurrent=1",
+                             "tune.scheduler=fifo", "scaling.cpus_per_worker=1"])
+    out = run_sweep(cfg, load_space(space_file, cfg))
+    trials = out["trials"]
+    assert sorted(trials["train.lr"]) == [0.05, 0.05, 0.2, 0.2] and trials["run"].is_unique
+    spans = []
+    for run in trials["run"]:
+        metrics = pd.read_parquet(tmp_path / "grid" / run / "metrics.parquet")
+        assert load_config(tmp_path / "grid" / run / "config.yaml").train.lr in (0.05, 0.2)
+        spans.append((float((metrics["timestamp"] - metrics["train_seconds"]).min()), float(metrics["timestamp"].max())))
+    spans.sort()
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:])), spans

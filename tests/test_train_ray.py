@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pandas as pd
 import pytest
@@ -45,6 +46,28 @@ def test_method_run_directory(ray_cluster, tmp_path, method):
     assert list(table.columns) == ["Many", "Medium", "Few", "All"]
     assert list(run.glob("checkpoint_*/checkpoint.pt"))
 
+    # The worker ran with its share of the 2-CPU cluster (cpus_per_worker=0): 2 torch threads, 1 worker.
+    assert (metrics["torch_threads"] == 2).all() and (metrics["workers"] == 1).all()
+    # Per class: the data set's names and training counts, its shot group, and accuracies that average
+    # (300 test images, 30 per class) to the view's top-1.
+    from rayexperts.data import build_dataset, shot_group
+
+    data = build_dataset(cfg.data)
+    final = classes[classes["epoch"] == 5]
+    for view, rows in final.groupby("view"):
+        rows = rows.sort_values("class_id")
+        assert list(rows["class_name"]) == list(data.class_names) == [str(c) for c in range(10)]
+        assert list(rows["train_count"]) == list(data.train_counts)
+        assert list(rows["shot_group"]) == list(shot_group(data.train_counts, cfg.data.many_threshold,
+                                                            cfg.data.few_threshold))
+        assert rows["accuracy"].mean() == pytest.approx(last.set_index("view").loc[view, "top1"], abs=1e-9)
+    # expert_kl* on the ensemble row only: the test-set mean, between the groups' means.
+    kl = last.set_index("view")[["expert_kl", "expert_kl_many", "expert_kl_medium", "expert_kl_few"]]
+    assert kl.drop(index="ensemble").isna().all().all()
+    e = kl.loc["ensemble"]
+    groups = e[["expert_kl_many", "expert_kl_medium", "expert_kl_few"]].dropna()
+    assert (groups > 0).all() and groups.min() - 1e-12 <= e["expert_kl"] <= groups.max() + 1e-12
+
 
 def test_throughput_benchmark_through_ray_train(ray_cluster, tmp_path):
     """The benchmark's Ray path returns the workers' images/s (Ray Train V2 keeps metrics only
@@ -53,5 +76,7 @@ def test_throughput_benchmark_through_ray_train(ray_cluster, tmp_path):
 
     cfg = load_config(None, ["method=ce", "data.name=digits-lt", "train.batch_size=64"])
     ips, wall = through_ray(cfg, warmup=0, steps=2, workers=1, storage=str(tmp_path))
-    assert ips > 0 and wall > 0
-    assert plain(cfg, warmup=1, steps=3, threads=1) > 0
+    assert ips * wall >= 2 * 64  # the 2 timed steps of 64 images ran within the wall time
+    started = time.perf_counter()
+    ips = plain(cfg, warmup=1, steps=3, threads=1)
+    assert ips * (time.perf_counter() - started) >= 3 * 64

@@ -180,7 +180,7 @@ class Run:
                 if view == "ensemble":
                     row.update(acc.expert_kl_summary(self.groups, prefix))
             row.update(train_stats)
-            row["timestamp"] = now
+            row.update(timestamp=now, workers=self.world, torch_threads=torch.get_num_threads())
             rows.append(row)
         test = accs[""]
         classes = pd.concat(

@@ -92,7 +92,7 @@ def run_epochs(run: Run, reporter: Reporter) -> None:
         import rayexperts
 
         print(f"{cfg.run.name} | rayexperts {rayexperts.__version__} from {rayexperts.PACKAGE_DIR} | "
-              f"{run.world} worker(s) on {run.device.type}", flush=True)
+              f"{run.world} worker(s) on {run.device.type}, {torch.get_num_threads()} torch thread(s) each", flush=True)
     start_epoch = resume(run, reporter.latest)
     mark(f"run ready {cfg.run.name}")
     rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)

@@ -29,7 +29,7 @@ from rayexperts import registry
 from rayexperts.config import ConfigError, from_dict, load_config, parse_overrides, to_dict
 from rayexperts.eval.metrics import SHOT_COLUMNS, shot_table
 from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
-from rayexperts.launch.train import announce, default_run_name, parse_cli, run_training
+from rayexperts.launch.train import announce, default_run_name, parse_cli, run_training, worker_threads
 from rayexperts.methods import METHODS
 from rayexperts.rundir import IDENTITY_KEYS, CheckpointMismatch, RunDir, StorageError
 from rayexperts.trace import mark
@@ -100,7 +100,7 @@ class RunActor:
 
                 rundir.holds_run_of(cfg)
                 rundir.write_config(cfg)
-                train_here({"config": cfg_dict, "threads": max(1, int(cfg.scaling.cpus_per_worker)),
+                train_here({"config": cfg_dict, "threads": worker_threads(cfg.scaling.cpus_per_worker),
                             "plugins": plugins})
         except BaseException:
             rundir.write_text("error.log", traceback.format_exc())

@@ -42,7 +42,12 @@ def worker_resources(cfg: DictConfig) -> tuple[float, float, int]:
         total = ray.cluster_resources().get("CPU", 1)
         cpus = float(max(1, math.floor(total / cfg.scaling.num_workers)))
     gpus = float(cfg.scaling.gpus_per_worker) if cfg.scaling.use_gpu else 0.0
-    return cpus, gpus, max(1, int(cpus))
+    return cpus, gpus, worker_threads(cpus)
+
+
+def worker_threads(cpus: float) -> int:
+    """Torch threads of a worker given ``cpus``: its whole CPUs, at least one (half a CPU runs one)."""
+    return max(1, int(cpus))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from rayexperts.config import ConfigError, from_dict, load_config, to_dict, to_y
 from rayexperts.data import DataError, build_dataset
 from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
 from rayexperts.launch.ensemble import PrerequisiteFailed, raise_failed, train_in_parallel
-from rayexperts.launch.train import announce, default_run_name, run_training
+from rayexperts.launch.train import announce, default_run_name, run_training, worker_threads
 from rayexperts.methods import METHODS
 from rayexperts.registry import did_you_mean
 from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
@@ -248,7 +248,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: str, plugins:
     from rayexperts.engine.worker import tune_trial  # the trial's process, not the sweep's driver
 
     metric, view = str(cfg.tune.metric), str(cfg.tune.view)
-    tune_trial({"config": to_dict(cfg), "threads": max(1, int(cfg.scaling.cpus_per_worker)), "plugins": plugins},
+    tune_trial({"config": to_dict(cfg), "threads": worker_threads(cfg.scaling.cpus_per_worker), "plugins": plugins},
                lambda reported: trial_result(reported, metric, view))
 
 
