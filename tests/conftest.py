@@ -25,6 +25,18 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """In-process runs on one thread while it lasts: the 2 cores are shared with Ray's processes
+    (oversubscribed threads ran ~10x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cbd_job(ray_cluster, tmp_path_factory) -> tuple[Path, dict]:
     """The short CBD job (``helpers.CBD_JOB`` on preset cbd_digits), run once per session on the shared

@@ -24,13 +24,7 @@ from rayexperts.rundir import CheckpointMismatch, RunDir, save_checkpoint
 ALPHA, BETA = 0.4, 100.0
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In-process runs use one thread: the 2 cores are shared (oversubscribed threads run ~10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def teacher_overrides(root: Path, name: str, seed: int, method: str = "ce") -> list[str]:

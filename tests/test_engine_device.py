@@ -20,12 +20,7 @@ from rayexperts.data.encoded import EncodedLoader
 from rayexperts.engine.run import Run, compile_mode
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_digits_and_cifar_live_on_the_device_by_default(tmp_path):

@@ -21,7 +21,7 @@ from torch import Tensor
 from rayexperts.data.batched import BatchPipeline, BatchRng
 from rayexperts.data.errors import DataError
 from rayexperts.data.lt_dataset import LTDataset
-from rayexperts.data.samplers import EpochSampler
+from rayexperts.data.samplers import EpochDraws, EpochSampler
 from rayexperts.data.sources import ArraySource, ImageSource
 
 CACHE_MODES = ("auto", "device", "host", "off")
@@ -115,7 +115,7 @@ class CachedSplit:
         return images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
-class DeviceLoader:
+class DeviceLoader(EpochDraws):
     """Batches of a cached split, augmented on the device: the training split in the order of an
     :class:`EpochSampler` (``drop_last``), or an evaluation shard in order. Yields ``(x, y)``, or
     ``(x_query, x_key, y)`` with a ``key`` pipeline (both views from the same images)."""
@@ -128,12 +128,6 @@ class DeviceLoader:
         self.split, self.batch_size, self.transform, self.key = split, batch_size, transform, key
         self.sampler, self.indices = sampler, indices
         self.seed = 0
-
-    def set_epoch(self, epoch: int, seed: int) -> None:
-        """The epoch's sample order (the sampler's) and the seed of its augmentation draws."""
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
-        self.seed = seed
 
     def __len__(self) -> int:
         if self.sampler is not None:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rayexperts.data.batched import BatchPipeline, BatchRng, RandomResizedCrop
 from rayexperts.data.errors import DataError
+from rayexperts.data.samplers import EpochDraws
 from rayexperts.data.sources import ImageSource
 
 DECODE_MODES = ("auto", "workers", "device")
@@ -61,7 +62,7 @@ def decode_batch(blobs: list[Tensor], device: torch.device, source: ImageSource,
     return out  # type: ignore[return-value]
 
 
-class EncodedLoader:
+class EncodedLoader(EpochDraws):
     """Batches of an encoded split: read by ``num_workers`` DataLoader processes, decoded on the device,
     cropped per image, augmented per batch. Training in an :class:`EpochSampler`'s order (``drop_last``),
     evaluation over a shard in order; yields ``(x, y)`` or ``(x_query, x_key, y)``."""
@@ -76,11 +77,6 @@ class EncodedLoader:
                                  num_workers=num_workers, collate_fn=_collate, drop_last=train,
                                  persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
         self.seed = 0
-
-    def set_epoch(self, epoch: int, seed: int) -> None:
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
-        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -67,3 +67,17 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class EpochDraws:
+    """A loader whose sample order (``self.sampler``; None for an evaluation shard) and augmentation
+    draws (``self.seed``) are functions of the epoch: the whole state a resumed run needs."""
+
+    sampler: EpochSampler | None = None
+    seed: int = 0
+
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        """The epoch's sample order (the sampler's) and the seed of its augmentation draws."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        self.seed = seed
