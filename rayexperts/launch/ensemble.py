@@ -1,12 +1,13 @@
 """Two-stage jobs (``jobs/cbd_ens.py``): a method's prerequisite runs in parallel, then its own run.
 
 CBD / CBD_ENS (METHODS.md "CBD") is such a method: its prerequisites are the K teachers
-(``cbd.teachers``), its own run the class-balanced student. Stage 1: every prerequisite is its own
-Ray Train run, launched from its own Ray actor that reserves no CPU, so all K start at once and Ray
-packs their worker groups onto the cluster; torch threads per worker = the CPU share. A finished run
+(``cbd.teachers``), its own run the class-balanced student. Stage 1: every prerequisite trains from its
+own Ray actor (:mod:`rayexperts.launch.actor`: in the actor for one worker, a Ray Train run for more), so
+all K start at once and Ray packs them onto the cluster; torch threads per worker = the CPU share. A finished run
 (its latest checkpoint at the last epoch) is not retrained. One run failing does not stop the
 others: the job waits for all, writes the summary, then raises :class:`PrerequisiteFailed` naming
-it and its log. Stage 2: the method's own run through Ray Train on the job's ``scaling``.
+it and its log. Stage 2: the method's own run (:func:`~rayexperts.launch.train.run_training`) on the job's
+``scaling``.
 
 The job directory (INTERFACES.md) ``run.storage_path/run.name/``: ``config.yaml``, the
 prerequisites' run directories (CBD: ``teachers/teacher<i>/``), the method's (CBD: ``student/``),
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +25,13 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
-from rayexperts import registry
-from rayexperts.config import ConfigError, from_dict, load_config, parse_overrides, to_dict
+from rayexperts.config import ConfigError, load_config, parse_overrides
 from rayexperts.eval.metrics import SHOT_COLUMNS, shot_table
-from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
-from rayexperts.launch.train import announce, default_run_name, parse_cli, run_training, worker_threads
+from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray
+from rayexperts.launch.actor import start_run
+from rayexperts.launch.train import announce, default_run_name, parse_cli, run_training
 from rayexperts.methods import METHODS
 from rayexperts.rundir import IDENTITY_KEYS, CheckpointMismatch, RunDir, StorageError
-from rayexperts.trace import mark
 
 DEMO_PRESET = "cbd_digits"
 SUMMARY_COLUMNS = ["model", "top1", "top1_many", "top1_medium", "top1_few", "started_at", "finished_at"]
@@ -75,48 +74,6 @@ def is_finished(cfg: DictConfig) -> bool:
     return rundir.finished(int(cfg.train.epochs))
 
 
-class RunActor:
-    """One run of the first stage, as a Ray actor: a one-worker run trains in the actor's own process
-    (the actor holds the worker's CPUs/GPUs); a multi-worker run is a Ray Train run launched from here
-    (then the actor holds nothing: its workers do)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:  # Ray's prefix for this actor's output lines
-        return self.name
-
-    def train(self, cfg_dict: dict[str, Any], plugins: dict[str, Any]) -> str:
-        """Train; on failure the traceback goes to ``<run dir>/error.log`` before re-raising."""
-        mark(f"actor start {self.name}")
-        registry.add_plugins(plugins)
-        cfg = from_dict(cfg_dict)
-        rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
-        try:
-            if cfg.scaling.num_workers > 1:
-                run_training(cfg)
-            else:
-                from rayexperts.engine.worker import train_here  # this actor's process, not the job's driver
-
-                rundir.holds_run_of(cfg)
-                rundir.write_config(cfg)
-                train_here({"config": cfg_dict, "threads": worker_threads(cfg.scaling.cpus_per_worker),
-                            "plugins": plugins})
-        except BaseException:
-            rundir.write_text("error.log", traceback.format_exc())
-            raise
-        rundir.delete("error.log")
-        return rundir.uri
-
-
-def actor_resources(cfg: DictConfig) -> dict[str, float]:
-    """A one-worker run's actor holds its worker's CPUs/GPUs; a Train-run launcher holds nothing."""
-    if cfg.scaling.num_workers > 1:
-        return {"num_cpus": 0}
-    gpus = float(cfg.scaling.gpus_per_worker) if cfg.scaling.use_gpu else 0.0
-    return {"num_cpus": float(cfg.scaling.cpus_per_worker), "num_gpus": gpus}
-
-
 def _describe(cfg: DictConfig) -> str:
     return f"{cfg.method}, {cfg.data.augment}, seed {cfg.seed}"
 
@@ -125,7 +82,6 @@ def train_in_parallel(cfgs: list[DictConfig], tag: str) -> list[Outcome]:
     """Train every unfinished run concurrently, each from its own actor; wait for all, report each."""
     import ray
 
-    actor_class = ray.remote(RunActor)
     outcomes: dict[int, Outcome] = {}
     pending: dict[Any, tuple[int, Any]] = {}
     for i, cfg in enumerate(cfgs):
@@ -135,9 +91,8 @@ def train_in_parallel(cfgs: list[DictConfig], tag: str) -> list[Outcome]:
             outcomes[i] = Outcome(name, cfg, path, "skipped")
             continue
         ensure_ray()  # only when something is left to train
-        actor = actor_class.options(**actor_resources(cfg), max_restarts=int(cfg.run.max_failures),
-                                    max_task_retries=int(cfg.run.max_failures)).remote(name)
-        pending[actor.train.remote(to_dict(cfg), ship_plugins())] = (i, actor)
+        actor, ref = start_run(cfg)
+        pending[ref] = (i, actor)
         print(f"[{tag}] {name} ({_describe(cfg)}) launched: {path}", flush=True)
     while pending:
         [ref], _ = ray.wait(list(pending), num_returns=1)

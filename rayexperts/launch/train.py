@@ -1,10 +1,10 @@
-"""Config → Ray Train ``TorchTrainer``: one training run of any method (``jobs/train.py``)."""
+"""One training run of any method (``jobs/train.py``): one worker in a Ray actor, several through Ray Train's
+``TorchTrainer``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import sys
 import time
@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from rayexperts.config import ConfigError, load_config, to_dict
 from rayexperts.eval.metrics import shot_table
+from rayexperts.launch.actor import start_run, worker_resources
 from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
 from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
 from rayexperts.trace import mark
@@ -26,28 +27,6 @@ POLL_INTERVAL_S = 0.25  # Ray Train's controller polls its workers this often (R
 
 def default_run_name(cfg: DictConfig) -> str:
     return f"{cfg.method}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def worker_resources(cfg: DictConfig) -> tuple[float, float, int]:
-    """(CPUs per worker, GPUs per worker, torch threads per worker).
-
-    ``scaling.cpus_per_worker`` = 0 gives each worker an equal share of the cluster's CPUs,
-    and every worker runs exactly that many torch threads (oversubscribed threads on shared
-    cores made each process 5–7× slower here).
-    """
-    import ray
-
-    cpus = float(cfg.scaling.cpus_per_worker)
-    if cpus <= 0:
-        total = ray.cluster_resources().get("CPU", 1)
-        cpus = float(max(1, math.floor(total / cfg.scaling.num_workers)))
-    gpus = float(cfg.scaling.gpus_per_worker) if cfg.scaling.use_gpu else 0.0
-    return cpus, gpus, worker_threads(cpus)
-
-
-def worker_threads(cpus: float) -> int:
-    """Torch threads of a worker given ``cpus``: its whole CPUs, at least one (half a CPU runs one)."""
-    return max(1, int(cpus))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -105,7 +84,8 @@ def announce(cfg: DictConfig, what: str) -> RunDir:
 
 
 def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
-    """Train ``cfg`` through Ray Train; returns the run directory and the final metrics."""
+    """Train ``cfg``: one worker in one Ray actor (:mod:`rayexperts.launch.actor`), several through Ray
+    Train (also one, when Ray Train ``callbacks`` are given); returns the run directory."""
     if not cfg.run.name:
         cfg.run.name = default_run_name(cfg)
     if cfg.run.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
@@ -119,11 +99,17 @@ def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, An
         print(f"[rayexperts] {rundir} exists: resuming from its latest checkpoint if there is one", flush=True)
     rundir.write_config(cfg)
     mark(f"fit start {cfg.run.name}")
-    result = build_trainer(cfg, callbacks).fit()
+    if int(cfg.scaling.num_workers) == 1 and callbacks is None:
+        import ray
+
+        _actor, done = start_run(cfg)
+        ray.get(done)
+    else:
+        result = build_trainer(cfg, callbacks).fit()
+        if result.error is not None:
+            raise result.error
     mark(f"fit end {cfg.run.name}")
-    if result.error is not None:
-        raise result.error
-    return {"path": rundir.uri, "metrics": result.metrics, "checkpoint": result.checkpoint}
+    return {"path": rundir.uri}
 
 
 def final_table(metrics: pd.DataFrame) -> pd.DataFrame:

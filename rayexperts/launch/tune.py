@@ -29,7 +29,8 @@ from rayexperts.config import ConfigError, from_dict, load_config, to_dict, to_y
 from rayexperts.data import DataError, build_dataset
 from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
 from rayexperts.launch.ensemble import PrerequisiteFailed, raise_failed, train_in_parallel
-from rayexperts.launch.train import announce, default_run_name, run_training, worker_threads
+from rayexperts.launch.actor import worker_threads
+from rayexperts.launch.train import announce, default_run_name, run_training
 from rayexperts.methods import METHODS
 from rayexperts.registry import did_you_mean
 from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
