@@ -275,3 +275,53 @@ def test_failing_teacher_is_named_and_others_kept(finished_job):
     assert list(summary["status"]) == ["skipped", "skipped", "failed"]
     assert summary.loc[["teacher0", "teacher1"], "top1"].notna().all() and np.isnan(summary.loc["teacher2", "top1"])
     assert _checkpoints(job) == before
+
+
+# ------------------------------------------------------------ the job's teacher and student configs
+
+def test_default_teachers_are_two_standard_and_two_data_aug_with_their_own_seeds():
+    cfg = load_config(None, ["method=cbd"])
+    assert [(t.type, t.seed, t.method) for t in cfg.cbd.teachers] == [
+        ("standard", 0, "ce_cosine"), ("standard", 1, "ce_cosine"), ("data_aug", 2, "ce_cosine"), ("data_aug", 3, "ce_cosine")]
+
+
+def test_teacher_configs_of_a_job(tmp_path):
+    from rayexperts.methods.cbd import ClassBalancedDistillation
+
+    job = resolve_job_config(None, ["method=cbd", f"run.storage_path={tmp_path}", "run.name=job",
+                                    "cbd.teachers=[{type: standard, seed: 5}, {type: data_aug, seed: 6, method: ncl}]"])
+    teachers = ClassBalancedDistillation.prerequisites(job)
+    assert [t.run.name for t in teachers] == ["teacher0", "teacher1"]
+    assert [(t.method, t.seed, t.data.augment) for t in teachers] == [("ce", 5, "standard"), ("ncl", 6, "data_aug")]
+    assert teachers[0].model.classifier == "cosine" and teachers[1].model.num_experts == 3  # ce_cosine; ncl's own
+    assert {t.run.storage_path for t in teachers} == {str(tmp_path / "job" / "teachers")}
+    student = ClassBalancedDistillation.after_prerequisites(job, ["/r/t0", "/r/t1"])
+    assert (student.run.name, student.run.storage_path) == ("student", str(tmp_path / "job"))
+    assert list(student.cbd.teacher_runs) == ["/r/t0", "/r/t1"] and student.layers[-1] == "cbd student"
+
+
+def test_a_cbd_teacher_is_refused_and_the_choices_exclude_it(tmp_path):
+    from rayexperts.config import ConfigError
+    from rayexperts.methods.cbd import teacher_config
+
+    job = resolve_job_config(None, ["method=cbd", f"run.storage_path={tmp_path}", "run.name=job",
+                                    "cbd.teachers=[{method: cbd}]"])
+    with pytest.raises(ConfigError, match=r"cbd.teachers\[0\].method='cbd': choose one of ce_cosine, ") as e:
+        teacher_config(job, 0)
+    assert "cbd" not in str(e.value).split("choose one of")[1].replace("ce_cosine", "").split(", ")
+
+
+def test_searched_teacher_names_become_run_directories():
+    from rayexperts.config import ConfigError
+    from rayexperts.methods.cbd import TEACHER_RUNS, ClassBalancedDistillation as CBD
+
+    cfg = load_config(None, ["method=cbd", "cbd.teacher_runs=[/r/a, /r/b, /r/c]"])
+    assert CBD.search_value(TEACHER_RUNS, ["teacher2", "teacher0"], cfg) == ["/r/c", "/r/a"]
+    assert CBD.search_value("cbd.distill_mix", 0.3, cfg) == 0.3
+    assert CBD.probe_values(TEACHER_RUNS, [["teacher0"]], cfg) == []
+    assert CBD.probe_values("cbd.distill_mix", [0.1, 0.2], cfg) == [0.1, 0.2]
+    CBD.check_search_space(TEACHER_RUNS, {"grid": [["teacher0", "teacher2"]]}, cfg, "space.yaml")
+    with pytest.raises(ConfigError, match=r"space.yaml: \['teacher3'\] is not a non-empty list of teacher names"):
+        CBD.check_search_space(TEACHER_RUNS, {"choice": [["teacher3"]]}, cfg, "space.yaml")
+    with pytest.raises(ConfigError, match="searched as"):
+        CBD.check_search_space(TEACHER_RUNS, {"uniform": [0, 1]}, cfg, "space.yaml")

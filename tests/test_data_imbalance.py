@@ -66,3 +66,10 @@ def test_shot_groups():
     groups = shot_group(np.array([101, 100, 20, 19, 5000]))
     assert groups.tolist() == ["many", "medium", "medium", "few", "many"]
     assert shot_group(np.array([10, 5]), many_threshold=9, few_threshold=6).tolist() == ["many", "few"]
+
+
+def test_profile_counts_step_keeps_n_max_then_n_max_over_if():
+    """The step profile of a source with 100 images per class: the first half keep the smallest source
+    count (100), the last ``int(C · step_fraction)`` keep ``floor(100 / IF)``."""
+    np.testing.assert_array_equal(profile_counts(np.full(6, 100), "step", 10.0), [100, 100, 100, 10, 10, 10])
+    np.testing.assert_array_equal(profile_counts(np.array([120, 100, 150, 100]), "step", 4.0, 0.25), [100, 100, 100, 25])

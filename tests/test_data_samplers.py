@@ -69,3 +69,9 @@ def test_bad_arguments():
         EpochSampler(LABELS, "balanced")
     with pytest.raises(ValueError, match="rank 2"):
         EpochSampler(LABELS, "instance", num_replicas=2, rank=2)
+
+
+def test_the_default_sampler_is_instance_sampling():
+    default, instance = EpochSampler(LABELS, seed=3), EpochSampler(LABELS, "instance", seed=3)
+    assert default.kind == "instance"
+    np.testing.assert_array_equal(default.epoch_indices(2), instance.epoch_indices(2))

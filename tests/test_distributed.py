@@ -153,6 +153,41 @@ def test_resume_is_exact_after_the_driver_is_killed(clean_run, ray_cluster, tmp_
                                   metrics_without_time(clean_run / "runs" / "clean"))
 
 
+def _run_actors() -> list[psutil.Process]:
+    """This session's one-worker run actors (``ray::RunActor``)."""
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any("RunActor" in c for c in (p.info["cmdline"] or [])) and any(a.pid == os.getpid() for a in _parents(p))]
+
+
+@pytest.mark.ray
+def test_a_killed_one_worker_actor_restarts_and_resumes_exactly(ray_cluster, tmp_path):
+    """A one-worker run trains in a Ray actor: killed once after a checkpoint drawn at random, Ray restarts
+    it (``run.max_failures``), it resumes from the newest checkpoint in the run directory and ends with
+    the metrics of the same run left alone."""
+    one = {**EXACT_RUN, "scaling.num_workers": 1, "train.epochs": 5}
+    run_training(load_config(None, quick_overrides(tmp_path, "alone", **one)))
+    kill_after = random.Random(99).randrange(1, 4)  # checkpoint_<epoch> holds epochs < epoch
+    rundir = RunDir.of(str(tmp_path / "runs"), "killed")
+    killed: list[int] = []
+
+    def kill() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            latest = rundir.latest_checkpoint() if rundir.exists() else None
+            if latest is not None and int(Path(latest.path).name.split("_")[-1]) >= kill_after and (actors := _run_actors()):
+                os.kill(actors[0].pid, signal.SIGKILL)
+                killed.append(actors[0].pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill, daemon=True)
+    killer.start()
+    run_training(load_config(None, quick_overrides(tmp_path, "killed", **one, **{"run.max_failures": 1})))
+    killer.join(timeout=5)
+    assert len(killed) == 1
+    pd.testing.assert_frame_equal(metrics_without_time(tmp_path / "runs" / "killed"),
+                                  metrics_without_time(tmp_path / "runs" / "alone"))
+
+
 def test_a_run_directory_of_another_config_is_refused_before_anything_starts(tmp_path):
     cfg = load_config(None, quick_overrides(tmp_path, "same", **{"train.epochs": 1}))
     rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)

@@ -429,3 +429,53 @@ def test_low_precision_expert_inputs_are_computed_in_float32():
     assert L.logit_kd_loss(low).dtype == torch.float32
     expected = L.logit_kd_loss([z.float() for z in low])
     assert L.logit_kd_loss(low).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ------------------------------------- device, dtype and bad input (cases the mutation run found untested)
+
+def test_losses_compute_on_the_inputs_device():
+    """Every tensor a loss creates lives on its inputs' device (``meta`` stands in for CUDA here)."""
+    z = [torch.randn(4, 5, device="meta") for _ in range(3)]
+    assert L.mutual_learning_loss(z).device.type == "meta"
+    assert L.expert_disagreement(z).device.type == "meta"
+    q = torch.randn(4, 8, device="meta")
+    assert L.info_nce_loss(q, q, torch.randn(16, 8, device="meta"), 0.2).device.type == "meta"
+
+
+def test_info_nce_casts_the_queue_to_the_query_dtype():
+    """A queue kept in another precision (float64 here; bf16 under autocast) is cast to the query's."""
+    g = torch.Generator().manual_seed(0)
+    q, k, queue = (torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1) for n in (4, 4, 16))
+    expect = L.info_nce_loss(q, k, queue, 0.2)
+    got = L.info_nce_loss(q, k, queue.double(), 0.2)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(expect.item(), abs=1e-6)
+
+
+def test_expert_disagreement_has_no_gradient_into_the_target_side():
+    """``KL(P_k ‖ P_q)`` with ``P_k`` detached: the gradient is that of ``−Σ P_k log P_q`` alone."""
+    z = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.2, 0.1]], requires_grad=True)
+    w = torch.tensor([[0.0, 1.0, 0.0], [2.0, -1.0, 0.5]], requires_grad=True)
+    L.expert_disagreement([z, w]).sum().backward()
+    z2, w2 = z.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    lz, lw = z2.log_softmax(-1), w2.log_softmax(-1)
+    hand = (-(lz.detach().exp() * lw).sum(-1) - (lw.detach().exp() * lz).sum(-1)) / 2
+    hand.sum().backward()
+    torch.testing.assert_close(z.grad, z2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+
+
+@pytest.mark.parametrize("loss", [
+    lambda z: L.mutual_learning_loss(z),
+    lambda z: L.expert_disagreement(z),
+    lambda z: L.nbod_loss(z, torch.ones(3), None),
+])
+def test_expert_losses_name_their_argument_on_bad_input(loss):
+    with pytest.raises(ValueError, match=r"^expert_logits is empty"):
+        loss([])
+    with pytest.raises(ValueError, match=r"^expert_logits\[1\] has shape \(2, 4\), expert_logits\[0\] has \(2, 3\)"):
+        loss([torch.zeros(2, 3), torch.zeros(2, 4)])
+
+
+def test_pc_softmax_names_its_argument_on_bad_input():
+    with pytest.raises(ValueError, match=r"^logits must be 2-D"):
+        L.pc_softmax_logits(torch.zeros(3), torch.ones(3))

@@ -153,3 +153,82 @@ def test_expert_kl_columns_by_shot_group():
     assert s["expert_kl_many"] == pytest.approx(per_sample[0], rel=1e-6)  # sample 0 is of class 0
     assert s["expert_kl_few"] == pytest.approx(per_sample[1], rel=1e-6)  # sample 1 is of class 2
     assert math.isnan(s["expert_kl_medium"])
+
+
+# ------------------------------------------------- metrics: the cases the mutation run found untested
+
+def test_ece_of_a_single_sample_is_its_confidence_gap():
+    """One test image, predicted with confidence p: ECE = |0 − p| when wrong, |1 − p| when right."""
+    probs = torch.tensor([[0.8, 0.2]])
+    assert expected_calibration_error(probs, torch.tensor([1])) == pytest.approx(0.8)
+    assert expected_calibration_error(probs, torch.tensor([0])) == pytest.approx(0.2)
+
+
+def test_reliability_table_columns_and_values():
+    acc = EvalAccumulator(["v"], 2, num_bins=2)
+    acc.update("v", torch.tensor([[0.9, 0.8, 0.4], [0.1, 0.2, 0.6]]).t().log(), torch.tensor([0, 1, 1]))
+    rel = acc.reliability("v")
+    assert list(rel) == ["bin", "count", "confidence", "accuracy"]
+    np.testing.assert_allclose(rel["count"], [0, 3])
+    np.testing.assert_allclose(rel["confidence"], [np.nan, (0.9 + 0.8 + 0.6) / 3])
+    np.testing.assert_allclose(rel["accuracy"], [np.nan, 2 / 3])
+
+
+def test_a_class_without_test_images_is_nan_without_a_warning(recwarn):
+    acc = EvalAccumulator(["v"], 3)
+    acc.update("v", torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 0]))
+    np.testing.assert_allclose(acc.per_class_accuracy("v"), [0.5, np.nan, np.nan])
+    acc.reliability("v")
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_expert_kl_is_recorded_for_two_experts():
+    acc = EvalAccumulator(["v"], 3)
+    acc.update_expert_kl([torch.tensor(LOGITS[0]), torch.tensor(LOGITS[1])], torch.tensor(TARGETS))
+    expect = [(kl(softmax(LOGITS[0][b]), softmax(LOGITS[1][b])) + kl(softmax(LOGITS[1][b]), softmax(LOGITS[0][b]))) / 2
+              for b in range(2)]
+    groups = np.array(["many", "medium", "few"])
+    summary = acc.expert_kl_summary(groups)
+    assert summary["expert_kl"] == pytest.approx(sum(expect) / 2)
+    assert summary["expert_kl_many"] == pytest.approx(expect[0]) and summary["expert_kl_few"] == pytest.approx(expect[1])
+
+
+def test_all_reduce_sums_every_statistic(monkeypatch):
+    """Two workers that saw the same images: every count doubles, every rate (top-1, ECE, expert KL) stays."""
+    import torch.distributed as dist
+
+    acc = EvalAccumulator(["v"], 3)
+    acc.update("v", torch.tensor(LOGITS[0]), torch.tensor(TARGETS))
+    acc.update_expert_kl([torch.tensor(z) for z in LOGITS], torch.tensor(TARGETS))
+    groups = np.array(["many", "medium", "few"])
+    before, kl_before = acc.summary("v", groups), acc.expert_kl_summary(groups)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t: t.mul_(2))
+    acc.all_reduce()
+    after = acc.summary("v", groups)
+    assert after["num_samples"] == 2 * before["num_samples"] == 4
+    assert {k: v for k, v in after.items() if k != "num_samples"} == pytest.approx(
+        {k: v for k, v in before.items() if k != "num_samples"}, nan_ok=True)
+    assert acc.expert_kl_summary(groups) == pytest.approx(kl_before, nan_ok=True)
+    assert acc.kl_count.sum().item() == 4 and acc.bins["v"][0].sum().item() == 4
+
+
+def test_shot_table_is_in_percent_rounded_to_two_decimals():
+    import pandas as pd
+
+    from rayexperts.eval.metrics import shot_table
+
+    rows = pd.DataFrame([{"view": "a", "top1": 0.123456, "top1_many": 0.5, "top1_medium": 0.25, "top1_few": np.nan}])
+    table = shot_table(rows, "view")
+    assert list(table.columns) == ["Many", "Medium", "Few", "All"]
+    assert table.loc["a", "All"] == 12.35 and table.loc["a", "Many"] == 50.0 and np.isnan(table.loc["a", "Few"])
+
+
+# -------------------------------------------------------------------------- CE
+
+def test_ce_loss_reports_its_term():
+    res = method("ce").loss(output(1), torch.tensor(TARGETS))
+    expect = sum(ce(LOGITS[0][b], y) for b, y in enumerate(TARGETS)) / 2
+    assert res.total.item() == pytest.approx(expect)
+    assert list(res.terms) == ["ce"] and res.terms["ce"].item() == pytest.approx(expect)
