@@ -105,7 +105,8 @@ def sweep_row(work: Path) -> dict:
     starts = {pid: t for t, pid, e in m if e == "trial start"}
     firsts = {pid: t for t, pid, e in reversed(m) if e.startswith("epoch start") and e.endswith(" 0")}
     delays = [firsts[pid] - t for pid, t in starts.items() if pid in firsts]
-    trials = sorted({e.split()[2] for _, _, e in m if e.startswith("epoch start")})
+    # A trial the scheduler stops during its first report has no complete epoch: it has no overhead to show.
+    trials = sorted(r for r in {e.split()[2] for _, _, e in m if e.startswith("epoch start")} if epochs_of(m, r))
     training = sum(t - s for run in trials for s, t, _ in epochs_of(m, run))
     return {"command": "python jobs/sweep.py (2 one-worker MLLT trials, 4 epochs)", "wall_s": wall,
             "training_s": training, "trial_start_to_first_epoch_s": max(delays),

@@ -111,7 +111,7 @@ def head():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the head and everything it started: one process group
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=3)  # the head need not stop gracefully
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

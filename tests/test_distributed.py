@@ -85,7 +85,7 @@ def _parents(p: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-EXACT_RUN = {"scaling.num_workers": 2, "scaling.cpus_per_worker": 1, "method": "mllt", "train.epochs": 6}
+EXACT_RUN = {"scaling.num_workers": 2, "scaling.cpus_per_worker": 1, "method": "mllt", "train.epochs": 5}
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +111,12 @@ def test_resume_is_exact_under_worker_faults(clean_run, tmp_path):
     killer.join(timeout=5)
     assert len(killed) == 2, f"killed {killed} at epochs {kill_at}"
     clean, faulty = metrics_without_time(clean_run / "runs" / "clean"), metrics_without_time(tmp_path / "runs" / "faulty")
-    assert faulty.groupby(["epoch", "view"]).size().eq(1).all() and faulty["epoch"].nunique() == 6
+    assert faulty.groupby(["epoch", "view"]).size().eq(1).all() and faulty["epoch"].nunique() == 5
     pd.testing.assert_frame_equal(faulty, clean)
 
     run_dir = clean_run / "runs" / "clean"
     clean_cfg = load_config(None, quick_overrides(clean_run, "clean", **EXACT_RUN))
-    last = clean[clean["epoch"] == 5].set_index("view")
+    last = clean[clean["epoch"] == 4].set_index("view")
     assert (last["num_samples"] == 300).all()  # every test image counted once, not twice
     evaluator = Run(with_overrides(clean_cfg, {"scaling.num_workers": 1}))
     evaluator.model.load_state_dict(RunDir(str(run_dir)).load_checkpoint(evaluator.ident)["model"])
@@ -144,11 +144,11 @@ def test_resume_is_exact_after_the_driver_is_killed(clean_run, ray_cluster, tmp_
     first.wait()
     while _train_workers() and time.time() < deadline:  # Ray ends the dead driver's workers
         time.sleep(0.2)
-    assert len(metrics_without_time(tmp_path / "runs" / "driver")["epoch"].unique()) < 6
+    assert len(metrics_without_time(tmp_path / "runs" / "driver")["epoch"].unique()) < 5
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     resumed = re.findall(r"resuming driver from checkpoint \S+ at epoch (\d)", second.stdout + second.stderr)
-    assert resumed and kill_after < int(resumed[0]) < 6, second.stdout[-2000:]
+    assert resumed and kill_after < int(resumed[0]) < 5, second.stdout[-2000:]
     pd.testing.assert_frame_equal(metrics_without_time(tmp_path / "runs" / "driver"),
                                   metrics_without_time(clean_run / "runs" / "clean"))
 
@@ -164,9 +164,9 @@ def test_a_killed_one_worker_actor_restarts_and_resumes_exactly(ray_cluster, tmp
     """A one-worker run trains in a Ray actor: killed once after a checkpoint drawn at random, Ray restarts
     it (``run.max_failures``), it resumes from the newest checkpoint in the run directory and ends with
     the metrics of the same run left alone."""
-    one = {**EXACT_RUN, "scaling.num_workers": 1, "train.epochs": 5}
+    one = {**EXACT_RUN, "scaling.num_workers": 1, "train.epochs": 4}
     run_training(load_config(None, quick_overrides(tmp_path, "alone", **one)))
-    kill_after = random.Random(99).randrange(1, 4)  # checkpoint_<epoch> holds epochs < epoch
+    kill_after = random.Random(99).randrange(1, 3)  # checkpoint_<epoch> holds epochs < epoch
     rundir = RunDir.of(str(tmp_path / "runs"), "killed")
     killed: list[int] = []
 

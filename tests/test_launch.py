@@ -89,7 +89,7 @@ def test_storage_that_cannot_be_written_stops_the_job_and_leaves_nothing(tmp_pat
 def test_an_address_nobody_answers_is_an_error_that_names_it(tmp_path):
     started = time.time()
     done = _python([str(REPO / "jobs" / "train.py"), f"run.storage_path={tmp_path}", "train.epochs=1"], tmp_path,
-                   RAY_ADDRESS="127.0.0.1:9", RAYEXPERTS_CONNECT_TIMEOUT_S="3")
+                   RAY_ADDRESS="127.0.0.1:9", RAYEXPERTS_CONNECT_TIMEOUT_S="1")
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1:9" in done.stderr
     assert time.time() - started < 30
