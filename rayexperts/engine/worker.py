@@ -191,6 +191,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 # -------------------------------------------------------------------------------- Ray Tune
 
 
+def _one_worker_run(loop_config: dict[str, Any]) -> Run:
+    """The :class:`Run` of a one-worker run trained in this process (a Tune trial or a run's actor)."""
+    cfg = _prepare(loop_config)
+    run = Run(cfg, 0, 1, torch.device("cuda") if cfg.scaling.use_gpu else torch.device("cpu"))
+    run.compile()
+    return run
+
+
 def tune_trial(loop_config: dict[str, Any], prepare: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
     """A one-worker sweep trial trained in the trial's own process (Ray Tune's function-trainable
     pattern: no Train run to start). ``prepare`` turns a worker report into Tune's (None: skip it)."""
@@ -199,8 +207,7 @@ def tune_trial(loop_config: dict[str, Any], prepare: Callable[[dict[str, Any]], 
     import ray.tune
 
     mark("trial worker start")
-    cfg = _prepare(loop_config)
-    device = torch.device("cuda") if cfg.scaling.use_gpu else torch.device("cpu")
+    run = _one_worker_run(loop_config)
 
     def report(metrics: dict[str, Any], checkpoint: str | None) -> None:
         result = prepare(metrics)
@@ -216,8 +223,6 @@ def tune_trial(loop_config: dict[str, Any], prepare: Callable[[dict[str, Any]], 
         finally:
             shutil.rmtree(checkpoint, ignore_errors=True)
 
-    run = Run(cfg, 0, 1, device)
-    run.compile()
     run_epochs(run, Reporter(report, ray.tune.get_checkpoint()))
 
 
@@ -225,15 +230,13 @@ def tune_trial(loop_config: dict[str, Any], prepare: Callable[[dict[str, Any]], 
 
 
 def train_here(loop_config: dict[str, Any]) -> None:
-    """One worker trained in this process, without Ray Train (a CBD teacher's actor): checkpoints go to the
-    run directory as ``checkpoint_<epoch>`` (the latest ``run.num_to_keep`` kept), and a re-run resumes
+    """One worker trained in this process, without Ray Train (a one-worker run's actor): checkpoints go to
+    the run directory as ``checkpoint_<epoch>`` (the latest ``run.num_to_keep`` kept), and a re-run resumes
     from the newest one there."""
     import shutil
 
-    cfg = _prepare(loop_config)
-    device = torch.device("cuda") if cfg.scaling.use_gpu else torch.device("cpu")
-    run = Run(cfg, 0, 1, device)
-    run.compile()
+    run = _one_worker_run(loop_config)
+    cfg = run.cfg
     rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
 
     def report(metrics: dict[str, Any], checkpoint: str | None) -> None:

@@ -69,8 +69,6 @@ class RunActor:
             else:
                 from rayexperts.engine.worker import train_here  # this actor's process, not the driver
 
-                rundir.holds_run_of(cfg)
-                rundir.write_config(cfg)
                 train_here({"config": cfg_dict, "threads": threads, "plugins": plugins})
         except BaseException:
             rundir.write_text("error.log", traceback.format_exc())
@@ -81,7 +79,8 @@ class RunActor:
 
 def start_run(cfg: DictConfig) -> tuple[Any, Any]:
     """Start ``cfg``'s run in a new :class:`RunActor`: (the actor, the ``ObjectRef`` of its run directory).
-    Keep the actor while the run lasts. Ray must be running."""
+    Keep the actor while the run lasts. Ray must be running, and the caller has checked the run directory
+    and written its ``config.yaml``."""
     import ray
 
     cpus, gpus, threads = worker_resources(cfg)

@@ -91,6 +91,7 @@ def train_in_parallel(cfgs: list[DictConfig], tag: str) -> list[Outcome]:
             outcomes[i] = Outcome(name, cfg, path, "skipped")
             continue
         ensure_ray()  # only when something is left to train
+        RunDir.of(cfg.run.storage_path, cfg.run.name).write_config(cfg)  # is_finished checked the directory
         actor, ref = start_run(cfg)
         pending[ref] = (i, actor)
         print(f"[{tag}] {name} ({_describe(cfg)}) launched: {path}", flush=True)
