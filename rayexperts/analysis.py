@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 
 from rayexperts.config import flatten
-from rayexperts.eval.metrics import SHOT_COLUMNS, shot_table
+from rayexperts.eval.tables import SHOT_COLUMNS, shot_table
 
 
 @dataclass

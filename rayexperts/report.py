@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from rayexperts.eval.metrics import shot_table
+from rayexperts.eval.tables import shot_table
 from rayexperts.methods import METHODS
 
 from rayexperts.analysis import (

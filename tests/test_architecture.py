@@ -27,6 +27,19 @@ def test_import_contracts_hold():
     assert "3 kept, 0 broken" in done.stdout
 
 
+def test_the_train_and_cbd_drivers_import_no_torch():
+    """The drivers of jobs/train.py and jobs/cbd_ens.py parse the config, check the run directory and print
+    tables without torch (about 3 s of imports on 2 cores): only their Ray workers import it."""
+    code = ("import sys; import rayexperts.launch.train, rayexperts.launch.ensemble; "
+            "from rayexperts.config import load_config; from rayexperts.rundir import RunDir; "
+            "cfg = load_config('cbd_digits', []); RunDir.of(sys.argv[1], 'x').holds_run_of(cfg); "
+            "print(sorted(m for m in ('torch', 'torchvision', 'rayexperts.engine') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(REPO / "runs-never-written")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_config_registry_and_engine_name_no_method():
     names = [n for n in METHODS.names()]
     sources = [REPO / "rayexperts" / "config.py", *sorted((REPO / "rayexperts" / "engine").glob("*.py"))]

@@ -217,7 +217,7 @@ def test_all_reduce_sums_every_statistic(monkeypatch):
 def test_shot_table_is_in_percent_rounded_to_two_decimals():
     import pandas as pd
 
-    from rayexperts.eval.metrics import shot_table
+    from rayexperts.eval.tables import shot_table
 
     rows = pd.DataFrame([{"view": "a", "top1": 0.123456, "top1_many": 0.5, "top1_medium": 0.25, "top1_few": np.nan}])
     table = shot_table(rows, "view")

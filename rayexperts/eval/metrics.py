@@ -15,16 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from rayexperts.eval.tables import GROUPS
 from rayexperts.losses import expert_disagreement
-
-GROUPS = ("many", "medium", "few")
-# The papers' table columns: test top-1 by shot group, then overall.
-SHOT_COLUMNS = {"top1_many": "Many", "top1_medium": "Medium", "top1_few": "Few", "top1": "All"}
-
-
-def shot_table(rows, index: str | list[str], decimals: int = 2):
-    """Many / Medium / Few / All top-1 in % of ``rows`` (a DataFrame of metrics rows), indexed by ``index``."""
-    return (rows.set_index(index)[list(SHOT_COLUMNS)].rename(columns=SHOT_COLUMNS) * 100).round(decimals)
 
 
 def ece_from_bins(count: np.ndarray, conf_sum: np.ndarray, correct_sum: np.ndarray) -> float:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from rayexperts.data import LTDataset, TransformedDataset, build_dataset, build_transform
-from rayexperts.eval.metrics import GROUPS
+from rayexperts.eval.tables import GROUPS
 from rayexperts.methods import METHODS, Method
 from rayexperts.models import find_experts
 from rayexperts.models.heads import CosineClassifier

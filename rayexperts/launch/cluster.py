@@ -26,8 +26,15 @@ class ClusterUnreachable(ConnectionError):
     """``RAY_ADDRESS`` names a cluster that does not answer; the message names the address."""
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS`` (a submitted job's, or one you set), else start a local one."""
+def dashboard_wanted(setting: str, ray_train: bool) -> bool:
+    """``run.dashboard`` for a local instance: ``on``, ``off``, or ``auto``: on when the job runs Ray Train,
+    whose PlacementGroupCleaner frees a killed run's CPUs through the dashboard's state API."""
+    return setting == "on" or (setting == "auto" and ray_train)
+
+
+def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS`` (a submitted job's, or one you set), else start a local one,
+    with Ray's dashboard when ``dashboard`` (:func:`dashboard_wanted`)."""
     import ray
 
     if ray.is_initialized():
@@ -36,7 +43,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         connect(address)
     else:
-        start_local_ray(num_cpus)
+        start_local_ray(num_cpus, dashboard)
     mark("ray ready")
 
 
@@ -95,15 +102,16 @@ def connect(address: str, timeout: float | None = None) -> None:
     ray.init(address=address, log_to_driver=True)
 
 
-def start_local_ray(num_cpus: int | None = None) -> None:
+def start_local_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
     """Start a new local Ray instance whose workers import this copy of rayexperts and can find its state API.
 
     ``address="local"``: never an existing (or dead) cluster from an address file. This package's parent
     folder goes first on the workers' ``PYTHONPATH``, so workers import the same rayexperts as this driver
-    even when it runs uninstalled from another working directory. The dashboard port is chosen here and
-    exported as ``RAY_API_SERVER_ADDRESS`` before Ray starts, so every process of the instance inherits
-    it: without it, Ray Train's PlacementGroupCleaner (which frees a run's CPUs when its controller is
-    killed, e.g. a trial that ASHA stops) fails whenever another Ray instance runs on the same machine.
+    even when it runs uninstalled from another working directory. With ``dashboard``, its port is chosen
+    here and exported as ``RAY_API_SERVER_ADDRESS`` before Ray starts, so every process of the instance
+    inherits it: without it, Ray Train's PlacementGroupCleaner (which frees a run's CPUs when its
+    controller is killed, e.g. a trial that ASHA stops) fails whenever another Ray instance runs on the
+    same machine. Without the dashboard there is no state API (one-worker runs need none).
     """
     import ray
 
@@ -112,14 +120,16 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     root = str(Path(rayexperts.__file__).resolve().parents[1])
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join([root, *[p for p in paths if p != root]])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    port = None
+    if dashboard:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # No machine of a local instance is pre-empted: Ray Train's pre-emption watcher (an extra actor for
     # every run) has nothing to watch.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=port)
+    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=port, include_dashboard=dashboard)
 
 
 def ship_plugins() -> dict[str, dict[str, Any]]:

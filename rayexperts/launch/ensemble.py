@@ -26,8 +26,8 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from rayexperts.config import ConfigError, load_config, parse_overrides
-from rayexperts.eval.metrics import SHOT_COLUMNS, shot_table
-from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray
+from rayexperts.eval.tables import SHOT_COLUMNS, shot_table
+from rayexperts.launch.cluster import ClusterUnreachable, dashboard_wanted, ensure_ray
 from rayexperts.launch.actor import start_run
 from rayexperts.launch.train import announce, default_run_name, parse_cli, run_training
 from rayexperts.methods import METHODS
@@ -78,19 +78,21 @@ def _describe(cfg: DictConfig) -> str:
     return f"{cfg.method}, {cfg.data.augment}, seed {cfg.seed}"
 
 
-def train_in_parallel(cfgs: list[DictConfig], tag: str) -> list[Outcome]:
-    """Train every unfinished run concurrently, each from its own actor; wait for all, report each."""
+def train_in_parallel(cfgs: list[DictConfig], tag: str, ray_train_later: bool = False) -> list[Outcome]:
+    """Train every unfinished run concurrently, each from its own actor; wait for all, report each.
+    ``ray_train_later``: the job goes on with a multi-worker run (the local instance's dashboard)."""
     import ray
 
     outcomes: dict[int, Outcome] = {}
     pending: dict[Any, tuple[int, Any]] = {}
+    ray_train = ray_train_later or any(int(c.scaling.num_workers) > 1 for c in cfgs)
     for i, cfg in enumerate(cfgs):
         name, path = cfg.run.name, RunDir.of(cfg.run.storage_path, cfg.run.name).uri
         if is_finished(cfg):
             print(f"[{tag}] {name}: finished checkpoint found in {path}: skipped (not retrained)", flush=True)
             outcomes[i] = Outcome(name, cfg, path, "skipped")
             continue
-        ensure_ray()  # only when something is left to train
+        ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train))  # only when something is left to train
         RunDir.of(cfg.run.storage_path, cfg.run.name).write_config(cfg)  # is_finished checked the directory
         actor, ref = start_run(cfg)
         pending[ref] = (i, actor)
@@ -183,7 +185,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     job = RunDir.of(cfg.run.storage_path, cfg.run.name)
     job.write_config(cfg)
     started = time.time()
-    outcomes = train_in_parallel(first, str(cfg.method))
+    outcomes = train_in_parallel(first, str(cfg.method), ray_train_later=int(cfg.scaling.num_workers) > 1)
     summary = write_summary(job, outcomes)
     raise_failed([o for o in outcomes if o.status == "failed"],
                  f"The other runs' results are kept in {job}/summary.parquet")

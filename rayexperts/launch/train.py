@@ -15,9 +15,9 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from rayexperts.config import ConfigError, load_config, to_dict
-from rayexperts.eval.metrics import shot_table
+from rayexperts.eval.tables import shot_table
 from rayexperts.launch.actor import start_run, worker_resources
-from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
+from rayexperts.launch.cluster import ClusterUnreachable, dashboard_wanted, ensure_ray, ship_plugins
 from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
 from rayexperts.trace import mark
 
@@ -94,12 +94,13 @@ def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, An
     RunDir(cfg.run.storage_path).check_writable()
     rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
     resuming = rundir.holds_run_of(cfg)  # another configuration's directory is refused before Ray starts
-    ensure_ray()
+    one_actor = int(cfg.scaling.num_workers) == 1 and callbacks is None
+    ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train=not one_actor))
     if resuming:
         print(f"[rayexperts] {rundir} exists: resuming from its latest checkpoint if there is one", flush=True)
     rundir.write_config(cfg)
     mark(f"fit start {cfg.run.name}")
-    if int(cfg.scaling.num_workers) == 1 and callbacks is None:
+    if one_actor:
         import ray
 
         _actor, done = start_run(cfg)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from rayexperts.analysis import best_trial, cell
 from rayexperts.config import ConfigError, from_dict, load_config, to_dict, to_yaml, valid_keys, with_overrides
 from rayexperts.data import DataError, build_dataset
-from rayexperts.launch.cluster import ClusterUnreachable, ensure_ray, ship_plugins
+from rayexperts.launch.cluster import ClusterUnreachable, dashboard_wanted, ensure_ray, ship_plugins
 from rayexperts.launch.ensemble import PrerequisiteFailed, raise_failed, train_in_parallel
 from rayexperts.launch.actor import worker_threads
 from rayexperts.launch.train import announce, default_run_name, run_training
@@ -177,7 +177,7 @@ def after_prerequisites(cfg: DictConfig) -> DictConfig:
     first = method.prerequisites(cfg)
     if not first:
         return cfg
-    outcomes = train_in_parallel(first, str(cfg.method))
+    outcomes = train_in_parallel(first, str(cfg.method), ray_train_later=int(cfg.scaling.num_workers) > 1)
     raise_failed([o for o in outcomes if o.status == "failed"], "The sweep did not start")
     main = method.after_prerequisites(cfg, [o.path for o in outcomes])
     return with_overrides(main, {"run.storage_path": cfg.run.storage_path, "run.name": cfg.run.name}, "sweep")
@@ -367,7 +367,7 @@ def run_sweep(cfg: DictConfig, space: Space) -> dict[str, Any]:
     """Run (or continue) the sweep; writes trials.parquet and best.yaml into the sweep directory."""
     cfg = sweep_config(cfg)
     RunDir(cfg.run.storage_path).check_writable()
-    ensure_ray()
+    ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train=int(cfg.scaling.num_workers) > 1))
     if cfg.scaling.cpus_per_worker <= 0:
         cfg = with_overrides(cfg, {"scaling.cpus_per_worker": _cpu_share(cfg)}, "sweep: CPU share per trial")
     sweep = RunDir.of(cfg.run.storage_path, cfg.run.name)
