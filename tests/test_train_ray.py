@@ -80,3 +80,20 @@ def test_throughput_benchmark_through_ray_train(ray_cluster, tmp_path):
     started = time.perf_counter()
     ips = plain(cfg, warmup=1, steps=3, threads=1)
     assert ips * (time.perf_counter() - started) >= 3 * 64
+
+
+def test_a_multi_worker_run_trains_from_its_actor_through_ray_train(ray_cluster, tmp_path):
+    """``train_in_parallel`` (CBD's teachers, a sweep's prerequisites) trains a multi-worker run from an
+    actor that holds no CPU, through Ray Train: two workers of one thread each, one row per (epoch, view),
+    a checkpoint, and the caller's config.yaml."""
+    from rayexperts.launch.ensemble import train_in_parallel
+
+    cfg = load_config(None, quick_overrides(tmp_path, "pair", **{"train.epochs": 1, "scaling.num_workers": 2,
+                                                                 "scaling.cpus_per_worker": 1}))
+    (outcome,) = train_in_parallel([cfg], "test")
+    run = tmp_path / "runs" / "pair"
+    assert outcome.status == "finished" and outcome.path == str(run)
+    metrics = pd.read_parquet(run / "metrics.parquet")
+    assert (metrics["workers"] == 2).all() and (metrics["torch_threads"] == 1).all()
+    assert metrics.groupby(["epoch", "view"]).size().eq(1).all() and metrics["epoch"].nunique() == 1
+    assert list(run.glob("checkpoint_*/checkpoint.pt")) and load_config(run / "config.yaml").scaling.num_workers == 2

@@ -63,9 +63,9 @@ class RunActor:
         rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
         try:
             if cfg.scaling.num_workers > 1:
-                from rayexperts.launch.train import run_training
+                from rayexperts.launch.train import fit_trainer  # the caller checked and wrote config.yaml
 
-                run_training(cfg)
+                fit_trainer(cfg)
             else:
                 from rayexperts.engine.worker import train_here  # this actor's process, not the driver
 

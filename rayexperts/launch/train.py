@@ -106,11 +106,16 @@ def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, An
         _actor, done = start_run(cfg)
         ray.get(done)
     else:
-        result = build_trainer(cfg, callbacks).fit()
-        if result.error is not None:
-            raise result.error
+        fit_trainer(cfg, callbacks)
     mark(f"fit end {cfg.run.name}")
     return {"path": rundir.uri}
+
+
+def fit_trainer(cfg: DictConfig, callbacks: list | None = None) -> None:
+    """Fit ``cfg``'s Ray Train run (its directory checked and its config written by the caller)."""
+    result = build_trainer(cfg, callbacks).fit()
+    if result.error is not None:
+        raise result.error
 
 
 def final_table(metrics: pd.DataFrame) -> pd.DataFrame:
