@@ -7,7 +7,9 @@
 
 ``loader`` is the per-image DataLoader path (``data.cache=off``), ``device`` the data on the training
 device with batched augmentation (``data.cache=device``). ``DIR/throughput.parquet``: one row per
-(method, backbone, pipeline, compile) with ``plain_img_s`` and, with the ray runner, ``ray1_img_s``,
+(method, backbone, pipeline, compile) with ``plain_img_s``, ``pipeline_ms`` (the data pipeline alone per
+batch: sampling, decoding, augmentation of every view, no model) and ``pipeline_share`` (its share of a
+plain step), and, with the ray runner, ``ray1_img_s``,
 ``ray2_img_s``, ``ray_overhead``, ``ray1_fit_s``, ``ray2_fit_s``. Uses CIFAR-10-LT IF 100 from
 ../shared/data/cifar10-jpeg.parquet when present, else digits-lt. With ``scaling.use_gpu=true`` on a
 machine with CUDA, the plain runner times CUDA.
@@ -24,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from rayexperts.config import load_config  # noqa: E402
-from rayexperts.launch.bench import plain, through_ray  # noqa: E402
+from rayexperts.launch.bench import plain_run, through_ray, time_pipeline, time_steps  # noqa: E402
 
 PIPELINES = {"loader": "off", "device": "device"}
 
@@ -76,7 +78,11 @@ def main() -> int:
                                              f"train.compile={compiled}", "run.verbose=false", *args.overrides])
                     row = {"method": method, "backbone": backbone, "pipeline": pipeline, "compile": compiled}
                     if "plain" in runners:
-                        row["plain_img_s"] = round(plain(cfg, args.warmup, args.steps, threads=threads), 1)
+                        run = plain_run(cfg, threads)
+                        pipeline_s = time_pipeline(run, args.warmup, args.steps)
+                        ips = time_steps(run, args.warmup, args.steps)
+                        row.update(plain_img_s=round(ips, 1), pipeline_ms=round(1000 * pipeline_s, 1),
+                                   pipeline_share=round(pipeline_s * ips / args.batch_size, 3))
                     if "ray" in runners:
                         b, b_wall = through_ray(cfg, args.warmup, args.steps, 1, storage)
                         c, c_wall = through_ray(cfg, args.warmup, args.steps, 2, storage)

@@ -72,7 +72,7 @@ def test_method_run_directory(ray_cluster, tmp_path, method):
 def test_throughput_benchmark_through_ray_train(ray_cluster, tmp_path):
     """The benchmark's Ray path returns the workers' images/s (Ray Train V2 keeps metrics only
     with a checkpoint; this broke once without a test)."""
-    from rayexperts.launch.bench import plain, through_ray
+    from rayexperts.launch.bench import plain, plain_run, through_ray, time_pipeline, time_steps
 
     cfg = load_config(None, ["method=ce", "data.name=digits-lt", "train.batch_size=64"])
     ips, wall = through_ray(cfg, warmup=0, steps=2, workers=1, storage=str(tmp_path))
@@ -80,6 +80,11 @@ def test_throughput_benchmark_through_ray_train(ray_cluster, tmp_path):
     started = time.perf_counter()
     ips = plain(cfg, warmup=1, steps=3, threads=1)
     assert ips * (time.perf_counter() - started) >= 3 * 64
+    run = plain_run(cfg, threads=1)  # the data pipeline alone: a part of the same steps
+    started = time.perf_counter()
+    per_batch = time_pipeline(run, warmup=1, steps=3)
+    assert 0 < 3 * per_batch <= time.perf_counter() - started
+    assert per_batch < 64 / time_steps(run, warmup=1, steps=3)
 
 
 def test_a_multi_worker_run_trains_from_its_actor_through_ray_train(ray_cluster, tmp_path):

@@ -46,13 +46,32 @@ def time_steps(run: Run, warmup: int, steps: int) -> float:
     return steps * (int(run.cfg.train.batch_size) // run.world) / elapsed
 
 
-def plain(cfg: DictConfig, warmup: int, steps: int, threads: int) -> float:
-    """Images/s of training steps of one :class:`Run` in this process (no Ray)."""
+def time_pipeline(run: Run, warmup: int, steps: int) -> float:
+    """Seconds per batch of the training data pipeline alone (sampling, decoding, augmentation, every view
+    the method asks for; no model): with :func:`time_steps`, the pipeline's share of a step."""
+    run.start_epoch(0)
+    batches = iter(_Steps(run.train_loader, warmup + steps))
+    for _ in range(warmup):
+        next(batches)
+    start = time.perf_counter()
+    n = sum(1 for _ in batches)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return (time.perf_counter() - start) / n
+
+
+def plain_run(cfg: DictConfig, threads: int) -> Run:
+    """One :class:`Run` in this process (no Ray), compiled if ``train.compile`` says so."""
     torch.set_num_threads(threads)
     device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     run = Run(cfg, 0, 1, device)
     run.compile()
-    return time_steps(run, warmup, steps)
+    return run
+
+
+def plain(cfg: DictConfig, warmup: int, steps: int, threads: int) -> float:
+    """Images/s of training steps of one :class:`Run` in this process (no Ray)."""
+    return time_steps(plain_run(cfg, threads), warmup, steps)
 
 
 def _bench_worker(loop_config: dict[str, Any]) -> None:
