@@ -61,7 +61,7 @@ def main() -> int:
 
         from rayexperts.launch.cluster import ensure_ray
 
-        ensure_ray()
+        ensure_ray(dashboard=True)  # the ray runner is Ray Train
         threads = threads or int(ray.cluster_resources().get("CPU", 1))
     if not threads:
         import os

@@ -134,35 +134,58 @@ def test_tensorboard_and_mlflow_logs_of_a_run(tmp_path, monkeypatch):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "ensemble/top1")] == [0, 1, 2, 1, 2]
 
 
-@pytest.mark.parametrize("workers, setting, expected", [(1, "auto", False), (2, "auto", True), (1, "on", True),
-                                                        (2, "off", False)])
-def test_the_local_instance_has_a_dashboard_only_where_ray_train_needs_it(monkeypatch, tmp_path, workers, setting,
-                                                                          expected):
-    """``run.dashboard=auto``: a one-worker run (one actor) starts its local Ray instance without the
-    dashboard (about 1.5 s less start-up), a multi-worker run (Ray Train, whose PlacementGroupCleaner uses
-    the state API) with it, its address exported to the instance's processes; on / off force it."""
+class RayStarted(Exception):
+    """Raised by the stand-in for ``ray.init``: what a job asked for is recorded, nothing starts."""
+
+
+@pytest.fixture
+def ray_init_kwargs(monkeypatch) -> dict:
+    """``ray.init`` replaced: the kwargs of the job's call (and the ``RAY_API_SERVER_ADDRESS`` it exported)
+    land in the returned dict, then :class:`RayStarted` is raised."""
     import ray
-
-    from rayexperts.launch.train import run_training
-
-    class Started(Exception):
-        pass
 
     seen: dict = {}
 
     def init(**kwargs):
         seen.update(kwargs, api=os.environ.get("RAY_API_SERVER_ADDRESS"))
-        raise Started
+        raise RayStarted
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    return seen
+
+
+@pytest.mark.parametrize("workers, setting, expected", [(1, "auto", False), (2, "auto", True), (1, "on", True),
+                                                        (2, "off", False)])
+def test_the_local_instance_has_a_dashboard_only_where_ray_train_needs_it(ray_init_kwargs, tmp_path, workers,
+                                                                          setting, expected):
+    """``run.dashboard=auto``: a one-worker run (one actor) starts its local Ray instance without the
+    dashboard (about 1.5 s less start-up), a multi-worker run (Ray Train, whose PlacementGroupCleaner uses
+    the state API) with it, its address exported to the instance's processes; on / off force it."""
+    from rayexperts.launch.train import run_training
+
     cfg = load_config(None, [f"scaling.num_workers={workers}", f"run.dashboard={setting}",
                              f"run.storage_path={tmp_path}", "run.name=local"])
-    with pytest.raises(Started):
+    with pytest.raises(RayStarted):
         run_training(cfg)
+    seen = ray_init_kwargs
     assert seen["address"] == "local" and seen["include_dashboard"] is expected
     assert (seen["api"] == f"http://127.0.0.1:{seen['dashboard_port']}") if expected else seen["api"] is None
     assert not (tmp_path / "local").exists()  # nothing written before Ray is up
+
+
+@pytest.mark.parametrize("teacher_workers, expected", [(1, False), (2, True)])
+def test_a_sweep_counts_its_teachers_when_it_decides_on_the_dashboard(ray_init_kwargs, tmp_path, teacher_workers,
+                                                                     expected):
+    """A sweep starts Ray before it trains its prerequisites (CBD's teachers): one-worker trials whose
+    teachers are Ray Train runs still get the dashboard."""
+    from rayexperts.launch.tune import run_sweep
+
+    cfg = load_config("cbd_digits", [f"cbd.teacher_workers={teacher_workers}", f"run.storage_path={tmp_path}",
+                                     "run.name=sweep"])
+    with pytest.raises(RayStarted):
+        run_sweep(cfg, {})
+    assert cfg.scaling.num_workers == 1 and ray_init_kwargs["include_dashboard"] is expected

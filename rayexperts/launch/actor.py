@@ -39,6 +39,11 @@ def worker_resources(cfg: DictConfig) -> tuple[float, float, int]:
     return cpus, gpus, worker_threads(cpus)
 
 
+def uses_ray_train(*cfgs: DictConfig) -> bool:
+    """True when any of these runs has several workers: a Ray Train run (a one-worker run is one actor)."""
+    return any(int(cfg.scaling.num_workers) > 1 for cfg in cfgs)
+
+
 def worker_threads(cpus: float) -> int:
     """Torch threads of a worker given ``cpus``: its whole CPUs, at least one (half a CPU runs one)."""
     return max(1, int(cpus))
@@ -62,7 +67,7 @@ class RunActor:
         cfg = from_dict(cfg_dict)
         rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
         try:
-            if cfg.scaling.num_workers > 1:
+            if uses_ray_train(cfg):
                 from rayexperts.launch.train import fit_trainer  # the caller checked and wrote config.yaml
 
                 fit_trainer(cfg)
@@ -84,7 +89,7 @@ def start_run(cfg: DictConfig) -> tuple[Any, Any]:
     import ray
 
     cpus, gpus, threads = worker_resources(cfg)
-    resources = {"num_cpus": 0} if cfg.scaling.num_workers > 1 else {"num_cpus": cpus, "num_gpus": gpus}
+    resources = {"num_cpus": 0} if uses_ray_train(cfg) else {"num_cpus": cpus, "num_gpus": gpus}
     failures = int(cfg.run.max_failures)
     actor = ray.remote(RunActor).options(**resources, max_restarts=failures, max_task_retries=failures)
     handle = actor.remote(str(cfg.run.name))

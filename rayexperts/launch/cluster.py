@@ -32,7 +32,7 @@ def dashboard_wanted(setting: str, ray_train: bool) -> bool:
     return setting == "on" or (setting == "auto" and ray_train)
 
 
-def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> None:
+def ensure_ray(*, dashboard: bool, num_cpus: int | None = None) -> None:
     """Connect to the cluster in ``RAY_ADDRESS`` (a submitted job's, or one you set), else start a local one,
     with Ray's dashboard when ``dashboard`` (:func:`dashboard_wanted`)."""
     import ray

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from rayexperts.config import ConfigError, load_config, parse_overrides
 from rayexperts.eval.tables import SHOT_COLUMNS, shot_table
 from rayexperts.launch.cluster import ClusterUnreachable, dashboard_wanted, ensure_ray
-from rayexperts.launch.actor import start_run
+from rayexperts.launch.actor import start_run, uses_ray_train
 from rayexperts.launch.train import announce, default_run_name, parse_cli, run_training
 from rayexperts.methods import METHODS
 from rayexperts.rundir import IDENTITY_KEYS, CheckpointMismatch, RunDir, StorageError
@@ -85,15 +85,16 @@ def train_in_parallel(cfgs: list[DictConfig], tag: str, ray_train_later: bool = 
 
     outcomes: dict[int, Outcome] = {}
     pending: dict[Any, tuple[int, Any]] = {}
-    ray_train = ray_train_later or any(int(c.scaling.num_workers) > 1 for c in cfgs)
+    ray_train = ray_train_later or uses_ray_train(*cfgs)
     for i, cfg in enumerate(cfgs):
-        name, path = cfg.run.name, RunDir.of(cfg.run.storage_path, cfg.run.name).uri
+        rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
+        name, path = cfg.run.name, rundir.uri
         if is_finished(cfg):
             print(f"[{tag}] {name}: finished checkpoint found in {path}: skipped (not retrained)", flush=True)
             outcomes[i] = Outcome(name, cfg, path, "skipped")
             continue
         ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train))  # only when something is left to train
-        RunDir.of(cfg.run.storage_path, cfg.run.name).write_config(cfg)  # is_finished checked the directory
+        rundir.write_config(cfg)  # is_finished checked the directory
         actor, ref = start_run(cfg)
         pending[ref] = (i, actor)
         print(f"[{tag}] {name} ({_describe(cfg)}) launched: {path}", flush=True)
@@ -185,7 +186,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     job = RunDir.of(cfg.run.storage_path, cfg.run.name)
     job.write_config(cfg)
     started = time.time()
-    outcomes = train_in_parallel(first, str(cfg.method), ray_train_later=int(cfg.scaling.num_workers) > 1)
+    outcomes = train_in_parallel(first, str(cfg.method), ray_train_later=uses_ray_train(cfg))
     summary = write_summary(job, outcomes)
     raise_failed([o for o in outcomes if o.status == "failed"],
                  f"The other runs' results are kept in {job}/summary.parquet")

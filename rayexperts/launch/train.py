@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from rayexperts.config import ConfigError, load_config, to_dict
 from rayexperts.eval.tables import shot_table
-from rayexperts.launch.actor import start_run, worker_resources
+from rayexperts.launch.actor import start_run, uses_ray_train, worker_resources
 from rayexperts.launch.cluster import ClusterUnreachable, dashboard_wanted, ensure_ray, ship_plugins
 from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
 from rayexperts.trace import mark
@@ -94,7 +94,7 @@ def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, An
     RunDir(cfg.run.storage_path).check_writable()
     rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
     resuming = rundir.holds_run_of(cfg)  # another configuration's directory is refused before Ray starts
-    one_actor = int(cfg.scaling.num_workers) == 1 and callbacks is None
+    one_actor = not uses_ray_train(cfg) and callbacks is None
     ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train=not one_actor))
     if resuming:
         print(f"[rayexperts] {rundir} exists: resuming from its latest checkpoint if there is one", flush=True)

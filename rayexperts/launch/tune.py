@@ -29,7 +29,7 @@ from rayexperts.config import ConfigError, from_dict, load_config, to_dict, to_y
 from rayexperts.data import DataError, build_dataset
 from rayexperts.launch.cluster import ClusterUnreachable, dashboard_wanted, ensure_ray, ship_plugins
 from rayexperts.launch.ensemble import PrerequisiteFailed, raise_failed, train_in_parallel
-from rayexperts.launch.actor import worker_threads
+from rayexperts.launch.actor import uses_ray_train, worker_threads
 from rayexperts.launch.train import announce, default_run_name, run_training
 from rayexperts.methods import METHODS
 from rayexperts.registry import did_you_mean
@@ -177,7 +177,7 @@ def after_prerequisites(cfg: DictConfig) -> DictConfig:
     first = method.prerequisites(cfg)
     if not first:
         return cfg
-    outcomes = train_in_parallel(first, str(cfg.method), ray_train_later=int(cfg.scaling.num_workers) > 1)
+    outcomes = train_in_parallel(first, str(cfg.method), ray_train_later=uses_ray_train(cfg))
     raise_failed([o for o in outcomes if o.status == "failed"], "The sweep did not start")
     main = method.after_prerequisites(cfg, [o.path for o in outcomes])
     return with_overrides(main, {"run.storage_path": cfg.run.storage_path, "run.name": cfg.run.name}, "sweep")
@@ -239,7 +239,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: str, plugins:
     params = {k: method.search_value(k, v, cfg) for k, v in params.items()}
     trial = _trial_dirname(ray.tune.get_context().get_trial_id())
     cfg = with_overrides(cfg, {**params, "run.storage_path": sweep, "run.name": trial}, "sweep trial")
-    if cfg.scaling.num_workers > 1:
+    if uses_ray_train(cfg):
         run_training(cfg, callbacks=[_report_callback(cfg)])
         return
     rundir = RunDir.of(sweep, trial)
@@ -260,7 +260,7 @@ def _trial_dirname(trial) -> str:
 def trial_resources(cfg: DictConfig) -> dict[str, float]:
     """What a trial asks Tune for: a one-worker trial its worker's CPUs/GPUs, a multi-worker trial nothing
     (its Train run asks for the workers)."""
-    if cfg.scaling.num_workers > 1:
+    if uses_ray_train(cfg):
         return DRIVER_RESOURCES
     gpus = float(cfg.scaling.gpus_per_worker) if cfg.scaling.use_gpu else 0.0
     return {"cpu": float(cfg.scaling.cpus_per_worker), **({"gpu": gpus} if gpus else {})}
@@ -367,7 +367,9 @@ def run_sweep(cfg: DictConfig, space: Space) -> dict[str, Any]:
     """Run (or continue) the sweep; writes trials.parquet and best.yaml into the sweep directory."""
     cfg = sweep_config(cfg)
     RunDir(cfg.run.storage_path).check_writable()
-    ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train=int(cfg.scaling.num_workers) > 1))
+    # Ray starts before the prerequisites train: the dashboard decision counts them (multi-worker teachers).
+    runs = (cfg, *METHODS.get(cfg.method).prerequisites(cfg))
+    ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train=uses_ray_train(*runs)))
     if cfg.scaling.cpus_per_worker <= 0:
         cfg = with_overrides(cfg, {"scaling.cpus_per_worker": _cpu_share(cfg)}, "sweep: CPU share per trial")
     sweep = RunDir.of(cfg.run.storage_path, cfg.run.name)
