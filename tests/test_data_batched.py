@@ -234,15 +234,19 @@ def test_cutout_matches_the_per_image_transform():
     assert isinstance(Cutout(16), torch.nn.Module)
 
 
-def test_auto_augment_groups_equal_the_per_image_operations():
-    aa = B.BatchAutoAugment()
-    x = images(24, seed=8)
+@pytest.mark.parametrize("policy", [B.BatchAutoAugment, B.BatchRandAugment])
+def test_auto_augment_groups_equal_the_per_image_operations(policy):
+    """Each image of a batch gets exactly torchvision's operation for its own key, in every round, whatever
+    group it was computed in (groups are sorted, sliced and scattered back)."""
+    aa = policy()
+    x = images(48, seed=8)
     r = rng(14)
     out = aa(x.float(), r)
     r = rng(14)
-    rounds = aa.draw(24, 32, 32, r)
+    rounds = aa.draw(48, 32, 32, r)
+    assert len({k for keys in rounds for k in keys if k is not None}) > 10  # many groups, in several rounds
     expected = []
-    for i in range(24):
+    for i in range(48):
         img = x[i]
         for keys in rounds:
             if keys[i] is not None:

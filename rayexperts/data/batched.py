@@ -13,7 +13,8 @@ they would not reproduce them.
 
 * **RandAugment and AutoAugment** (finite sets of operations with fixed magnitudes): images are
   grouped by (operation, magnitude, sign) and each group goes through torchvision's own operation
-  at once. Exactly torchvision's pixels, at about 2 × 14 × 2 batched calls per batch.
+  at once. Exactly torchvision's pixels, at about 2 × 14 × 2 batched calls per batch; the batch is
+  sorted by key once per round, so a group is a slice and the results go back in one scatter.
 * **Continuous parameters** (crop offsets, flips, colour jitter factors and order, grayscale, random
   resized crops, affine digits jitter, Gaussian blur, noise, Cutout): own vectorised torch code that
   repeats torchvision's arithmetic per sample (including its rounding back to ``uint8`` after every
@@ -352,16 +353,26 @@ def gaussian_blur(kernel: int, sigma: Sequence[float], p: float) -> Step:
 # ----------------------------------------------------------------------------- auto-augment policies
 
 
-def _grouped(x: Tensor, keys: list[tuple], apply: Callable[[Tensor, tuple], Tensor]) -> Tensor:
-    """Apply ``apply(images, key)`` to each group of images sharing a key (None: untouched)."""
+def _grouped(x: Tensor, keys: list[tuple | None], apply: Callable[[Tensor, tuple], Tensor]) -> Tensor:
+    """Apply ``apply(images, key)`` to each group of images sharing a key (None: untouched).
+
+    The images with a key are gathered once, sorted by key, so that each group is a contiguous slice,
+    and scattered back once: one index transfer and two copies per call, not per group (each group
+    costs a host-to-device index copy on a GPU otherwise)."""
+    order = sorted((i for i, key in enumerate(keys) if key is not None), key=lambda i: keys[i])
+    if not order:
+        return x
+    rows = torch.tensor(order, device=x.device)
+    sorted_images = x.index_select(0, rows).to(torch.uint8)
+    parts, start = [], 0
+    while start < len(order):
+        key, end = keys[order[start]], start + 1
+        while end < len(order) and keys[order[end]] == key:
+            end += 1
+        parts.append(apply(sorted_images[start:end], key))
+        start = end
     out = x.clone()
-    index: dict[tuple, list[int]] = {}
-    for i, key in enumerate(keys):
-        if key is not None:
-            index.setdefault(key, []).append(i)
-    for key, rows in index.items():
-        sel = torch.tensor(rows, device=x.device)
-        out[sel] = apply(x[sel].to(torch.uint8), key).to(x.dtype)
+    out[rows] = torch.cat(parts).to(x.dtype)
     return out
 
 
@@ -374,13 +385,18 @@ class AutoAugmentStep:
 
     def __init__(self, transform) -> None:
         self.t = transform
+        self._magnitudes: dict[tuple[str, int, int, int], tuple[list[float] | None, bool]] = {}
 
     def draw(self, b: int, h: int, w: int, rng: BatchRng) -> list[list[tuple[str, float] | None]]:
         raise NotImplementedError
 
     def _key(self, name: str, index: int | None, bins: int, h: int, w: int, negative: bool) -> tuple[str, float]:
-        magnitudes_fn, signed = self.t._AUGMENTATION_SPACE[name]
-        mags = magnitudes_fn(bins, h, w)
+        magnitudes = self._magnitudes.get((name, bins, h, w))
+        if magnitudes is None:  # torchvision's magnitude table of this operation, computed once per image size
+            magnitudes_fn, signed = self.t._AUGMENTATION_SPACE[name]
+            mags = magnitudes_fn(bins, h, w)
+            magnitudes = self._magnitudes[(name, bins, h, w)] = (None if mags is None else mags.tolist(), signed)
+        mags, signed = magnitudes
         if mags is None:
             return name, 0.0
         mag = float(mags[index])
