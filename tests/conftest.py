@@ -20,7 +20,7 @@ def ray_cluster():
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if not ray.is_initialized():
-        start_local_ray(num_cpus=2)
+        start_local_ray(num_cpus=2, dashboard=True)  # the Ray Train tests need its state API
     yield ray
     ray.shutdown()
 

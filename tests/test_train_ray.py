@@ -72,13 +72,13 @@ def test_method_run_directory(ray_cluster, tmp_path, method):
 def test_throughput_benchmark_through_ray_train(ray_cluster, tmp_path):
     """The benchmark's Ray path returns the workers' images/s (Ray Train V2 keeps metrics only
     with a checkpoint; this broke once without a test)."""
-    from rayexperts.launch.bench import plain, plain_run, through_ray, time_pipeline, time_steps
+    from rayexperts.launch.bench import plain_run, through_ray, time_pipeline, time_steps
 
     cfg = load_config(None, ["method=ce", "data.name=digits-lt", "train.batch_size=64"])
     ips, wall = through_ray(cfg, warmup=0, steps=2, workers=1, storage=str(tmp_path))
     assert ips * wall >= 2 * 64  # the 2 timed steps of 64 images ran within the wall time
     started = time.perf_counter()
-    ips = plain(cfg, warmup=1, steps=3, threads=1)
+    ips = time_steps(plain_run(cfg, threads=1), warmup=1, steps=3)
     assert ips * (time.perf_counter() - started) >= 3 * 64
     run = plain_run(cfg, threads=1)  # the data pipeline alone: a part of the same steps
     started = time.perf_counter()

@@ -69,11 +69,6 @@ def plain_run(cfg: DictConfig, threads: int) -> Run:
     return run
 
 
-def plain(cfg: DictConfig, warmup: int, steps: int, threads: int) -> float:
-    """Images/s of training steps of one :class:`Run` in this process (no Ray)."""
-    return time_steps(plain_run(cfg, threads), warmup, steps)
-
-
 def _bench_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 

@@ -43,7 +43,7 @@ def ensure_ray(*, dashboard: bool, num_cpus: int | None = None) -> None:
     if address:
         connect(address)
     else:
-        start_local_ray(num_cpus, dashboard)
+        start_local_ray(num_cpus, dashboard=dashboard)
     mark("ray ready")
 
 
@@ -102,7 +102,7 @@ def connect(address: str, timeout: float | None = None) -> None:
     ray.init(address=address, log_to_driver=True)
 
 
-def start_local_ray(num_cpus: int | None = None, dashboard: bool = True) -> None:
+def start_local_ray(num_cpus: int | None = None, *, dashboard: bool) -> None:
     """Start a new local Ray instance whose workers import this copy of rayexperts and can find its state API.
 
     ``address="local"``: never an existing (or dead) cluster from an address file. This package's parent
