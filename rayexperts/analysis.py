@@ -1,8 +1,9 @@
 """Run, sweep and ensemble directories as pandas DataFrames, and the papers' results table.
 
 Every loader reads local directories written by ``jobs/train.py``, ``jobs/sweep.py`` and
-``jobs/cbd_ens.py`` (INTERFACES.md). Config values become dotted columns (``loss.ncl_lambda``);
-lists and mappings are JSON strings so that every column stays a scalar.
+``jobs/cbd_ens.py``. Config values become dotted columns (``ncl.distill_weight``);
+lists and mappings are JSON strings so that every column stays a scalar. Files keep fractions and
+0-based epochs; the tables made for people (:func:`paper_table`) show top-1 in %.
 """
 
 from __future__ import annotations
@@ -45,14 +46,36 @@ def cell(value: Any) -> Any:
 
 
 def read_config(run: str | Path) -> dict[str, Any]:
-    """A run directory's ``config.yaml``, flattened to dotted keys."""
-    return flatten(yaml.safe_load((Path(run) / "config.yaml").read_text()) or {})
+    """A run directory's ``config.yaml``, flattened to dotted keys (``sources`` kept as one mapping)."""
+    cfg = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
+    sources = cfg.pop("sources", None)
+    out = flatten(cfg)
+    if sources:
+        out["sources"] = dict(sources)
+    return out
 
 
-def find_runs(path: str | Path) -> list[Path]:
-    """Every run directory (``metrics.parquet`` + ``config.yaml``) at or below ``path``, sorted."""
+# What marks a directory that holds runs of its own: a sweep (its trials) or a two-stage job (its members).
+_HOLDERS = ("sweep.yaml", "trials.parquet", "summary.parquet")
+FAILED_MARK = "FAILED"  # written into a run directory whose run failed before its first evaluation
+
+
+def find_runs(path: str | Path, *, trials: bool = False, members: bool = False) -> list[Path]:
+    """Every run directory (``metrics.parquet`` + ``config.yaml``) at or below ``path``, sorted. Sweep trials and
+    the runs of a two-stage job (CBD's teachers and student) found below ``path`` are left out unless asked for
+    (``trials``, ``members``); when ``path`` is itself the sweep or the job, its runs are what was asked for."""
     root = Path(path)
-    return sorted(p.parent for p in root.rglob("metrics.parquet") if (p.parent / "config.yaml").is_file())
+    found = []
+    for p in sorted(root.rglob("metrics.parquet")):
+        run = p.parent
+        if not (run / "config.yaml").is_file() or (run / FAILED_MARK).exists():
+            continue
+        between = [d for d in run.parents if d != root and root in d.parents]
+        holders = {name for d in between for name in _HOLDERS if (d / name).is_file()}
+        if (holders & {"sweep.yaml", "trials.parquet"} and not trials) or ("summary.parquet" in holders and not members):
+            continue
+        found.append(run)
+    return found
 
 
 def _run_label(run: Path, root: Path) -> str:
@@ -60,21 +83,25 @@ def _run_label(run: Path, root: Path) -> str:
     return run.name if rel == "." else rel
 
 
-def load_runs(path: str | Path) -> pd.DataFrame:
+def load_runs(path: str | Path, *, trials: bool = False, members: bool = False) -> pd.DataFrame:
     """Every run's metrics under ``path`` in one DataFrame: the metrics.parquet rows, a ``run``
     column (the run directory relative to ``path``; its name when ``path`` is the run) and the
-    run's config as dotted columns."""
+    run's config as dotted columns (listed in ``df.attrs["config_columns"]``). Sweep trials and the
+    members of a two-stage job below ``path`` come only when asked (:func:`find_runs`)."""
     root = Path(path)
-    runs = find_runs(root)
+    runs = find_runs(root, trials=trials, members=members)
     if not runs:
         raise FileNotFoundError(f"no run directory (metrics.parquet + config.yaml) at or below {root}")
-    frames = []
+    frames, config_columns = [], set()
     for run in runs:
         metrics = pd.read_parquet(run / "metrics.parquet")
         config = {k: cell(v) for k, v in read_config(run).items() if k not in metrics}
+        config_columns |= set(config)
         frames.append(metrics.assign(run=_run_label(run, root), **config))
     df = pd.concat(frames, ignore_index=True)
-    return df[["run", *(c for c in df.columns if c != "run")]]
+    df = df[["run", *(c for c in df.columns if c != "run")]]
+    df.attrs["config_columns"] = sorted(config_columns)
+    return df
 
 
 def load_classes(run: str | Path) -> pd.DataFrame | None:
@@ -90,7 +117,7 @@ def load_sweep(path: str | Path) -> Sweep:
         raise FileNotFoundError(f"{root} is not a finished sweep directory (no trials.parquet)")
     spec = yaml.safe_load((root / "sweep.yaml").read_text())
     trials = pd.read_parquet(root / "trials.parquet")
-    metrics = load_runs(root) if find_runs(root) else pd.DataFrame(columns=["run"])
+    metrics = load_runs(root, trials=True) if find_runs(root, trials=True) else pd.DataFrame(columns=["run"])
     tune = spec["config"]["tune"]
     return Sweep(trials, metrics, list(spec["space"]), str(tune["metric"]), str(tune["mode"]))
 
@@ -101,7 +128,7 @@ def load_ensemble(path: str | Path) -> Ensemble:
     root = Path(path)
     if not (root / "summary.parquet").is_file():
         raise FileNotFoundError(f"{root} is not an ensemble job directory (no summary.parquet)")
-    metrics = load_runs(root)
+    metrics = load_runs(root, members=True)
     return Ensemble(pd.read_parquet(root / "summary.parquet"), metrics.assign(model=metrics["run"].map(_model_name)))
 
 
@@ -128,32 +155,87 @@ def last_epoch(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["epoch"] == last]
 
 
+SELECTIONS = {"last": "last", "best_test": "best_test (selected on the test set)", "best_val": "best_val"}
+# Config columns that may differ between the runs of one table row: where they ran and what the loader recorded.
+_NOT_SETTINGS = ("seed", "run.name", "run.storage_path", "layers", "sources", "run.verbose", "run.dashboard",
+                 "run.tensorboard", "run.ray_log_level", "run.mlflow_tracking_uri", "run.mlflow_experiment")
+
+
+def select_epochs(df: pd.DataFrame, selection: str = "last") -> pd.DataFrame:
+    """One row per (run, view): the checkpoint ``selection`` names. ``last``: the last evaluated epoch;
+    ``best_test``: the epoch with the best test top-1 of that view (the earliest on a tie), which is what the
+    NCL, LDAM-DRW and Balanced Softmax code print ("selected on the test set"); ``best_val``: the epoch with the
+    best validation top-1, its test metrics reported (a run without a validation split is an error)."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}: choose one of {', '.join(SELECTIONS)}")
+    if selection == "last":
+        return last_epoch(df)
+    metric = "top1" if selection == "best_test" else "val_top1"
+    if metric not in df or df[metric].isna().all():
+        runs = sorted(df["run"].unique())[:3]
+        raise ValueError(f"selection='best_val': run(s) {', '.join(runs)} have no validation split (no val_top1): "
+                         "train with data.val_per_class > 0 or the data set's val split, or use last / best_test")
+    missing = df.groupby("run")[metric].apply(lambda s: s.isna().all())
+    if missing.any():
+        raise ValueError(f"selection={selection!r}: run {missing[missing].index[0]} has no {metric}")
+    ordered = df.sort_values(["run", "view", "epoch"])
+    best = ordered.loc[ordered.groupby(["run", "view"], sort=False)[metric].idxmax()]
+    return best.sort_index()
+
+
+def config_columns(df: pd.DataFrame) -> list[str]:
+    """The columns :func:`load_runs` made from config keys (dotted names when the attrs were lost)."""
+    cols = df.attrs.get("config_columns") or [c for c in df.columns if "." in c or c in ("method", "seed", "compat")]
+    return [c for c in cols if c in df]
+
+
+def _check_same_settings(rows: pd.DataFrame, by: list[str], seeds: str | None) -> None:
+    """The runs of one table row must agree on every setting but the seed: else an error naming the keys."""
+    keys = [c for c in config_columns(rows) if c not in (*by, *_NOT_SETTINGS, seeds or "seed")
+            and not c.startswith("sources")]
+    for group, g in rows.groupby(by, sort=False, dropna=False):
+        per_run = g.drop_duplicates("run")
+        differ = [k for k in keys if per_run[k].astype(str).nunique() > 1]
+        if differ:
+            shown = ", ".join(f"{k} ({', '.join(sorted(per_run[k].astype(str).unique())[:3])})" for k in differ[:5])
+            more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
+            raise ValueError(f"the runs of row {group} differ in {shown}{more}: a row averages repeats of one "
+                             "config; add those keys to by=(...) or filter the runs")
+
+
 def paper_table(
     df: pd.DataFrame,
     by: Sequence[str] = ("method", "view"),
     seeds: str | None = None,
     decimals: int = 2,
+    selection: str = "last",
 ) -> pd.DataFrame:
     """The papers' table from :func:`load_runs` rows: one row per ``by`` group, columns Many, Medium,
-    Few, All (test top-1 in %, each run's last epoch).
+    Few, All (test top-1 in %) at the checkpoint ``selection`` names (:func:`select_epochs`), and a
+    ``selection`` column that says which ("best_test (selected on the test set)" for ``best_test``).
 
     Without ``seeds`` every group must hold one run. With ``seeds`` (a column, e.g. ``"seed"``)
     a group's runs are repeats over seeds: cells are ``"mean ± std"`` (sample std) and a
-    ``seeds`` column counts them.
+    ``seeds`` column counts them. The runs of a group must agree on every config key but the
+    seed (and where they ran): otherwise a ValueError names the keys that differ.
     """
-    rows = last_epoch(df)
     by = list(by)
+    rows = select_epochs(df, selection)
+    _check_same_settings(rows, by, seeds)
     if seeds is None:
         dup = rows.duplicated(by)
         if dup.any():
             raise ValueError(
-                f"several runs per {tuple(by)} (e.g. {tuple(rows.loc[dup, by].iloc[0])}): "
-                "pass seeds='seed' to average them or add a column to by"
+                f"several runs per {tuple(by)} (e.g. {tuple(rows.loc[dup, by].iloc[0])}), repeats over seeds: "
+                "pass seeds='seed' to average them"
             )
-        return shot_table(rows, by, decimals)
-    groups = rows.groupby(by, sort=False)
-    out = pd.DataFrame({name: groups[col].agg(lambda s: _mean_std(s * 100, decimals)) for col, name in SHOT_COLUMNS.items()})
-    out["seeds"] = groups[seeds].nunique()
+        out = shot_table(rows, by, decimals)
+    else:
+        groups = rows.groupby(by, sort=False)
+        out = pd.DataFrame({name: groups[col].agg(lambda s: _mean_std(s * 100, decimals))
+                            for col, name in SHOT_COLUMNS.items()})
+        out["seeds"] = groups[seeds].nunique()
+    out["selection"] = SELECTIONS[selection]
     return out
 
 
@@ -163,6 +245,17 @@ def _mean_std(values: pd.Series, decimals: int) -> str:
         return "–"
     std = v.std() if len(v) > 1 else math.nan
     return f"{v.mean():.{decimals}f}" + ("" if math.isnan(std) else f" ± {std:.{decimals}f}")
+
+
+def published(**filters: Any) -> pd.DataFrame:
+    """The packaged catalogue of published numbers (``rayexperts/published/results.csv``): every result table
+    of MLLT, NCL, ECL and CBD, values in percent as printed, one row per number, with the checkpoint selection
+    the paper reported (``selection``) and, where one exists, the ``preset`` and ``overrides`` that train the
+    row's setting. ``filters`` are column=value (a list: any of them), e.g.
+    ``published(paper="NCL", table="Table 2", metric="top1_all")``."""
+    from rayexperts.published import load
+
+    return load(**filters)
 
 
 def markdown(df: pd.DataFrame, index: bool = True, floatfmt: str = ".4g") -> str:

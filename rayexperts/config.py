@@ -6,8 +6,10 @@ A config is resolved in layers, each recorded in the resolved config's ``layers`
 2. the data set's defaults (registered with the data set: backbone, transforms, schedule),
 3. the method's defaults (registered with the method: K, classifier, sampler, ...) and the
    method's own section ``<method>.*`` (its ``Options`` dataclass),
-4. ``compat=official``: the authors'-code values the method (and the core) declare,
-5. ``--config PRESET_OR_YAML`` (``base: other`` first),
+4. ``--config PRESET_OR_YAML`` (``base: other`` first),
+5. ``compat=official``: "this preset as the authors' released code ran it": the values the method
+   declares (its ``official`` map) and each preset file's ``official:`` block (its base's first), every
+   value with its source; the resolved config's ``sources`` map names the source of each value they set,
 6. ``key=value`` dotted overrides.
 
 Every key is typed (allowed values are ``Literal`` field types) and checked: an unknown key is
@@ -34,9 +36,9 @@ PRESET_DIR = Path(__file__).parent / "presets"
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Ray job supervisor for a submitted job's driver
 
 __all__ = [
-    "Config", "ConfigError", "Layer", "PRESET_DIR", "absolute_path_or_uri", "compose", "default_layers", "flatten",
-    "from_dict", "is_uri", "list_presets", "load_config", "parse_overrides", "preset_path", "to_dict", "to_yaml",
-    "valid_keys", "with_overrides",
+    "Config", "ConfigError", "Layer", "OfficialValue", "PRESET_DIR", "absolute_path_or_uri", "compose", "default_layers", "flatten",
+    "from_dict", "is_uri", "list_presets", "load_config", "method_official", "official_values", "parse_overrides", "preset_path", "settings", "to_dict", "to_yaml",
+    "valid_keys", "check_gpu_share", "with_overrides",
 ]
 
 Layer = tuple[str, Mapping[str, Any]]  # (where it comes from, nested or dotted keys)
@@ -61,8 +63,25 @@ class DataConfig:
     image_column: str = "image"
     label_column: str = "label"
     split_column: str = "split"
-    augment: Literal["standard", "randaugment", "autoaugment_cutout", "data_aug", "none"] = "standard"
-    key_augment: Literal["moco", "same"] = "moco"  # the second (contrastive) view, for methods that ask for one
+    # The training view: standard (CIFAR: pad-4 crop + flip; ImageNet: random resized crop + flip), and on top of
+    # it standard_rotation (+ RandomRotation(15): RIDE, SADE, BalPoE on CIFAR), standard_jitter (+ ColorJitter
+    # 0.4: RIDE, SADE, BalPoE on ImageNet), randaugment, randaugment_timm (jitter + timm's rand-n2-m10-mstd0.5),
+    # autoaugment (CIFAR10 policy), autoaugment_cutout (+ Cutout 16), data_aug (jitter + noise: CBD's text),
+    # data_aug_simclr (SimCLR jitter + grayscale: CBD's code), or none.
+    augment: Literal["standard", "standard_rotation", "standard_jitter", "randaugment", "randaugment_timm",
+                     "autoaugment", "autoaugment_cutout", "data_aug", "data_aug_simclr", "none"] = "standard"
+    # The second (contrastive) view, for methods that ask for one: MoCo v2's (moco), with a PIL Gaussian blur
+    # on CIFAR too (moco_blur, NCL's code), or the training view again (same).
+    key_augment: Literal["moco", "moco_blur", "same"] = "moco"
+    autoaugment_fill: int = 0  # AutoAugment / RandAugment: fill outside a geometric op (NCL's, BSCE's code: 128)
+    # Cutout: zero on the normalised image (mean, DeVries & Taylor) or 0 on the [0, 1] image (black, PaCo's code)
+    cutout_fill: Literal["mean", "black"] = "mean"
+    crop_scale_min: float = 0.08  # RandomResizedCrop: the smallest area kept (CBD's code: Inception crop 0.05)
+    normalize: Literal["mean_std", "unit"] = "mean_std"  # (x/255 - mean)/std, or x/255 only (CBD's code)
+    # The CIFAR long-tailed subset: the first n_i images of each class (first), or LDAM-DRW's code (shuffled:
+    # np.random.seed(lt_subset_seed), then each class's indices shuffled in class order, the first n_i kept).
+    lt_subset: Literal["first", "shuffled"] = "first"
+    lt_subset_seed: int = 0
     image_size: int = 32
     # Where the decoded images live: device (one uint8 tensor on the training device, batches augmented
     # there), host (in memory, each batch copied to the device), off (a per-image DataLoader), or auto
@@ -91,8 +110,11 @@ class ModelConfig:
     # Shared trunk = stem + this many stages, for methods that share one (MLLT): RIDE's layout shares
     # stage 1 of a CIFAR ResNet (experts: stages 2-3) and stages 1-2 of an ImageNet ResNet.
     shared_stages: int = 1
-    classifier: Literal["linear", "cosine"] = "linear"
+    # linear; cosine (z = scale * cos); normed_linear: cosine with LDAM-DRW's / RIDE's NormedLinear init, no bias
+    classifier: Literal["linear", "cosine", "normed_linear"] = "linear"
     cosine_scale: float = 16.0
+    cosine_bias: bool = False  # a trainable bias (init 0) on the cosine classifier (NCL's ImageNet-LT code)
+    zero_init_residual: bool = False  # the last BN of every residual block starts at gamma = 0 (CBD's code)
     weights: Optional[str] = None  # local file of backbone weights
     allow_download: bool = False  # let torchvision fetch ImageNet weights at run time
     sync_bn: Optional[bool] = None  # None: on when num_workers > 1 on GPU
@@ -112,6 +134,18 @@ class TrainConfig:
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     warmup_epochs: int = 0
+    # When the lr changes: every iteration (iteration i of epoch e trains with the schedule at t = e + (i+1)/steps),
+    # or once per epoch (epoch e, 0-indexed, trains with the schedule at t = e + 1, lr_epoch_clock=end, or at
+    # t = e, start): the authors' per-epoch schedulers. At t: warm-up (t < W) lr*(s + (1-s)*t/W) with
+    # s = warmup_start; multistep lr*gamma^#(t >= m); cosine eta_min + (lr - eta_min)*(1 + cos(pi*min(t - W, T)/T))/2
+    # with T = cosine_t_max (0: epochs - W). docs/schedules.md gives every recipe's settings.
+    lr_step: Literal["iteration", "epoch"] = "iteration"
+    lr_epoch_clock: Literal["end", "start"] = "end"
+    warmup_start: float = 0.0
+    cosine_t_max: float = 0.0
+    eta_min: float = 0.0
+    # Mixup (the engine's): lambda ~ Beta(alpha, alpha) per batch, the loss against both target sets; 0 = off.
+    mixup_alpha: float = 0.0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     grad_clip: float = 0.0  # 0: off
     # torch.compile of the model for training: auto is on for CUDA, off on CPU (its warm-up does not pay
@@ -126,6 +160,15 @@ class EvalConfig:
     every: int = 1  # evaluate every N epochs (and always at the last)
     ece_bins: int = 15
     tta_flip: bool = False
+    # The checkpoint the recipe's published number reports: last, best_test (the best epoch on the test set,
+    # what NCL's, LDAM-DRW's and Balanced Softmax's code print) or best_val. Reports show it beside last.
+    selection: Literal["last", "best_test", "best_val"] = "last"
+    # SADE's test-agnostic protocol: long-tailed test sets carved from the test split, each evaluated beside it
+    # with its own columns (forward50_top1, ...): forward<IF> (class 0 the head, as in training), backward<IF>, uniform.
+    test_distributions: list[str] = field(default_factory=list)
+    # A method's test-time steps (transductive views that learn on the unlabelled test images, SADE's
+    # tta_aggregate): at the last evaluation (last), at every evaluation (every), or never (off).
+    test_time: Literal["last", "every", "off"] = "last"
 
 
 @dataclass
@@ -182,10 +225,13 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     layers: list[str] = field(default_factory=list)  # written by load_config: the layers applied, in order
+    # written by load_config with compat=official: for each key the authors' code set, where that value comes
+    # from (repository@commit:path:lines, and the recipe item's status A / B / P)
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 CORE_SECTIONS = ("data", "model", "train", "eval", "scaling", "run", "tune")
-_WRITTEN_BY_LOADER = ("layers",)
+_WRITTEN_BY_LOADER = ("layers", "sources")
 
 
 # ---------------------------------------------------------------------------- schema and keys
@@ -325,12 +371,7 @@ def _layer_name(path: Path) -> str:
         return f"file {path.resolve()}"
 
 
-def file_layers(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[Layer]:
-    """The layers of a preset or YAML file: its ``base:`` chain first, then the file itself."""
-    path = preset_path(str(name_or_path))
-    source = _layer_name(path)
-    if source in _seen:
-        raise ConfigError(f"config file '{path}': 'base:' chain loops back to {source}")
+def _read_file(path: Path) -> dict[str, Any]:
     try:
         loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception as e:  # YAML or interpolation errors
@@ -339,10 +380,75 @@ def file_layers(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[Layer]:
         loaded = {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(loaded).__name__}")
-    loaded.pop("layers", None)  # a resolved config.yaml's record of its own layers, not a setting
+    for written in _WRITTEN_BY_LOADER:  # a resolved config.yaml's records of its own layers, not settings
+        loaded.pop(written, None)
+    return loaded
+
+
+def file_layers(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[Layer]:
+    """The layers of a preset or YAML file: its ``base:`` chain first, then the file itself (without its
+    ``official:`` block, which :func:`official_layers` reads)."""
+    return [(source, settings) for source, settings, _ in _chain(name_or_path, _seen)]
+
+
+def _chain(name_or_path: str, _seen: tuple[str, ...] = ()) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(layer name, settings, official block) of a file and its ``base:`` chain, base first."""
+    path = preset_path(str(name_or_path))
+    source = _layer_name(path)
+    if source in _seen:
+        raise ConfigError(f"config file '{path}': 'base:' chain loops back to {source}")
+    loaded = _read_file(path)
     base = loaded.pop("base", None)
-    inherited = file_layers(str(base), (*_seen, source)) if base else []
-    return [*inherited, (source, loaded)]
+    official = loaded.pop("official", None) or {}
+    if not isinstance(official, dict):
+        raise ConfigError(f"config file '{path}': 'official:' must map dotted keys to {{value, source, status}}")
+    inherited = _chain(str(base), (*_seen, source)) if base else []
+    return [*inherited, (source, loaded, official)]
+
+
+@dataclass(frozen=True)
+class OfficialValue:
+    """One recipe item of ``compat=official``: the value the authors' released code uses and where it is."""
+
+    value: Any
+    source: str  # repository@commit:path:lines, as METHODS.md "Recipes behind the published numbers" gives it
+    status: str = ""  # A (moves accuracy beyond seed noise), B (small), P (the code differs from the paper's text)
+    item: str = ""  # the recipe item, as METHODS.md's table names it
+
+    def describe(self) -> str:
+        return self.source + (f" ({self.status})" if self.status else "")
+
+
+def _official_block(block: Mapping[str, Any], where: str) -> dict[str, OfficialValue]:
+    out = {}
+    for key, entry in block.items():
+        if not isinstance(entry, Mapping) or "value" not in entry or not entry.get("source"):
+            raise ConfigError(f"{where}: official.{key} must be {{value: ..., source: ..., status: A|B|P}}")
+        extra = set(entry) - {"value", "source", "status", "item"}
+        if extra:
+            raise ConfigError(f"{where}: official.{key} has unknown field(s) {', '.join(sorted(extra))}")
+        if entry.get("status", "") not in ("", "A", "B", "P"):
+            raise ConfigError(f"{where}: official.{key}.status must be A, B or P, got {entry['status']!r}")
+        out[str(key)] = OfficialValue(entry["value"], str(entry["source"]), str(entry.get("status", "")),
+                                      str(entry.get("item", "")))
+    return out
+
+
+def method_official(method: str) -> dict[str, OfficialValue]:
+    """What ``compat=official`` switches for ``method`` wherever it runs (its ``official`` map:
+    key → (value, source))."""
+    found = getattr(METHODS.get(method), "official", {}) or {}
+    return {k: v if isinstance(v, OfficialValue) else OfficialValue(*v) for k, v in found.items()}
+
+
+def official_values(name_or_path: str | None, method: str) -> list[tuple[str, dict[str, OfficialValue]]]:
+    """The ``compat=official`` layers, in merge order: the method's, then each file of the preset's chain."""
+    out = [(f"compat official ({method})", method_official(method))]
+    if name_or_path:
+        for source, _, block in _chain(str(name_or_path)):
+            if block:
+                out.append((f"compat official ({source})", _official_block(block, source)))
+    return out
 
 
 # ---------------------------------------------------------------------------- composing
@@ -363,14 +469,15 @@ def method_layers(method: str, compat: str = "paper") -> list[Layer]:
     m = METHODS.get(method)
     layers: list[Layer] = [(f"method {method} defaults", dict(getattr(m, "defaults", {})))]
     if compat == "official":
-        layers.append((f"compat official ({method})", {"compat": "official", **dict(getattr(m, "official", {}))}))
+        values = {k: v.value for k, v in method_official(method).items()}
+        layers.append((f"compat official ({method})", {"compat": "official", **values}))
     return layers
 
 
-def default_layers(method: str, data_name: str, compat: str = "paper") -> list[Layer]:
-    """The data set's and the method's default layers (and ``compat=official``'s), in merge order."""
+def default_layers(method: str, data_name: str) -> list[Layer]:
+    """The data set's and the method's default layers, in merge order."""
     data_set = DATASETS.get(data_name)
-    return [(f"data set {data_name} defaults", dict(getattr(data_set, "defaults", {}))), *method_layers(method, compat)]
+    return [(f"data set {data_name} defaults", dict(getattr(data_set, "defaults", {}))), *method_layers(method)]
 
 
 def _yaml_switches(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, Any]:
@@ -391,7 +498,7 @@ def _yaml_switches(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, Any]:
 def _merge(cfg: DictConfig, layer: Mapping[str, Any], source: str, keys: set[str], method: str) -> DictConfig:
     flat = _flatten(layer)
     for key in flat:
-        if key in _WRITTEN_BY_LOADER:
+        if key.split(".")[0] in _WRITTEN_BY_LOADER:
             raise ConfigError(f"'{key}' in {source}: it is written by the config loader, not set")
         if key not in keys:
             raise unknown_key_error(key, source, sorted(keys), method)
@@ -434,21 +541,23 @@ def load_config(
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
 ) -> DictConfig:
-    """Resolve the full config: defaults → data set → method (→ compat) → preset/YAML → overrides."""
+    """Resolve the full config: defaults → data set → method → preset/YAML (→ ``compat=official``: the
+    method's and the preset's official recipe) → command-line overrides."""
     user: list[Layer] = file_layers(str(config)) if config else []
+    command: list[Layer] = []
     if overrides:
         flat = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(list(overrides))
         if flat:
-            user.append((f"command line ({', '.join(flat)})", _nest(flat)))
-    method, where = _setting(user, "method", Config.method)
-    data_name, data_where = _setting(user, "data.name", DataConfig.name)
-    compat, _ = _setting(user, "compat", Config.compat)
+            command.append((f"command line ({', '.join(flat)})", _nest(flat)))
+    method, where = _setting([*user, *command], "method", Config.method)
+    data_name, data_where = _setting([*user, *command], "data.name", DataConfig.name)
+    compat, _ = _setting([*user, *command], "compat", Config.compat)
     if compat not in ("paper", "official"):
         raise ConfigError(f"invalid value {compat!r} for 'compat': choose paper or official")
     for registry, value, at in ((METHODS, method, where), (DATASETS, data_name, data_where)):
         if str(value) not in registry:
             raise ConfigError(f"{at}: " + _registry_message(registry, str(value)))
-    storage, storage_where = _setting(user, "run.storage_path", RunConfig.storage_path)
+    storage, storage_where = _setting([*user, *command], "run.storage_path", RunConfig.storage_path)
     if in_ray_job() and not is_uri(str(storage)) and not os.path.isabs(os.path.expanduser(str(storage))):
         raise ConfigError(
             f"run.storage_path={storage!r} ({storage_where}) is a relative path, and this is a Ray job: it would "
@@ -456,7 +565,22 @@ def load_config(
             "run.storage_path an absolute path on storage every node sees, or a URI (run.storage_path=/shared/runs, "
             "run.storage_path=s3://bucket/runs)"
         )
-    return compose([("defaults", {}), *default_layers(str(method), str(data_name), str(compat)), *user])
+    official = official_values(str(config) if config else None, str(method)) if compat == "official" else []
+    compat_layers: list[Layer] = [(name, {"compat": "official", **{k: v.value for k, v in values.items()}})
+                                  for name, values in official]
+    layers = [("defaults", {}), *default_layers(str(method), str(data_name)), *user, *compat_layers, *command]
+    cfg = compose(layers)
+    cfg.sources = _official_sources(layers, official)
+    return cfg
+
+
+def _official_sources(layers: Sequence[Layer], official: list[tuple[str, dict[str, OfficialValue]]]) -> dict[str, str]:
+    """For every key whose final value an official layer set (no later layer changed it): its source."""
+    last: dict[str, str] = {}
+    for name, layer in layers:
+        for key in _flatten(layer):
+            last[key] = name
+    return {key: value.describe() for name, values in official for key, value in values.items() if last.get(key) == name}
 
 
 # ---------------------------------------------------------------------------- values
@@ -502,6 +626,34 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+# (key, check, what it must be): value ranges a type cannot express, checked before anything starts
+_RANGES = (
+    ("train.lr", lambda v: v > 0, "> 0"),
+    ("train.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.gamma", lambda v: v > 0, "> 0"),
+    ("train.warmup_epochs", lambda v: v >= 0, ">= 0"),
+    ("train.warmup_start", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("train.cosine_t_max", lambda v: v >= 0, ">= 0 (0: to the last epoch)"),
+    ("train.eta_min", lambda v: v >= 0, ">= 0"),
+    ("train.grad_clip", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("train.mixup_alpha", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("data.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("data.autoaugment_fill", lambda v: 0 <= v <= 255, "in [0, 255]"),
+    ("data.test_batch_size", lambda v: v >= 1, ">= 1"),
+    ("data.num_workers", lambda v: v >= 0, ">= 0"),
+    ("data.val_per_class", lambda v: v >= 0, ">= 0"),
+    ("model.cosine_scale", lambda v: v > 0, "> 0"),
+    ("model.expert_width", lambda v: v > 0, "> 0"),
+    ("eval.every", lambda v: v >= 1, ">= 1"),
+    ("run.checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("run.num_to_keep", lambda v: v >= 1, ">= 1"),
+    ("run.max_failures", lambda v: v >= -1, ">= 0 (or -1: retry forever)"),
+    ("scaling.cpus_per_worker", lambda v: v >= 0, ">= 0 (0: an equal share of the cluster's CPUs)"),
+    ("scaling.gpus_per_worker", lambda v: v >= 0, ">= 0"),
+)
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks that the types alone cannot express (the method adds its own)."""
     for registry, value in ((DATASETS, cfg.data.name), (BACKBONES, cfg.model.backbone)):
@@ -510,6 +662,10 @@ def validate(cfg: DictConfig) -> None:
     for key in ["train.epochs", "train.batch_size", "scaling.num_workers", "model.num_experts"]:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"'{key}' must be at least 1, got {OmegaConf.select(cfg, key)}")
+    for key, ok, what in _RANGES:
+        value = OmegaConf.select(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"'{key}' must be {what}, got {value}")
     if cfg.data.imbalance_factor < 1:
         raise ConfigError(f"'data.imbalance_factor' must be >= 1, got {cfg.data.imbalance_factor}")
     if cfg.train.batch_size % cfg.scaling.num_workers:
@@ -517,7 +673,40 @@ def validate(cfg: DictConfig) -> None:
             f"'train.batch_size'={cfg.train.batch_size} (global) must be divisible by "
             f"'scaling.num_workers'={cfg.scaling.num_workers}"
         )
-    METHODS.get(cfg.method).validate(cfg)
+    for name in cfg.eval.test_distributions:
+        parse_test_distribution(name)
+    if len(set(cfg.eval.test_distributions)) != len(cfg.eval.test_distributions):
+        raise ConfigError(f"eval.test_distributions lists a distribution twice: {list(cfg.eval.test_distributions)}")
+    check_gpu_share("scaling", bool(cfg.scaling.use_gpu), float(cfg.scaling.gpus_per_worker), int(cfg.scaling.num_workers))
+    method = METHODS.get(cfg.method)
+    method.check_engine_options(cfg)
+    method.validate(cfg)
+
+
+def parse_test_distribution(name: str) -> tuple[str, float]:
+    """``forward50`` → (``forward``, 50.0), ``backward10`` → (``backward``, 10.0), ``uniform`` → (``uniform``, 1.0):
+    SADE's test-agnostic protocol (METHODS.md §3.4); a bad name is a ConfigError naming it."""
+    import re
+
+    found = re.fullmatch(r"(forward|backward)(\d+(?:\.\d+)?)|uniform", str(name))
+    if not found or (found.group(2) and float(found.group(2)) < 1):
+        raise ConfigError(f"eval.test_distributions: {name!r} is not forward<IF>, backward<IF> (IF >= 1) or uniform "
+                          "(e.g. [forward50, uniform, backward50])")
+    return ("uniform", 1.0) if name == "uniform" else (found.group(1), float(found.group(2)))
+
+
+def check_gpu_share(where: str, use_gpu: bool, gpus: float, workers: int, *, keys: tuple[str, str, str] = (
+        "use_gpu", "gpus_per_worker", "num_workers")) -> None:
+    """What cannot run on GPUs (GPU finding F1, F14): ``use_gpu`` with no GPU per worker, and several Ray Train
+    workers on a fraction of a GPU each (their NCCL ranks would share a device, which NCCL refuses)."""
+    use, share, n = (f"{where}.{k}" for k in keys)
+    if use_gpu and gpus <= 0:
+        raise ConfigError(f"{use}=true with {share}={gpus}: a GPU run needs a GPU share > 0 per worker "
+                          f"(or {use}=false)")
+    if use_gpu and workers > 1 and gpus < 1:
+        raise ConfigError(f"{n}={workers} with {share}={gpus}: several GPU workers of one run cannot share a GPU "
+                          f"(NCCL refuses two ranks on one device); use {share}=1 or more, or {n}=1 (a one-worker "
+                          "run may take a fraction of a GPU)")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -528,9 +717,15 @@ def from_dict(d: Mapping[str, Any], source: str = "config dict") -> DictConfig:
     """Rebuild a typed config from a resolved dict (the worker's copy, or a config.yaml)."""
     d = dict(d)
     layers = list(d.pop("layers", None) or [])
+    sources = dict(d.pop("sources", None) or {})
     cfg = compose([(source, d)], resolve_paths=False)
-    cfg.layers = layers
+    cfg.layers, cfg.sources = layers, sources
     return cfg
+
+
+def settings(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without what the loader writes about it (``layers``, ``sources``): the settings."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in _WRITTEN_BY_LOADER}
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -551,4 +746,5 @@ def with_overrides(cfg: DictConfig, flat: Mapping[str, Any], source: str = "over
     out = _merge(cfg, _nest(dict(flat)), source, set(valid_keys(cfg)), str(cfg.method))
     validate(out)
     out.layers = [*cfg.layers, source]
+    out.sources = {k: v for k, v in cfg.sources.items() if k not in flat}  # an overridden value has a new source
     return out

@@ -1,4 +1,5 @@
-"""Every paper term of MLLT, NCL, ECL and CBD as a pure function (docs/METHODS.md).
+"""Every paper term of MLLT, NCL, ECL and CBD, and the losses of LDAM-DRW, RIDE, SADE and
+BalPoE, as pure functions (docs/METHODS.md).
 
 Conventions shared by all functions:
 
@@ -19,6 +20,7 @@ target inside the hard set) would force a device sync every step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -41,6 +43,18 @@ __all__ = [
     "info_nce_loss",
     "cbd_distillation_loss",
     "expert_disagreement",
+    "ldam_margins",
+    "ldam_loss",
+    "drw_weights",
+    "diversity_temperatures",
+    "ride_loss",
+    "router_targets",
+    "router_loss",
+    "inverse_prior",
+    "sade_loss",
+    "sade_aggregation_loss",
+    "balpoe_loss",
+    "balpoe_predict_logits",
 ]
 
 
@@ -168,7 +182,7 @@ def pc_softmax_logits(logits: Tensor, class_counts: Tensor, test_prior: Tensor |
     counts = class_counts.to(logits.dtype)
     out = logits - (counts / counts.sum()).log()
     if test_prior is None:
-        return out - torch.log(torch.tensor(float(num_classes), dtype=logits.dtype, device=logits.device))
+        return out - math.log(num_classes)  # a Python float: no host-to-device copy per call
     if test_prior.shape != (num_classes,):
         raise ValueError(f"test_prior must have shape [{num_classes}], got {tuple(test_prior.shape)}")
     prior = test_prior.to(logits.dtype)
@@ -447,3 +461,325 @@ def cbd_distillation_loss(student_features: Tensor, teacher_features: Tensor | S
             f"student feature width {student_features.shape[1]} != concatenated teacher width {target.shape[1]}"
         )
     return (1.0 - F.cosine_similarity(student_features, target.to(student_features.dtype), dim=1)).mean()
+
+
+# -- LDAM-DRW, RIDE, SADE, BalPoE (METHODS.md "More multi-expert methods") ----------------
+# In RIDE, SADE and BalPoE the network already multiplies its cosine logits by s = 30, so those
+# losses take ``30·cos``; only :func:`ldam_loss` takes bare cosines and applies s itself
+# (METHODS.md, conventions of that part). No function here builds a tensor from Python data:
+# every constant is a Python float combined with an existing tensor.
+def _promote(x: Tensor) -> Tensor:
+    """half/bf16 → float32; float32/float64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _float_counts(class_counts: Tensor) -> Tensor:
+    """``class_counts`` as a 1-D floating tensor (float32 for integer or half counts, else its dtype)."""
+    if class_counts.dim() != 1 or class_counts.numel() == 0:
+        raise ValueError(f"class_counts must be a non-empty 1-D tensor, got shape {tuple(class_counts.shape)}")
+    return _promote(class_counts) if class_counts.is_floating_point() else class_counts.float()
+
+
+def _subtract_target_margin(logits: Tensor, targets: Tensor, margins: Tensor) -> Tensor:
+    """``z − m_y·onehot(y)``: the target logit of each row lowered by its class margin ``m_y``."""
+    index = targets.long().view(-1, 1)
+    return logits.scatter_add(1, index, -margins.to(logits.dtype)[index])
+
+
+def _check_class_weight(weight: Tensor | None, num_classes: int) -> None:
+    if weight is not None and weight.shape != (num_classes,):
+        raise ValueError(f"weight must have shape [{num_classes}] (one per class), got {tuple(weight.shape)}")
+
+
+def _check_num_experts(num_experts: int, expected: int, what: str) -> None:
+    if num_experts != expected:
+        raise ValueError(f"{what}: expected {expected} experts, got {num_experts}")
+
+
+def ldam_margins(class_counts: Tensor, max_m: float = 0.5) -> Tensor:
+    """LDAM per-class margins (METHODS.md §1.1): ``m_c = K / n_c^{1/4}`` with ``K`` such that
+    ``max_c m_c = max_m``, i.e. ``m_c = max_m · (min_j n_j / n_c)^{1/4}``. ``[C]``, float32 for
+    integer counts (else the counts' floating dtype)."""
+    margins = _float_counts(class_counts).pow(-0.25)
+    return margins * (max_m / margins.max())
+
+
+def ldam_loss(
+    cos_logits: Tensor,
+    targets: Tensor,
+    class_counts: Tensor,
+    max_m: float = 0.5,
+    s: float = 30.0,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """LDAM loss (METHODS.md §1.1; LDAM-DRW ``LDAMLoss``):
+
+    ``L = CE_w( s·(z − m_y·onehot(y)), y )`` with ``z = cos θ`` the bare NormedLinear cosines
+    ``[B, C]`` (no s inside the model) and ``m`` = :func:`ldam_margins`. The margin is subtracted
+    in cosine units **before** scaling by ``s``. ``weight``: per-class ``[C]`` weights (DRW:
+    :func:`drw_weights` from the 0-indexed epoch 160 on, None before); the reduction is torch's
+    weighted mean ``Σ_i w_{y_i} l_i / Σ_i w_{y_i}``.
+    """
+    _check_2d(cos_logits, "cos_logits")
+    batch, num_classes = cos_logits.shape
+    _check_targets(targets, batch)
+    _check_counts(class_counts, num_classes)
+    _check_class_weight(weight, num_classes)
+    z = _promote(cos_logits)
+    margins = ldam_margins(class_counts.to(z.dtype), max_m)
+    logits = s * _subtract_target_margin(z, targets, margins)
+    return F.cross_entropy(logits, targets.long(), weight=None if weight is None else weight.to(z.dtype))
+
+
+def drw_weights(class_counts: Tensor, beta: float = 0.9999) -> Tensor:
+    """Deferred re-weighting by the effective number of samples (METHODS.md §1.1, §2.1):
+
+    ``w_c = (1 − β) / (1 − β^{n_c})``, then ``w ← w / Σw · C`` (``[C]``, sums to C). ``β = 0``
+    gives all ones. Computed as ``1 / −expm1(n_c · ln β)`` (``(1 − β)`` cancels in the
+    normalisation), accurate in float32 where ``1 − β^{n}`` would lose digits.
+    """
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must lie in [0, 1), got {beta}")
+    counts = _float_counts(class_counts)
+    if beta == 0.0:
+        return torch.ones_like(counts)
+    weights = 1.0 / -torch.expm1(counts * math.log(beta))
+    return weights * (counts.numel() / weights.sum())
+
+
+def diversity_temperatures(
+    class_counts: Tensor, reweight_factor: float = 0.05, base_temperature: float = 1.0
+) -> Tensor:
+    """RIDE's per-class diversity temperature (METHODS.md §2.1, used once re-weighting is on):
+
+    ``T_c = base_temperature · v_c``, ``v_c = (C·π_c·f + 1 − f) / max_j (C·π_j·f + 1 − f)``,
+    ``π = n / Σn``, ``f = reweight_factor``: the head class gets ``T = base_temperature``,
+    tail classes less. ``[C]``. ``f`` must lie in [0, 1] (then every ``v_c > 0``).
+    """
+    if not 0.0 <= reweight_factor <= 1.0:
+        raise ValueError(f"reweight_factor must lie in [0, 1], got {reweight_factor}")
+    if base_temperature <= 0:
+        raise ValueError(f"base_temperature must be > 0, got {base_temperature}")
+    counts = _float_counts(class_counts)
+    prior = counts / counts.sum()
+    v = counts.numel() * reweight_factor * prior + (1.0 - reweight_factor)
+    return base_temperature * (v / v.max())
+
+
+def ride_loss(
+    expert_logits: Sequence[Tensor],
+    targets: Tensor,
+    class_counts: Tensor,
+    reweighted: bool,
+    diversity_factor: float = -0.2,
+    reweight_factor: float = 0.05,
+    base_temperature: float = 1.0,
+    max_m: float = 0.5,
+    s: float = 30.0,
+    *,
+    mean_logits_ce_when_no_diversity: bool = False,
+) -> Tensor:
+    """RIDE stage-1 loss (METHODS.md §2.1; RIDE ``RIDELoss``), **summed** over the E experts:
+
+    ``L = Σ_e [ CE_w( z_e − s·m_y·onehot(y), y ) + λ_div · T̄² · KL( softmax(z̄/T) ‖ softmax(z_e/T) ) ]``
+
+    * ``z_e`` = expert logits **already ×s** (s inside the network), ``z̄ = mean_e z_e``; the
+      LDAM margin (:func:`ldam_margins`, ``max_m``) is therefore multiplied by ``s``;
+    * ``reweighted`` (RIDE: ``epoch > reweight_epoch``, 1-indexed): ``w`` = :func:`drw_weights`
+      (β = 0.9999) and the per-class ``T_c`` = :func:`diversity_temperatures`,
+      ``T̄ = mean_c T_c``; otherwise ``w`` = None (plain mean) and ``T = T̄ = base_temperature``;
+    * the KL target ``softmax(z̄/T)`` is **detached** (computed under no_grad in the official
+      code): the gradient flows only through ``log softmax(z_e/T)``; KL is ``batchmean``
+      (sum over classes, mean over the batch). As z̄ is the exact mean of the same logits,
+      the path through the target would add ``J_softmax(z̄/T)ᵀ·Σ_e (log p̄ − log q_e)/T``, a
+      softmax Jacobian applied to a per-row constant, i.e. 0: the detach leaves the gradient
+      unchanged and only saves backward work (it does change second derivatives);
+    * ``λ_div = diversity_factor`` is negative (maximise diversity); CIFAR-100 uses −0.45.
+
+    ``mean_logits_ce_when_no_diversity=True`` reproduces the official quirk: when
+    ``diversity_factor == 0`` each expert's CE term is computed on ``z̄`` instead of ``z_e``
+    (so ``E·CE_w(z̄ − s·m_y·onehot(y), y)``, with gradient through ``z̄``). It has no effect
+    when ``diversity_factor != 0``. No ``base_loss_factor`` here (1.0 in every config; loss
+    weights belong to the method).
+    """
+    z = _stack(expert_logits, "expert_logits")
+    num_experts, batch, num_classes = z.shape
+    _check_targets(targets, batch)
+    _check_counts(class_counts, num_classes)
+    if base_temperature <= 0:
+        raise ValueError(f"base_temperature must be > 0, got {base_temperature}")
+    counts = class_counts.to(z.dtype)
+    margins = s * ldam_margins(counts, max_m)
+    weight = drw_weights(counts) if reweighted else None
+    mean_logits = z.mean(0)
+
+    if mean_logits_ce_when_no_diversity and diversity_factor == 0:
+        ce_logits = mean_logits.expand(num_experts, batch, num_classes)
+    else:
+        ce_logits = z
+    flat_targets = targets.long().repeat(num_experts)
+    adjusted = _subtract_target_margin(ce_logits.reshape(num_experts * batch, num_classes), flat_targets, margins)
+    # each expert's weighted mean has the same denominator Σ_i w_{y_i}, so the weighted mean over
+    # the E·B flattened rows is the mean over experts: × E gives the sum over experts
+    ce = num_experts * F.cross_entropy(adjusted, flat_targets, weight=weight)
+
+    if reweighted:
+        temperature = diversity_temperatures(counts, reweight_factor, base_temperature)  # [C], per class
+        temperature_mean = temperature.mean()  # a tensor: no .item() sync
+    else:
+        temperature = temperature_mean = base_temperature
+    target_log_p = (mean_logits.detach() / temperature).log_softmax(-1)  # [B, C], no gradient
+    student_log_p = (z / temperature).log_softmax(-1)  # [E, B, C]
+    kl = (target_log_p.exp() * (target_log_p - student_log_p)).sum(-1).mean(-1)  # [E], batchmean
+    return ce + diversity_factor * temperature_mean**2 * kl.sum()
+
+
+@torch.no_grad()
+def router_targets(expert_logits: Sequence[Tensor], targets: Tensor) -> Tensor:
+    """Targets of RIDE's expert-assignment router (METHODS.md §2.4; RIDE ``ea_resnet_cifar.py``).
+
+    ``expert_logits``: E tensors ``[B, C]`` in expert order. ``correct_i = argmax(Σ_{k≤i} z_k) == y``
+    (the running ensemble of the first i + 1 experts; argmax ties go to the first class) and
+    ``help_i = (not correct_i) and any(correct_{i+1..E−1})`` for the routers i = 0 … E−2: "adding
+    expert i + 1 (or a later one) is needed". Returns 0/1 floats ``[B, E−1]`` (column i = router
+    i, the layout of the official ``expert_help_preds``), no gradient.
+    """
+    z = _stack(expert_logits, "expert_logits")
+    num_experts, batch, _ = z.shape
+    _check_targets(targets, batch)
+    correct = z.cumsum(0).argmax(-1) == targets.long().view(1, batch)  # [E, B]
+    correct_from = correct.flip(0).long().cumsum(0).flip(0) > 0  # [E, B]: any(correct_{i..E−1})
+    help_ = ~correct[:-1] & correct_from[1:]  # [E−1, B]
+    return help_.t().to(z.dtype).contiguous()
+
+
+def router_loss(router_logits: Tensor, help_targets: Tensor, pos_weight: float = 100.0) -> Tensor:
+    """RIDE router loss (METHODS.md §2.4): the mean over the E − 1 routers of
+    ``BCEWithLogits(pred_i, help_i, pos_weight)``, each a batch mean, i.e. the mean over all
+    ``[B, E−1]`` entries of ``pos_weight·h·softplus(−x) + (1 − h)·softplus(x)``.
+
+    ``router_logits`` ``[B, E−1]`` (column i = router i), ``help_targets`` the same shape
+    (:func:`router_targets`). ``pos_weight`` is a Python float (no device tensor is built).
+    """
+    _check_2d(router_logits, "router_logits")
+    if help_targets.shape != router_logits.shape:
+        raise ValueError(
+            f"help_targets shape {tuple(help_targets.shape)} != router_logits shape {tuple(router_logits.shape)}"
+        )
+    x = _promote(router_logits)
+    h = help_targets.to(x.dtype)
+    return (pos_weight * h * F.softplus(-x) + (1.0 - h) * F.softplus(x)).mean()
+
+
+def inverse_prior(prior: Tensor) -> Tensor:
+    """SADE's inverse prior by rank (METHODS.md §3.1; SADE ``DiverseExpertLoss.inverse_prior``).
+
+    ``value, idx0 = sort(π)`` ascending (**stable**), ``rank = argsort(idx0)``,
+    ``π_inv[c] = value[C − 1 − rank(c)]``: the class with the k-th largest prior gets the k-th
+    smallest prior value. For a strictly decreasing prior this is ``π[C − 1 − c]``; inside a block
+    of tied priors the stable sort makes it differ from a plain flip, e.g.
+    ``[0.4, 0.2, 0.2, 0.1, 0.1] → [0.1, 0.2, 0.1, 0.4, 0.2]`` (the flip gives ``[0.1, 0.1, 0.2, 0.2, 0.4]``).
+    """
+    if prior.dim() != 1 or prior.numel() == 0:
+        raise ValueError(f"prior must be a non-empty 1-D tensor, got shape {tuple(prior.shape)}")
+    value, order = torch.sort(prior, stable=True)
+    rank = order.argsort()
+    return value[prior.numel() - 1 - rank]
+
+
+def sade_loss(expert_logits: Sequence[Tensor], targets: Tensor, class_counts: Tensor, tau: float = 2.0) -> Tensor:
+    """SADE training loss (METHODS.md §3.1; SADE ``DiverseExpertLoss``), the **sum** of three CEs:
+
+    ``L = CE(z_1, y) + CE(z_2 + log(π + 1e-9), y) + CE(z_3 + log(π + 1e-9) − τ·log(π_inv + 1e-9), y)``
+
+    with ``π = n / Σn``, ``π_inv`` = :func:`inverse_prior` (stable sort), ``z_k`` = logits already
+    ×30. Expert 1 is the head ("forward") expert, 2 the balanced one, 3 the inverse-prior
+    ("backward") expert. Exactly three experts; unweighted batch means.
+    """
+    z = _stack(expert_logits, "expert_logits")
+    num_experts, batch, num_classes = z.shape
+    _check_num_experts(num_experts, 3, "sade_loss")
+    _check_targets(targets, batch)
+    _check_counts(class_counts, num_classes)
+    counts = class_counts.to(z.dtype)
+    prior = counts / counts.sum()
+    log_prior = (prior + 1e-9).log()
+    log_inverse = (inverse_prior(prior) + 1e-9).log()
+    bias = torch.stack([torch.zeros_like(log_prior), log_prior, log_prior - tau * log_inverse])  # [3, C]
+    adjusted = (z + bias.unsqueeze(1)).reshape(num_experts * batch, num_classes)
+    # the mean over the 3·B flattened rows is the mean of the three batch means: × 3 gives their sum
+    return num_experts * F.cross_entropy(adjusted, targets.long().repeat(num_experts))
+
+
+def sade_aggregation_loss(
+    raw_weights: Tensor, view1_expert_logits: Sequence[Tensor], view2_expert_logits: Sequence[Tensor]
+) -> Tensor:
+    """SADE test-time self-supervised aggregation objective (METHODS.md §3.4 (b)):
+
+    ``a = softmax(w)``, ``agg(v) = Σ_k a_k z_k(v)`` (weighted **logits**), and
+    ``L = − mean_i cos( softmax(agg(v1_i)), softmax(agg(v2_i)) )`` (CosineSimilarity, eps 1e-6).
+
+    ``raw_weights`` ``w``: ``[E]`` (initialised to 1/3 each in SADE, the only trainable
+    parameter); ``view{1,2}_expert_logits``: E tensors ``[B, C]`` of the frozen network on two
+    augmented views of the same unlabelled test images. Nothing is detached here: compute the
+    logits under ``no_grad`` so that the gradient reaches ``w`` only.
+    """
+    z1 = _stack(view1_expert_logits, "view1_expert_logits")
+    z2 = _stack(view2_expert_logits, "view2_expert_logits")
+    if z1.shape != z2.shape:
+        raise ValueError(f"view2 expert logits {tuple(z2.shape)} != view1 expert logits {tuple(z1.shape)}")
+    num_experts = z1.shape[0]
+    if raw_weights.shape != (num_experts,):
+        raise ValueError(
+            f"raw_weights must have shape [{num_experts}] (one per expert), got {tuple(raw_weights.shape)}"
+        )
+    w = _promote(raw_weights)
+    dtype = torch.promote_types(w.dtype, z1.dtype)
+    a = w.to(dtype).softmax(0).view(num_experts, 1, 1)
+    p1 = (a * z1.to(dtype)).sum(0).softmax(-1)
+    p2 = (a * z2.to(dtype)).sum(0).softmax(-1)
+    return -F.cosine_similarity(p1, p2, dim=1, eps=1e-6).mean()
+
+
+def balpoe_loss(
+    expert_logits: Sequence[Tensor],
+    targets: Tensor,
+    class_counts: Tensor,
+    taus: Sequence[float] = (0.0, 1.0, 2.0),
+) -> Tensor:
+    """BalPoE loss (METHODS.md §4.1; BalPoE ``BSExpertLoss``), the **mean** over the E experts:
+
+    ``L = (1/E) Σ_e CE( z_e + τ_e·log(π + 1e-9), y )``, ``π = n / Σn``, ``z_e`` = logits already ×30.
+
+    ``τ = 0``: plain CE, ``1``: Balanced Softmax, ``2``: "inverse" expert (the paper's
+    ``λ = 1 − τ``); ``taus`` are Python floats, one per expert (ImageNet-LT: (0, 1.25, 2.5)).
+    Mixup is the method's job: ``lam·L(y_a) + (1 − lam)·L(y_b)`` on the mixed batch's logits.
+    """
+    z = _stack(expert_logits, "expert_logits")
+    num_experts, batch, num_classes = z.shape
+    if len(taus) != num_experts:
+        raise ValueError(f"taus has {len(taus)} entries, expected one per expert ({num_experts})")
+    _check_targets(targets, batch)
+    _check_counts(class_counts, num_classes)
+    counts = class_counts.to(z.dtype)
+    log_prior = (counts / counts.sum() + 1e-9).log()
+    adjusted = torch.stack([z[e] + float(tau) * log_prior for e, tau in enumerate(taus)])
+    # mean over the E·B flattened rows = mean over experts of the batch means
+    return F.cross_entropy(adjusted.reshape(num_experts * batch, num_classes), targets.long().repeat(num_experts))
+
+
+def balpoe_predict_logits(expert_logits: Sequence[Tensor], test_prior: Tensor | None = None) -> Tensor:
+    """BalPoE test-time logits (METHODS.md §4.4): the mean of the **raw** expert logits
+    ``mean_e z_e`` (no training-time ``τ_e·log π``), plus ``log π_test`` when the test prior
+    is known (``--posthoc_bias_correction``; no eps). ``test_prior``: ``[C]`` non-negative
+    weights (e.g. test counts), normalised to sum to one. Returns ``[B, C]``.
+    """
+    z = _stack(expert_logits, "expert_logits")
+    out = z.mean(0)
+    if test_prior is None:
+        return out
+    num_classes = out.shape[1]
+    if test_prior.shape != (num_classes,):
+        raise ValueError(f"test_prior must have shape [{num_classes}], got {tuple(test_prior.shape)}")
+    prior = test_prior.to(out.dtype)
+    return out + (prior / prior.sum()).log()

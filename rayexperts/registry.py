@@ -104,6 +104,11 @@ METHODS: Registry[Any] = Registry("method", "method", {
     "ncl": "rayexperts.methods.ncl",
     "ecl": "rayexperts.methods.ecl",
     "cbd": "rayexperts.methods.cbd",
+    "ldam_drw": "rayexperts.methods.ldam_drw",
+    "ride": "rayexperts.methods.ride",
+    "ride_ea": "rayexperts.methods.ride",
+    "sade": "rayexperts.methods.sade",
+    "balpoe": "rayexperts.methods.balpoe",
 }, default="ce")
 DATASETS: Registry[Any] = Registry("data set", "data.name", {
     "digits-lt": "rayexperts.data.digits",

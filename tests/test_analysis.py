@@ -62,7 +62,8 @@ def test_paper_table_rows_columns_and_seeds(tmp_path):
         fake_run(tmp_path / f"ncl_s{seed}", method="ncl", seed=seed, acc=acc)
     df = load_runs(tmp_path)
     single = paper_table(df[df["method"] == "mllt"])
-    assert list(single.columns) == ["Many", "Medium", "Few", "All"]
+    assert list(single.columns) == ["Many", "Medium", "Few", "All", "selection"]
+    assert single["selection"].eq("last").all()
     assert single.loc[("mllt", "ensemble"), "All"] == pytest.approx(42.0)  # last epoch: 0.4 + 0.02
     with pytest.raises(ValueError, match="seeds='seed'"):
         paper_table(df)
@@ -70,6 +71,48 @@ def test_paper_table_rows_columns_and_seeds(tmp_path):
     assert table.loc[("ncl", "ensemble"), "All"] == "62.00 ± 10.00"
     assert table.loc[("ncl", "ensemble"), "seeds"] == 3
     assert table.loc[("mllt", "expert0"), "All"] == "42.00"
+
+
+def test_paper_table_selection_names_the_checkpoint(tmp_path):
+    run = fake_run(tmp_path / "r", epochs=4, acc=0.5)
+    df = load_runs(run)
+    # epoch 1 of the ensemble view is made the best on test, epoch 2 the best on val
+    df.loc[(df["view"] == "ensemble") & (df["epoch"] == 1), ["top1", "top1_few"]] = [0.9, 0.3]
+    df.loc[(df["view"] == "ensemble") & (df["epoch"] == 2), "val_top1"] = 0.99
+    last = paper_table(df, by=("view",))
+    best = paper_table(df, by=("view",), selection="best_test")
+    val = paper_table(df, by=("view",), selection="best_val")
+    assert last.loc["ensemble", "All"] == pytest.approx(53.0)  # epoch 3: 0.5 + 0.03
+    assert best.loc["ensemble", ["All", "Few"]].tolist() == pytest.approx([90.0, 30.0])
+    assert best.loc["expert0", "All"] == pytest.approx(53.0)  # every view picks its own best epoch
+    assert val.loc["ensemble", "All"] == pytest.approx(52.0)  # its test top-1 at the best val epoch (2)
+    assert best["selection"].eq("best_test (selected on the test set)").all() and val["selection"].eq("best_val").all()
+    with pytest.raises(ValueError, match="no validation split"):
+        paper_table(df.drop(columns=["val_top1"]), by=("view",), selection="best_val")
+    with pytest.raises(ValueError, match="choose one of last, best_test, best_val"):
+        paper_table(df, selection="best")
+
+
+def test_paper_table_refuses_to_average_different_configs(tmp_path):
+    fake_run(tmp_path / "a", method="ncl", seed=0)
+    fake_run(tmp_path / "b", method="ncl", seed=1, **{"ncl.distill_weight": 0.3})
+    df = load_runs(tmp_path)
+    with pytest.raises(ValueError, match=r"differ in ncl.distill_weight \(0.3, 0.6\)"):
+        paper_table(df, seeds="seed")
+    assert len(paper_table(df, by=("method", "view", "ncl.distill_weight"), seeds="seed")) == 4
+
+
+def test_load_runs_leaves_out_sweep_trials_and_job_members_unless_asked(tmp_path):
+    fake_run(tmp_path / "plain", method="ce")
+    fake_sweep(tmp_path / "sweep")
+    job = tmp_path / "job"
+    fake_run(job / "teachers" / "teacher0", method="ce")
+    fake_run(job / "student", method="cbd")
+    (job / "summary.parquet").write_bytes(b"")
+    assert set(load_runs(tmp_path)["run"]) == {"plain"}
+    assert {"job/student", "job/teachers/teacher0"} <= set(load_runs(tmp_path, members=True)["run"])
+    assert len(set(load_runs(tmp_path, trials=True)["run"])) == 4
+    assert set(load_runs(job)["run"]) == {"student", "teachers/teacher0"}  # the job itself: its runs
 
 
 def test_load_ensemble_names_models(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from rayexperts.registry import METHODS
 from rayexperts.config import ConfigError, flatten, from_dict, list_presets, load_config, to_dict, valid_keys
 
 
@@ -62,17 +63,26 @@ BACKBONE_OF = {"r50": "resnet50", "rx50": "resnext50_32x4d"}
 # The paper settings of METHODS.md for CIFAR-LT: (epochs, batch size, lr, schedule, experts).
 CIFAR_RECIPE = {"ce": (200, 128, 0.1, "multistep", 1), "bsce": (200, 128, 0.1, "multistep", 1),
                 "mllt": (200, 128, 0.1, "multistep", 3), "ncl": (400, 64, 0.1, "multistep", 3),
-                "ecl": (200, 64, 0.01, "cosine", 3), "cbd": (200, 128, 0.1, "multistep", 1)}
+                "ecl": (200, 64, 0.01, "cosine", 3), "cbd": (200, 128, 0.1, "multistep", 1),
+                "ldam_drw": (200, 128, 0.1, "multistep", 1), "ride": (200, 128, 0.1, "multistep", 3),
+                "ride_ea": (5, 512, 0.01, "cosine", 3), "sade": (200, 128, 0.1, "multistep", 3),
+                "balpoe": (200, 128, 0.1, "multistep", 3), "balpoe_long": (400, 128, 0.1, "multistep", 3)}
 
 
 def test_every_preset_is_the_setting_its_name_says():
     """``<data>_if<N>_<method>``, ``<data>_<r50|rx50>_<method>``, ``cbd_<data...>``: the name's data set,
     imbalance factor, backbone and method are the config's, and CIFAR-LT presets follow METHODS.md's recipe."""
     names = list_presets()
-    assert len(names) == 45
+    assert len(names) == 64
+    methods = sorted(METHODS.names(), key=len, reverse=True)
     for name in names:
         cfg = load_config(name)
-        method, rest = ("cbd", name[4:]) if name.startswith("cbd_") else (name.rsplit("_", 1)[1], name.rsplit("_", 1)[0])
+        if name.startswith("cbd_"):
+            method, rest, variant = "cbd", name[4:], "cbd"
+        else:
+            base = name.removesuffix("_long")
+            method = next(m for m in methods if base.endswith("_" + m))
+            rest, variant = base[: -len(method) - 1], method + name[len(base):]
         data = next(d for d in DATA_OF if rest == d or rest.startswith(d + "_"))
         tail = rest[len(data) + 1:]
         assert (cfg.method, cfg.data.name) == (method, DATA_OF[data]), name
@@ -83,7 +93,7 @@ def test_every_preset_is_the_setting_its_name_says():
         if data.startswith("cifar"):
             t = cfg.train
             assert cfg.model.backbone == "resnet32", name
-            assert (t.epochs, t.batch_size, t.lr, t.schedule, cfg.model.num_experts) == CIFAR_RECIPE[method], name
+            assert (t.epochs, t.batch_size, t.lr, t.schedule, cfg.model.num_experts) == CIFAR_RECIPE[variant], name
 
 
 def test_yaml_file_errors(tmp_path):

@@ -47,6 +47,11 @@ def decode_batch(blobs: list[Tensor], device: torch.device, source: ImageSource,
     jpeg = [i for i, b in enumerate(blobs) if len(b) > 2 and int(b[0]) == 0xFF and int(b[1]) == 0xD8]
     out: list[Tensor | None] = [None] * len(blobs)
     if jpeg:
+        if device.type == "cuda":
+            # GPU finding F4: CUDA decode_jpeg allocates its outputs on the caller's stream but decodes on a
+            # stream that does not wait for it, so it may write into memory that queued kernels (the
+            # previous step's backward) still read (pytorch/vision PR #9606). One sync per batch closes that.
+            torch.cuda.current_stream(device).synchronize()
         try:
             decoded = decode_jpeg([blobs[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)
         except RuntimeError as e:

@@ -56,10 +56,26 @@ def rank_in_class(labels: np.ndarray) -> np.ndarray:
     return rank
 
 
-def select_first_n(labels: np.ndarray, counts: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Indices (ascending) of the first ``counts[c]`` images of each class c in source order."""
+def shuffled_rank_in_class(labels: np.ndarray, seed: int) -> np.ndarray:
+    """Each image's position within its class after LDAM-DRW's shuffle (METHODS.md "Recipes", CE baseline:
+    ``np.random.seed(seed)``, then for each class in order its indices shuffled by ``np.random.shuffle``);
+    keeping ``rank < n_i`` keeps the images LDAM-DRW's ``gen_imbalanced_data`` keeps."""
     labels = np.asarray(labels, dtype=np.int64)
-    return np.flatnonzero(rank_in_class(labels) < np.asarray(counts, dtype=np.int64)[labels])
+    rng = np.random.RandomState(seed)  # the legacy global stream np.random.seed(seed) starts
+    rank = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        rank[idx] = np.arange(len(idx))
+    return rank
+
+
+def select_first_n(labels: np.ndarray, counts: Sequence[int] | np.ndarray, rank: np.ndarray | None = None) -> np.ndarray:
+    """Indices (ascending) of the first ``counts[c]`` images of each class c in source order (or in the order
+    ``rank`` gives, e.g. :func:`shuffled_rank_in_class`)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    rank = rank_in_class(labels) if rank is None else rank
+    return np.flatnonzero(rank < np.asarray(counts, dtype=np.int64)[labels])
 
 
 def profile_counts(
@@ -82,13 +98,14 @@ def profile_counts(
 
 
 def split_long_tail(
-    labels: np.ndarray, target_counts: np.ndarray, val_per_class: int = 0
+    labels: np.ndarray, target_counts: np.ndarray, val_per_class: int = 0, rank: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices into ``labels``: val = the *last* ``val_per_class`` images of
     each class (images an LT subset leaves unused), train = the first
     ``min(n_i, N_c - val_per_class)`` of each class. The val set is therefore the same for
     every IF; only a class whose ``n_i`` exceeds ``N_c - val_per_class`` (the head class,
-    ``n_0 = n_max``) gives up images to it."""
+    ``n_0 = n_max``) gives up images to it. ``rank`` replaces the source order within each class
+    (:func:`shuffled_rank_in_class`: LDAM-DRW's subset)."""
     labels = np.asarray(labels, dtype=np.int64)
     source = np.bincount(labels, minlength=len(target_counts))
     if val_per_class > 0 and (short := np.flatnonzero(source <= val_per_class)).size:
@@ -97,9 +114,9 @@ def split_long_tail(
             f"class {c} has only {source[c]} images: cannot hold out data.val_per_class={val_per_class} "
             "for validation and keep a training image"
         )
-    rank = rank_in_class(labels)
+    rank = rank_in_class(labels) if rank is None else rank
     keep = np.minimum(np.asarray(target_counts, dtype=np.int64), source - val_per_class)
-    return select_first_n(labels, keep), np.flatnonzero(rank >= (source - val_per_class)[labels])
+    return select_first_n(labels, keep, rank), np.flatnonzero(rank >= (source - val_per_class)[labels])
 
 
 def shot_group(counts: np.ndarray, many_threshold: int = 100, few_threshold: int = 20) -> np.ndarray:
@@ -107,3 +124,23 @@ def shot_group(counts: np.ndarray, many_threshold: int = 100, few_threshold: int
     (METHODS.md, shot groups)."""
     counts = np.asarray(counts)
     return np.where(counts > many_threshold, "many", np.where(counts < few_threshold, "few", "medium"))
+
+
+def test_distribution_indices(labels: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
+    """Indices of a long-tailed test set carved from a balanced test split (SADE's test-agnostic protocol,
+    METHODS.md §3.4: ``IMBALANCECIFAR100(train=False, imb_factor, reverse)``): class ``c`` keeps
+    ``int(n · IF^(−c/(C−1)))`` images (``forward``: class 0 the head, as in training) or
+    ``int(n · IF^(−(C−1−c)/(C−1)))`` (``backward``), chosen as LDAM-DRW's code chooses (a per-class shuffle after
+    ``np.random.seed(seed)``); ``uniform`` keeps all."""
+    from rayexperts.config import parse_test_distribution
+
+    labels = np.asarray(labels, dtype=np.int64)
+    kind, factor = parse_test_distribution(name)
+    if kind == "uniform":
+        return np.arange(len(labels))
+    num_classes = int(labels.max()) + 1
+    n_max = int(np.bincount(labels, minlength=num_classes).min())
+    counts = exponential_counts(n_max, num_classes, factor)
+    if kind == "backward":
+        counts = counts[::-1].copy()
+    return select_first_n(labels, counts, shuffled_rank_in_class(labels, seed))

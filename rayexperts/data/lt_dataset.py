@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 
 from rayexperts.data.errors import DataError
-from rayexperts.data.imbalance import counts_from_labels, profile_counts, shot_group, split_long_tail
+from rayexperts.data.imbalance import (
+    counts_from_labels,
+    profile_counts,
+    shot_group,
+    shuffled_rank_in_class,
+    split_long_tail,
+)
 from rayexperts.data.sources import ImageSource
 
 
@@ -86,7 +92,8 @@ def long_tail_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) indices of a full training source after the ``data.imbalance_*`` profile,
     with ``data.val_per_class`` held out when ``hold_out_val`` (the data set has no val split
-    of its own; see :func:`~rayexperts.data.imbalance.split_long_tail`)."""
+    of its own; see :func:`~rayexperts.data.imbalance.split_long_tail`). ``data.lt_subset=shuffled``
+    keeps the images LDAM-DRW's code keeps (a seeded shuffle per class) instead of the first ``n_i``."""
     num_classes = len(class_names)
     check_labels(labels, num_classes, where)
     source = counts_from_labels(labels, num_classes)
@@ -101,4 +108,7 @@ def long_tail_split(
             f"data.imbalance_type={data_cfg.imbalance_type} data.imbalance_factor={data_cfg.imbalance_factor} "
             f"(n_max={source.min()}): lower data.imbalance_factor"
         )
-    return split_long_tail(labels, target, data_cfg.val_per_class if hold_out_val else 0)
+    rank = None
+    if str(getattr(data_cfg, "lt_subset", "first")) == "shuffled":
+        rank = shuffled_rank_in_class(labels, int(data_cfg.lt_subset_seed))
+    return split_long_tail(labels, target, data_cfg.val_per_class if hold_out_val else 0, rank)

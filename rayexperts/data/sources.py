@@ -118,3 +118,29 @@ class ParquetSource(ImageSource):
 
     def describe(self, i: int) -> str:
         return f"row {self.rows[i]} (column '{self.column}') of '{self.path}'"
+
+
+class SubsetSource(ImageSource):
+    """The images ``indices`` of ``source``, in that order (a test distribution carved from the test split)."""
+
+    def __init__(self, source: ImageSource, indices: np.ndarray):
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(source.labels, dtype=np.int64)[self.indices]
+
+    def __getitem__(self, i: int):
+        return self.source[int(self.indices[i])]
+
+    def encoded(self, i: int) -> bytes:
+        return self.source.encoded(int(self.indices[i]))
+
+    def describe(self, i: int) -> str:
+        return self.source.describe(int(self.indices[i]))
+
+
+def subset(source: ImageSource, indices: np.ndarray) -> ImageSource:
+    """``source`` restricted to ``indices``: in-memory images are sliced (the device cache reads them as one
+    array), other sources wrapped."""
+    if isinstance(source, ArraySource):
+        return ArraySource(source.images[indices], source.labels[indices], source.origin)
+    return SubsetSource(source, indices)

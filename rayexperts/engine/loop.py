@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from rayexperts.engine.mixup import Mixup
 from rayexperts.engine.schedule import set_lr
 from rayexperts.eval.metrics import EvalAccumulator
 from rayexperts.methods.base import Batch, Method
@@ -68,21 +69,26 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     loader: Iterable,
     epoch: int,
-    lr_at: Callable[[float], float],
+    lr_at: Callable[[int, int, int], float],
     opts: LoopOptions,
+    mixup: Mixup | None = None,
 ) -> dict[str, float]:
-    """Train for one epoch; returns mean loss terms, the last lr and images/s of this worker."""
+    """Train for one epoch; returns mean loss terms, the last lr and images/s of this worker. With ``mixup``,
+    each batch is mixed (:mod:`rayexperts.engine.mixup`)."""
     model.train()
     steps = len(loader)  # type: ignore[arg-type]
     sums: dict[str, Tensor] = {}
     seen, lr = 0, 0.0
     start = time.perf_counter()
     for i, items in enumerate(loader):
-        lr = lr_at(epoch + (i + 1) / steps)
+        lr = lr_at(epoch, i, steps)
         set_lr(optimizer, lr)
         batch = opts.batch(items)
         with opts.autocast():
-            out = method.training_step(model, batch)
+            if mixup is None:
+                out = method.training_step(model, batch)
+            else:
+                out = method.mixed_step(model, batch, *mixup.draw(batch.targets.shape[0], opts.device))
         optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         if opts.grad_clip > 0:
@@ -100,19 +106,23 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(method: Method, model: nn.Module, loader: Iterable, opts: LoopOptions) -> EvalAccumulator:
-    """Accumulate every view's statistics over this worker's shard, then sum over workers."""
+    """Accumulate every view's statistics over this worker's shard, then sum over workers.
+
+    GPU finding F7: in float32, with autocast off (also a caller's), so that every view's logits are
+    float32 before any cast: bf16 heads tie and flip the arg-max (ties favour class 0, the head class).
+    Evaluation is a small share of the time."""
     model.eval()
     views = method.view_names()
     acc = EvalAccumulator(views, method.num_classes, opts.ece_bins, opts.device)
     for items in loader:
         batch = opts.batch(items)
-        with opts.autocast():
+        with torch.autocast(opts.device.type, enabled=False):
             logits, out = method.predict(model, batch.images)
             if opts.tta_flip:
                 flipped, _ = method.predict(model, batch.images.flip(-1))
                 logits = {k: (v.float() + flipped[k].float()) / 2 for k, v in logits.items()}
         for name in views:
-            acc.update(name, logits[name].float(), batch.targets)
+            acc.update(name, logits[name], batch.targets)  # float32 already (update casts anyway)
         acc.update_expert_kl([z.float() for z in method.expert_logits_for_kl(out)], batch.targets)
     acc.all_reduce()
     return acc

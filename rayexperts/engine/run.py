@@ -16,11 +16,13 @@ from torch.utils.data import DataLoader, Subset
 
 from rayexperts.data import EpochSampler, TransformedDataset, TwoView, build_dataset, build_transform, moco_transform
 from rayexperts.data.batched import batch_moco_transform, batch_transform
-from rayexperts.data.device import CachedSplit, DeviceLoader, plan_cache
+from rayexperts.data.transforms import AugmentOptions
+from rayexperts.data.device import CachedSplit, DeviceLoader, plan_cache, processes_per_device
 from rayexperts.data.encoded import EncodedLoader
 from rayexperts.data.sources import ArraySource
 from rayexperts.engine.loop import LoopOptions, evaluate, train_one_epoch
-from rayexperts.engine.schedule import build_optimizer, lr_schedule
+from rayexperts.engine.mixup import Mixup
+from rayexperts.engine.schedule import StepSchedule, build_optimizer
 from rayexperts.eval.metrics import EvalAccumulator
 from rayexperts.methods import METHODS, Method
 from rayexperts.rundir import identity, unwrap
@@ -53,9 +55,10 @@ class Run:
         self.model = self.eval_model = model.to(self.device, memory_format=self.opts.memory_format)
         self.method.setup(self.device, self.opts.memory_format)
         self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
-        self.lr_at = lr_schedule(cfg.train)
+        self.lr_at = StepSchedule(cfg.train)
         self.views = self.method.view_names()
         self.ident = identity(cfg, self.data.num_classes)
+        self._test_cache: CachedSplit | None = None
         self._build_loaders()
 
     # -- data ----------------------------------------------------------------------------
@@ -63,7 +66,10 @@ class Run:
         cfg, kind, size = self.cfg, self.data.image_kind, int(self.cfg.data.image_size)
         sampler_kind = cfg.data.sampler if cfg.data.sampler != "auto" else self.method.sampler
         self.sampler = EpochSampler(self.data.train.labels, sampler_kind, self.world, self.rank, cfg.seed)
-        self.cache = plan_cache(self.data, str(cfg.data.cache), float(cfg.data.cache_limit_mb))
+        # GPU finding F6: every process on this GPU holds its own cache (a fractional share packs several).
+        sharing = processes_per_device(float(cfg.scaling.gpus_per_worker), bool(cfg.scaling.use_gpu))
+        self.cache = plan_cache(self.data, str(cfg.data.cache), float(cfg.data.cache_limit_mb), device=self.device,
+                                sharing=sharing)
         if self.rank == 0 and cfg.run.verbose:
             print(f"{cfg.run.name} | data.cache={cfg.data.cache}: {self.cache.mode} ({self.cache.why})", flush=True)
         decode = str(cfg.data.decode)
@@ -75,47 +81,87 @@ class Run:
         else:
             self._build_device_loaders(kind, size, on_device=self.cache.mode == "device")
 
+    def transforms(self, batched: bool):
+        """(train, key view or None, test) transforms of this run's ``data.*`` settings: the batched twins
+        (``rayexperts.data.batched``) or the per-image ones (``rayexperts.data.transforms``)."""
+        d, kind, size = self.cfg.data, self.data.image_kind, int(self.cfg.data.image_size)
+        opts = self.augment_options()
+        make, moco = (batch_transform, batch_moco_transform) if batched else (build_transform, moco_transform)
+        train = make(kind, str(d.augment), train=True, image_size=size, options=opts)
+        key = None
+        if self.method.uses_key_view:
+            key = train if d.key_augment == "same" else moco(kind, size, blur=d.key_augment == "moco_blur", options=opts)
+        return train, key, make(kind, "none", train=False, image_size=size, options=opts)
+
+    def eval_sources(self) -> dict[str, Any]:
+        """The held-out splits by metrics prefix: the test split (``""``), the validation split (``val_``) and each
+        test distribution of ``eval.test_distributions`` carved from the test split (``forward50_``, ...)."""
+        from rayexperts.data.imbalance import test_distribution_indices
+        from rayexperts.data.sources import subset
+
+        out = {"": self.data.test}
+        if self.data.val is not None:
+            out["val_"] = self.data.val
+        for name in self.cfg.eval.test_distributions:
+            out[f"{name}_"] = subset(self.data.test, test_distribution_indices(self.data.test.labels, str(name)))
+        return out
+
+    def two_view_test_batches(self, augment: str, batch_size: int, number: int):
+        """Pass ``number`` of a test-time step: the whole test split shuffled (the same on every rank), in batches
+        of ``batch_size`` (the last one partial), each ``(view1, view2, labels)`` of ``augment``."""
+        d, kind, size = self.cfg.data, self.data.image_kind, int(self.cfg.data.image_size)
+        seed = epoch_seed(int(self.cfg.seed), 0, 1_000_000 + number)
+        order = torch.randperm(len(self.data.test), generator=torch.Generator().manual_seed(seed))
+        opts = self.augment_options()
+        if self.cache.mode != "off":
+            t = batch_transform(kind, augment, train=True, image_size=size, options=opts)
+            if self._test_cache is None:
+                self._test_cache = CachedSplit(self.data.test, f"the test split of {self.data.name}", self.device,
+                                               self.cache.mode == "device")
+            loader = DeviceLoader(self._test_cache, batch_size, t, indices=order, key=t)
+            loader.set_epoch(number, seed)
+            return loader
+        t = build_transform(kind, augment, train=True, image_size=size, options=opts)
+        torch.manual_seed(seed)
+        return DataLoader(Subset(TransformedDataset(self.data.test, TwoView(t, t)), order.tolist()),
+                          batch_size=batch_size, num_workers=int(d.num_workers))
+
+    def augment_options(self) -> AugmentOptions:
+        d = self.cfg.data
+        return AugmentOptions(autoaugment_fill=int(d.autoaugment_fill), cutout_fill=str(d.cutout_fill),
+                              crop_scale_min=float(d.crop_scale_min), normalize=str(d.normalize))
+
     def _build_device_loaders(self, kind: str, size: int, on_device: bool) -> None:
         """Each split decoded once into a uint8 tensor (on the device or in host memory); batches are
         gathered in the sampler's order and augmented a batch at a time (``rayexperts.data.batched``)."""
         cfg, data = self.cfg, self.data
-        train_t = batch_transform(kind, cfg.data.augment, train=True, image_size=size)
-        key = None
-        if self.method.uses_key_view:
-            key = batch_moco_transform(kind, size) if cfg.data.key_augment == "moco" else train_t
+        train_t, key, test_t = self.transforms(batched=True)
         split = CachedSplit(data.train, f"the train split of {data.name}", self.device, on_device)
         self.train_loader = DeviceLoader(split, int(cfg.train.batch_size) // self.world, train_t,
                                          sampler=self.sampler, key=key)
-        test_t = batch_transform(kind, "none", train=False, image_size=size)
         self.eval_loaders = {}
-        for prefix, source in (("", data.test), ("val_", data.val)):
-            if source is not None:
-                cached = CachedSplit(source, f"a held-out split of {data.name}", self.device, on_device)
-                shard = torch.arange(self.rank, len(source), self.world)
-                self.eval_loaders[prefix] = DeviceLoader(cached, int(cfg.data.test_batch_size), test_t, indices=shard)
+        for prefix, source in self.eval_sources().items():
+            cached = CachedSplit(source, f"a held-out split of {data.name}", self.device, on_device)
+            shard = torch.arange(self.rank, len(source), self.world)
+            self.eval_loaders[prefix] = DeviceLoader(cached, int(cfg.data.test_batch_size), test_t, indices=shard)
 
     def _build_encoded_loaders(self, kind: str, size: int) -> None:
         """Files read by DataLoader workers, decoded a batch at a time on the device, augmented there."""
         cfg, data, nw = self.cfg, self.data, int(self.cfg.data.num_workers)
-        train_t = batch_transform(kind, cfg.data.augment, train=True, image_size=size)
-        key = None
-        if self.method.uses_key_view:
-            key = batch_moco_transform(kind, size) if cfg.data.key_augment == "moco" else train_t
+        train_t, key, test_t = self.transforms(batched=True)
         self.train_loader = EncodedLoader(data.train, int(cfg.train.batch_size) // self.world, train_t, self.device,
                                           image_size=size, train=True, sampler=self.sampler, key=key, num_workers=nw)
-        test_t = batch_transform(kind, "none", train=False, image_size=size)
         self.eval_loaders = {
             prefix: EncodedLoader(source, int(cfg.data.test_batch_size), test_t, self.device, image_size=size,
                                   train=False, indices=list(range(self.rank, len(source), self.world)), num_workers=nw)
-            for prefix, source in (("", data.test), ("val_", data.val)) if source is not None
+            for prefix, source in self.eval_sources().items()
         }
 
     def _build_image_loaders(self, kind: str, size: int) -> None:
         """The per-image path: a DataLoader applying ``transforms.build_transform`` to one image at a time."""
         cfg = self.cfg
-        train_t = build_transform(kind, cfg.data.augment, train=True, image_size=size)
-        if self.method.uses_key_view:
-            key_t = moco_transform(kind, size) if cfg.data.key_augment == "moco" else train_t
+        train_t, key_t, test_t = self.transforms(batched=False)
+        if key_t is not None:
             train_t = TwoView(train_t, key_t)
         pin = self.device.type == "cuda"
         nw = int(cfg.data.num_workers)
@@ -128,10 +174,7 @@ class Run:
             drop_last=True,
             persistent_workers=nw > 0,
         )
-        test_t = build_transform(kind, "none", train=False, image_size=size)
-        self.eval_loaders = {"": self._eval_loader(self.data.test, test_t)}
-        if self.data.val is not None:
-            self.eval_loaders["val_"] = self._eval_loader(self.data.val, test_t)
+        self.eval_loaders = {prefix: self._eval_loader(source, test_t) for prefix, source in self.eval_sources().items()}
 
     def _eval_loader(self, source, transform) -> DataLoader:
         shard = Subset(TransformedDataset(source, transform), range(self.rank, len(source), self.world))
@@ -157,10 +200,14 @@ class Run:
         self.sampler.set_epoch(epoch)
         if isinstance(self.train_loader, (DeviceLoader, EncodedLoader)):
             self.train_loader.set_epoch(epoch, seed)
+        alpha = float(self.cfg.train.mixup_alpha)
+        self.mixup = Mixup(alpha, seed + 1) if alpha > 0 else None
+        self.method.on_epoch(epoch)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.start_epoch(epoch)
-        stats = train_one_epoch(self.method, self.model, self.optimizer, self.train_loader, epoch, self.lr_at, self.opts)
+        stats = train_one_epoch(self.method, self.model, self.optimizer, self.train_loader, epoch, self.lr_at, self.opts,
+                                self.mixup)
         return _mean_over_workers(stats, sum_keys=("images_per_sec",))
 
     def evaluate(self) -> dict[str, EvalAccumulator]:

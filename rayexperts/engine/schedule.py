@@ -1,5 +1,17 @@
-"""Learning-rate schedules as a function of the fractional epoch: linear warm-up, then
-multistep, cosine to zero, or constant (the papers' schedules; METHODS.md "Training")."""
+"""Learning-rate schedules as a function of the schedule's clock ``t`` in epochs (the papers' and the
+authors' code's schedules; docs/schedules.md lists every recipe's settings).
+
+``train.lr_step=iteration``: iteration ``i`` of epoch ``e`` (``steps`` per epoch) trains with ``lr_at(e + (i+1)/steps)``.
+``train.lr_step=epoch``: every iteration of epoch ``e`` (0-indexed) trains with ``lr_at(e + 1)``
+(``train.lr_epoch_clock=end``: a scheduler stepped before each epoch, or LDAM-DRW's ``lr·epoch/5``) or with
+``lr_at(e)`` (``start``: a PyTorch scheduler stepped after each epoch). At ``t``, with ``W`` warm-up epochs:
+
+* warm-up (``t < W``): ``lr·(s + (1 − s)·t/W)``, ``s`` = ``train.warmup_start``;
+* multistep: ``lr·γ^#{m ∈ milestones : t ≥ m}``;
+* cosine: ``η + (lr − η)·(1 + cos(π·min(t − W, T)/T))/2``, ``η`` = ``train.eta_min``, ``T`` = ``train.cosine_t_max``
+  (0: ``epochs − W``);
+* constant: ``lr``.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +23,37 @@ from omegaconf import DictConfig
 
 
 def lr_schedule(train_cfg: DictConfig) -> Callable[[float], float]:
-    """``lr_at(t)`` for fractional epoch ``t`` in (0, epochs]; the loop passes ``epoch + (i+1)/steps``."""
+    """``lr_at(t)`` for the schedule clock ``t`` in epochs (see the module docstring)."""
     base, epochs, warm = float(train_cfg.lr), int(train_cfg.epochs), int(train_cfg.warmup_epochs)
     milestones, gamma, kind = list(train_cfg.milestones), float(train_cfg.gamma), train_cfg.schedule
+    start, eta = float(train_cfg.get("warmup_start", 0.0)), float(train_cfg.get("eta_min", 0.0))
+    span = float(train_cfg.get("cosine_t_max", 0.0)) or max(epochs - warm, 1)
 
     def lr_at(t: float) -> float:
         if warm > 0 and t < warm:
-            return base * t / warm
+            return base * (start + (1 - start) * t / warm)
         if kind == "multistep":
             return base * gamma ** sum(t >= m for m in milestones)
         if kind == "cosine":
-            span = max(epochs - warm, 1)
-            return 0.5 * base * (1 + math.cos(math.pi * min(t - warm, span) / span))
+            return eta + 0.5 * (base - eta) * (1 + math.cos(math.pi * min(t - warm, span) / span))
         return base
 
     return lr_at
+
+
+class StepSchedule:
+    """``schedule(epoch, step, steps)``: the lr of iteration ``step`` (0-based) of ``steps`` in ``epoch`` (0-based)."""
+
+    def __init__(self, train_cfg: DictConfig) -> None:
+        self.lr_at = lr_schedule(train_cfg)
+        self.per_epoch = train_cfg.get("lr_step", "iteration") == "epoch"
+        self.offset = 1 if train_cfg.get("lr_epoch_clock", "end") == "end" else 0
+
+    def clock(self, epoch: int, step: int, steps: int) -> float:
+        return float(epoch + self.offset) if self.per_epoch else epoch + (step + 1) / steps
+
+    def __call__(self, epoch: int, step: int, steps: int) -> float:
+        return self.lr_at(self.clock(epoch, step, steps))
 
 
 def build_optimizer(params, train_cfg: DictConfig) -> torch.optim.SGD:

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from rayexperts.config import flatten
+from rayexperts.config import flatten, settings
 from rayexperts.rundir import RunDir
 
 TENSORBOARD_DIR = "tensorboard"
@@ -79,7 +79,7 @@ class MlflowLog:
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
             run_id = self.client.create_run(experiment_id, run_name=str(cfg.run.name),
                                             tags={"rayexperts.run_dir": rundir.uri}).info.run_id
-            params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items() if k != "layers"]
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(settings(cfg)).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
                 self.client.log_batch(run_id, params=params[i:i + 100])
             rundir.write_text(MLFLOW_RUN_FILE, run_id)

@@ -194,7 +194,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _one_worker_run(loop_config: dict[str, Any]) -> Run:
     """The :class:`Run` of a one-worker run trained in this process (a Tune trial or a run's actor)."""
     cfg = _prepare(loop_config)
-    run = Run(cfg, 0, 1, torch.device("cuda") if cfg.scaling.use_gpu else torch.device("cpu"))
+    device = torch.device("cpu")
+    if cfg.scaling.use_gpu:
+        # GPU finding F15: an explicit index (Ray's CUDA_VISIBLE_DEVICES makes it the run's GPU); GPU finding
+        # F14: a fractional share caps this process's memory, so one trial OOMs cleanly, not its neighbours.
+        device = torch.device("cuda", torch.cuda.current_device())
+        share = float(cfg.scaling.gpus_per_worker)
+        if 0 < share < 1:
+            torch.cuda.set_per_process_memory_fraction(share, device)
+    run = Run(cfg, 0, 1, device)
     run.compile()
     return run
 

@@ -54,23 +54,29 @@ class EvalAccumulator:
         self.kl_count = z(num_classes)
 
     def update(self, view: str, logits: Tensor, targets: Tensor) -> None:
+        """Add a batch of ``view``'s logits. GPU finding F3: fixed-size sums with ``index_add_`` (no
+        ``bincount``, which reads the batch's maximum back to the host; no ``.item()``, no boolean
+        indexing), so an evaluation batch never waits for the GPU. The batch's sums start from zero and
+        are then added, in the order ``bincount`` added them: the same numbers on a CPU."""
         probs = F.softmax(logits.float(), dim=1)
         conf, pred = probs.max(1)
         correct = (pred == targets).double()
-        c = self.num_classes
-        self.correct[view] += torch.bincount(targets, weights=correct, minlength=c)
-        self.total[view] += torch.bincount(targets, minlength=c).double()
+        ones = torch.ones_like(correct)
+        per_class = correct.new_zeros(2, self.num_classes).index_add_(1, targets, torch.stack([correct, ones]))
+        self.correct[view] += per_class[0]
+        self.total[view] += per_class[1]
         b = torch.clamp((conf * self.num_bins).long(), max=self.num_bins - 1)
-        self.bins[view][0] += torch.bincount(b, minlength=self.num_bins).double()
-        self.bins[view][1] += torch.bincount(b, weights=conf.double(), minlength=self.num_bins)
-        self.bins[view][2] += torch.bincount(b, weights=correct, minlength=self.num_bins)
+        bins = torch.stack([ones, conf.double(), correct])  # count, confidence sum, correct sum
+        self.bins[view] += correct.new_zeros(3, self.num_bins).index_add_(1, b, bins)
 
     def update_expert_kl(self, expert_logits: Sequence[Tensor], targets: Tensor) -> None:
+        """Add a batch's mean pairwise KL between experts, per class (no sync: GPU finding F3)."""
         if len(expert_logits) < 2:
             return
         kl = pairwise_kl(expert_logits).double()
-        self.kl_sum += torch.bincount(targets, weights=kl, minlength=self.num_classes)
-        self.kl_count += torch.bincount(targets, minlength=self.num_classes).double()
+        sums = kl.new_zeros(2, self.num_classes).index_add_(1, targets, torch.stack([kl, torch.ones_like(kl)]))
+        self.kl_sum += sums[0]
+        self.kl_count += sums[1]
 
     def _tensors(self) -> list[Tensor]:
         out = [self.kl_sum, self.kl_count]

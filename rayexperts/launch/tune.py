@@ -25,7 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from rayexperts.analysis import best_trial, cell
-from rayexperts.config import ConfigError, from_dict, load_config, to_dict, to_yaml, valid_keys, with_overrides
+from rayexperts.config import ConfigError, from_dict, load_config, settings, to_dict, to_yaml, valid_keys, with_overrides
 from rayexperts.data import DataError, build_dataset
 from rayexperts.launch.cluster import ClusterUnreachable, dashboard_wanted, ensure_ray, ship_plugins
 from rayexperts.launch.ensemble import PrerequisiteFailed, raise_failed, train_in_parallel
@@ -312,10 +312,11 @@ def build_tuner(cfg: DictConfig, space: Space):
 
 def check_same_sweep(sweep: RunDir, cfg: DictConfig, space: Space) -> None:
     """Write ``sweep.yaml`` (config + space); refuse to continue a sweep of another one."""
-    spec = {"config": {k: v for k, v in to_dict(cfg).items() if k != "layers"}, "space": space}
+    spec = {"config": settings(cfg), "space": space}
     if sweep.is_file("sweep.yaml"):
         old = OmegaConf.to_container(OmegaConf.create(sweep.read_text("sweep.yaml")))
-        old["config"].pop("layers", None)  # type: ignore[index, union-attr]
+        for written in ("layers", "sources"):
+            old["config"].pop(written, None)  # type: ignore[index, union-attr]
         if old != spec:
             raise ConfigError(
                 f"{sweep} holds a sweep of another config or search space; choose another run.name "

@@ -71,12 +71,17 @@ class Method:
     name: ClassVar[str] = ""  # set by register_method; also the name of its config section
     Options: ClassVar[type] = NoOptions  # the dataclass of the section cfg.<name>
     defaults: ClassVar[Mapping[str, Any]] = {}  # dotted core keys this method sets (its defaults layer)
-    official: ClassVar[Mapping[str, Any]] = {}  # dotted keys compat=official switches (METHODS.md table)
+    # dotted key -> (value, source[, status, item]): what compat=official switches wherever the method runs
+    # (METHODS.md "Checked against the official code"); recipe items live in each preset's ``official:`` block
+    official: ClassVar[Mapping[str, tuple]] = {}
     renamed: ClassVar[Mapping[str, str]] = {}  # removed key -> its new key (in this section, or dotted)
     path_keys: ClassVar[tuple[str, ...]] = ()  # keys holding local paths, made absolute by load_config
     sampler: ClassVar[str] = "instance"  # the sampler of data.sampler=auto
     pc_views: ClassVar[bool] = False  # add ``<view>_pc`` (PC softmax) for every view
     primary_view: ClassVar[str] = "expert0"  # the view reported to Ray Train / Tune by default
+    # The loss can be taken against two target sets of one (mixed) batch: train.mixup_alpha > 0 is allowed
+    # (:meth:`mixed_step`). A method whose step is more than forward + loss(out, targets) says False.
+    supports_mixup: ClassVar[bool] = False
 
     def __init__(self, cfg: DictConfig, class_counts: Tensor, in_channels: int = 3) -> None:
         self.cfg = cfg
@@ -88,6 +93,15 @@ class Method:
     @classmethod
     def validate(cls, cfg: DictConfig) -> None:
         """Checks of ``cfg`` that the option types cannot express; raise ConfigError naming the key."""
+
+    @classmethod
+    def check_engine_options(cls, cfg: DictConfig) -> None:
+        """The engine options this method cannot take (mixup), refused before anything starts."""
+        from rayexperts.errors import ConfigError
+
+        if float(cfg.train.mixup_alpha) > 0 and not cls.supports_mixup:
+            raise ConfigError(f"train.mixup_alpha={cfg.train.mixup_alpha}: method {cls.name} cannot take mixup (its "
+                              "loss is not a function of one output and one target set); use train.mixup_alpha=0")
 
     # -- model -------------------------------------------------------------------------
     @property
@@ -114,6 +128,22 @@ class Method:
 
     def training_step(self, model: nn.Module, batch: Batch) -> LossOutput:
         return self.loss(self.forward(model, batch), batch.targets)
+
+    def mixed_step(self, model: nn.Module, batch: Batch, lam: float, perm: Tensor) -> LossOutput:
+        """Mixup (the engine's ``train.mixup_alpha``): the model sees ``λ·x + (1 − λ)·x[perm]`` once, and the
+        loss is ``λ·L(y) + (1 − λ)·L(y[perm])``, term by term."""
+        import dataclasses
+
+        mixed = dataclasses.replace(batch, images=batch.images * lam + batch.images[perm] * (1 - lam))
+        out = self.forward(model, mixed)
+        a, b = self.loss(out, batch.targets), self.loss(out, batch.targets[perm])
+        terms = {k: lam * a.terms[k] + (1 - lam) * b.terms[k] for k in a.terms}
+        return LossOutput(lam * a.total + (1 - lam) * b.total, terms)
+
+    def on_epoch(self, epoch: int) -> None:
+        """Called by the engine before training epoch ``epoch`` (0-indexed; also after a resume), so a method
+        whose loss changes with the epoch (DRW's re-weighting, RIDE's temperatures) can switch; a pure function
+        of the epoch keeps resume exact. No-op by default."""
 
     def loss(self, out: Any, targets: Tensor) -> LossOutput:
         raise NotImplementedError

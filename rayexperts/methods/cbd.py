@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from rayexperts.config import compose, flatten, method_layers, to_dict, with_overrides
+from rayexperts.config import check_gpu_share, compose, flatten, method_layers, settings, to_dict, with_overrides
 from rayexperts.errors import ConfigError
 from rayexperts.methods.base import LossOutput, Method, View, register_method
 from rayexperts.registry import METHODS
@@ -70,6 +70,9 @@ class CBDOptions:
     distill_mix: float = 0.4  # α: L = (1−α)·CE + α·β·(1 − cos)  (eq. 2, 4)
     distill_scale: float = 100.0  # β
     projection: Literal["linear", "mlp"] = "linear"  # h: a linear layer (the text) or Dense-ReLU-l2norm (the code)
+    # What the data-augmentation teachers add to the standard crop: colour jitter 0.4 and Gaussian noise 0.01
+    # (data_aug, the text) or SimCLR's colour jitter of strength 1 with p 0.8 then grayscale p 0.2 (the code)
+    data_aug_augment: Literal["data_aug", "data_aug_simclr"] = "data_aug"
     teachers: list[TeacherSpec] = field(default_factory=_default_teachers)  # stage 1 (jobs/cbd_ens.py)
     teacher_runs: list[str] = field(default_factory=list)  # the student's teachers: run directories (paths or URIs)
     teacher_cpus: float = 1.0  # per teacher worker
@@ -82,17 +85,16 @@ class CBDOptions:
 def teacher_config(cfg: DictConfig, i: int) -> DictConfig:
     """Teacher ``i``'s run config: the job's core settings → its method's defaults → type, seed, resources,
     run dir ``<job>/teachers/teacher<i>`` → its own ``overrides``."""
-    spec, where = cfg.cbd.teachers[i], f"cbd.teachers[{i}]"
+    spec, where, c = cfg.cbd.teachers[i], f"cbd.teachers[{i}]", cfg.cbd
     alias = TEACHER_METHODS.get(spec.method, {"method": spec.method})
     if alias["method"] not in METHODS or alias["method"] == "cbd":
         choices = ", ".join([*TEACHER_METHODS, *(m for m in METHODS.names() if m != "cbd")])
         raise ConfigError(f"{where}.method={spec.method!r}: choose one of {choices}")
-    core = {k: v for k, v in to_dict(cfg).items() if k not in ("cbd", "layers", "method")}
-    c = cfg.cbd
+    core = {k: v for k, v in settings(cfg).items() if k not in ("cbd", "method")}
     fixed = {
         **alias,
         "seed": int(spec.seed),
-        "data.augment": str(spec.type),
+        "data.augment": str(c.data_aug_augment) if spec.type == "data_aug" else "standard",
         "data.sampler": "auto",
         "train.epochs": int(c.teacher_epochs) or int(cfg.train.epochs),
         "scaling.num_workers": int(c.teacher_workers),
@@ -106,7 +108,14 @@ def teacher_config(cfg: DictConfig, i: int) -> DictConfig:
               *method_layers(alias["method"], str(cfg.compat)), (where, fixed)]
     if spec.overrides:
         layers.append((f"{where}.overrides", flatten(dict(spec.overrides))))
-    return compose(layers, resolve_paths=False)
+    out = compose(layers, resolve_paths=False)
+    given = set(fixed) | set(flatten(dict(spec.overrides or {})))
+    job_sources = dict(cfg.sources)
+    sources = {k: v for k, v in job_sources.items() if not k.startswith("cbd.") and k not in given}
+    if spec.type == "data_aug" and "cbd.data_aug_augment" in job_sources:
+        sources["data.augment"] = job_sources["cbd.data_aug_augment"]
+    out.sources = sources
+    return out
 
 
 def load_teacher(run: str, class_counts: Tensor, in_channels: int, data_name: str) -> nn.Module:
@@ -136,7 +145,12 @@ def load_teacher(run: str, class_counts: Tensor, in_channels: int, data_name: st
 class ClassBalancedDistillation(Method):
     Options = CBDOptions
     defaults = {"model.num_experts": 1, "model.classifier": "cosine"}
-    official = {"cbd.projection": "mlp", "model.cosine_scale": 20.0}
+    official = {  # METHODS.md "Checked against the official code", row 5
+        "cbd.projection": ("mlp", "google-research/google-research:class_balanced_distillation/resnet.py "
+                           "(h = Dense-ReLU-l2-normalise; the text: a linear layer)", "P", "projection h"),
+        "model.cosine_scale": (20.0, "google-research/google-research:class_balanced_distillation/resnet.py "
+                               "(CosineLayer sigma = 20)", "P", "cosine classifier"),
+    }
     renamed = {"loss.cbd_alpha": "distill_mix", "loss.cbd_beta": "distill_scale", "teachers": "teachers"}
     path_keys = (TEACHER_RUNS,)
     sampler = "class_balanced"
@@ -151,6 +165,9 @@ class ClassBalancedDistillation(Method):
     def validate(cls, cfg: DictConfig) -> None:
         if int(cfg.model.num_experts) != 1:
             raise ConfigError(f"the CBD student is one network: model.num_experts must be 1, got {cfg.model.num_experts}")
+        c = cfg.cbd
+        check_gpu_share("cbd", float(c.teacher_gpus) > 0, float(c.teacher_gpus), int(c.teacher_workers),
+                        keys=("teacher_gpus", "teacher_gpus", "teacher_workers"))
 
     # -- stage 1 ---------------------------------------------------------------------------
     @classmethod

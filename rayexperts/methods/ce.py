@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 @register_method("ce")
 class CrossEntropy(Method):
+    supports_mixup = True
     pc_views = True
     primary_view = "expert0_pc"
 

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -21,6 +22,9 @@ class MocoOptions:
     queue_size: int = 1024  # keys in each expert's queue
     momentum: float = 0.999  # key encoder: θ_k ← m θ_k + (1 − m) θ_q
     temperature: float = 0.2  # InfoNCE temperature
+    # The key encoder starts as a copy of the query encoder (MoCo v2), or from its own random initialisation
+    # (random: NCL's code builds the momentum networks anew).
+    key_init: Literal["copy", "random"] = "copy"
 
 
 # Where these settings lived before they moved into the method sections.
@@ -33,11 +37,13 @@ MOCO_RENAMED = {
 }
 
 
-def with_moco(net: MultiExpertNet | nn.Module, opts: MocoOptions) -> MocoExperts:
-    """``net`` with one MoCo branch per expert."""
+def with_moco(net: MultiExpertNet | nn.Module, opts: MocoOptions,
+              rebuild: Callable[[], MultiExpertNet | nn.Module] | None = None) -> MocoExperts:
+    """``net`` with one MoCo branch per expert; ``rebuild`` builds the same network anew (``key_init=random``)."""
     from rayexperts.models import MocoConfig, MocoExperts
 
-    return MocoExperts(net, MocoConfig(int(opts.dim), int(opts.hidden), int(opts.queue_size), float(opts.momentum)))
+    cfg = MocoConfig(int(opts.dim), int(opts.hidden), int(opts.queue_size), float(opts.momentum), str(opts.key_init))
+    return MocoExperts(net, cfg, rebuild)
 
 
 def contrastive_loss(out: ContrastiveOutput, temperature: float) -> Tensor:

@@ -80,11 +80,15 @@ class EffectiveCollaborative(Method):
         from rayexperts.models import WithExtraHeads, build_classifier, build_experts
 
         m = self.cfg.model
-        net = build_experts(m, self.num_classes, self.in_channels, shared_trunk=False)
-        ref = nn.ModuleList(build_classifier(m.classifier, net.feature_dim, self.num_classes, m.cosine_scale)
-                            for _ in range(net.num_experts))
-        model = WithExtraHeads(net, REF, ref)
-        return with_moco(model, self.opts.moco) if self.opts.contrastive else model
+
+        def build() -> nn.Module:
+            net = build_experts(m, self.num_classes, self.in_channels, shared_trunk=False)
+            ref = nn.ModuleList(build_classifier(m.classifier, net.feature_dim, self.num_classes, m.cosine_scale,
+                                                 bool(m.cosine_bias)) for _ in range(net.num_experts))
+            return WithExtraHeads(net, REF, ref)
+
+        model = build()
+        return with_moco(model, self.opts.moco, build) if self.opts.contrastive else model
 
     def bkt(self, ref: list[Tensor], cls: list[Tensor], targets: Tensor) -> Tensor | None:
         """``[K, B]`` BKT weights, row q from expert q's (ref, cls) heads; None (w = 1) when switched off."""

@@ -39,6 +39,7 @@ class MutualLearning(Method):
     renamed = {"loss.mllt_teacher": "teacher"}
     pc_views = True
     primary_view = "ensemble_pc"
+    supports_mixup = True
 
     def build_model(self) -> nn.Module:
         from rayexperts.models import build_experts

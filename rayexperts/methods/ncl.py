@@ -65,7 +65,14 @@ class NCLOptions:
 class NestedCollaborative(Method):
     Options = NCLOptions
     defaults = {"model.num_experts": 3, "model.classifier": "linear"}
-    official = {"ncl.hard_count": "official", "ncl.hard_mode": "mask", "ncl.distill_norm": "official"}
+    official = {  # METHODS.md "Checked against the official code", rows 1-2, and NCL's lib/loss/loss.py
+        "ncl.hard_count": ("official", "Bazinga699/NCL@f64fddb:lib/loss/loss.py (HCM_N = int(beta*C) incl. the target)",
+                           "P", "hard set size"),
+        "ncl.hard_mode": ("mask", "Bazinga699/NCL@f64fddb:lib/loss/loss.py (balanced logits times the 0/1 mask)", "P",
+                          "hard set softmax"),
+        "ncl.distill_norm": ("official", "Bazinga699/NCL@f64fddb:lib/loss/loss.py (NBOD: sum over pairs / (K-1))", "P",
+                             "NBOD normaliser"),
+    }
     renamed = {
         "loss.tau": "tau", "loss.hard_ratio": "hard_ratio", "loss.hard_anchor": "hard_anchor",
         "loss.anchor_expert": "anchor_expert", "loss.hard_mode": "hard_mode", "loss.ncl_lambda": "distill_weight",
@@ -96,8 +103,11 @@ class NestedCollaborative(Method):
     def build_model(self) -> nn.Module:
         from rayexperts.models import build_experts
 
-        net = build_experts(self.cfg.model, self.num_classes, self.in_channels, shared_trunk=False)
-        return with_moco(net, self.opts.moco) if self.opts.contrastive else net
+        def build():
+            return build_experts(self.cfg.model, self.num_classes, self.in_channels, shared_trunk=False)
+
+        net = build()
+        return with_moco(net, self.opts.moco, build) if self.opts.contrastive else net
 
     def anchor(self) -> int:
         """The expert whose logits mine the hard categories for this step."""

@@ -50,3 +50,15 @@ class BackboneEntry:
     expert_stages: Callable[..., tuple[nn.Module, int]]  # (start, width, in_channels, **options) -> (stages + pool, dim)
     num_stages: int
     downloadable: bool = False  # torchvision's ImageNet weights
+
+
+def zero_init_residual(module: nn.Module) -> int:
+    """Set the last BatchNorm of every residual block to γ = 0 (each block starts as the identity; Goyal et al.
+    2017, CBD's code): ``bn3`` of a bottleneck, ``bn2`` of a basic block. Returns the number of blocks."""
+    blocks = 0
+    for m in module.modules():
+        last = getattr(m, "bn3", None) or getattr(m, "bn2", None)
+        if isinstance(last, nn.BatchNorm2d) and hasattr(m, "conv1"):
+            nn.init.zeros_(last.weight)
+            blocks += 1
+    return blocks

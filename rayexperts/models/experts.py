@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from rayexperts.models.backbones import build_backbone, expert_stages
 from rayexperts.models.base import PooledStages
+from rayexperts.models.base import zero_init_residual as _zero_init_residual
 from rayexperts.models.heads import build_classifier
 from rayexperts.models.output import ModelOutput
 
@@ -31,6 +32,8 @@ class MultiExpertNet(nn.Module):
     ``expert_width = 1`` the experts start from copies of the pretrained stages instead. K = 1 is
     a plain single network whatever ``shared_stages`` says. ``neck`` (optional) builds a module
     between each expert's pooled feature and its classifier; the classifier sits on its output.
+    ``cosine_bias`` adds a bias to cosine classifiers; ``zero_init_residual`` starts every residual
+    block's last BatchNorm at γ = 0 (random initialisation only).
     """
 
     def __init__(
@@ -44,6 +47,8 @@ class MultiExpertNet(nn.Module):
         expert_width: float = 1.0,
         classifier: str = "linear",
         cosine_scale: float = 16.0,
+        cosine_bias: bool = False,
+        zero_init_residual: bool = False,
         neck: Neck | None = None,
         weights: str | os.PathLike | None = None,
         allow_download: bool = False,
@@ -83,7 +88,10 @@ class MultiExpertNet(nn.Module):
             self.necks = nn.ModuleList(m for m, _ in built_necks)
             dim = built_necks[0][1]
         self.feature_dim = dim
-        self.heads = nn.ModuleList(build_classifier(classifier, dim, num_classes, cosine_scale) for _ in range(num_experts))
+        self.heads = nn.ModuleList(build_classifier(classifier, dim, num_classes, cosine_scale, cosine_bias)
+                                   for _ in range(num_experts))
+        if zero_init_residual and weights is None and not allow_download:  # an initialisation, not for loaded weights
+            _zero_init_residual(self)
 
     @property
     def num_experts(self) -> int:
@@ -116,6 +124,8 @@ def build_experts(
         expert_width=model_cfg.expert_width,
         classifier=model_cfg.classifier,
         cosine_scale=model_cfg.cosine_scale,
+        cosine_bias=bool(model_cfg.cosine_bias),
+        zero_init_residual=bool(model_cfg.zero_init_residual),
         neck=neck,
         weights=model_cfg.weights,
         allow_download=model_cfg.allow_download,

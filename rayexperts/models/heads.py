@@ -15,28 +15,38 @@ class LinearClassifier(nn.Linear):
 
 
 class CosineClassifier(nn.Module):
-    """``z = γ · normalize(W) normalize(v)`` (METHODS.md "Cosine classifier"); every ``|z_j| ≤ γ``."""
+    """``z = γ · normalize(W) normalize(v)`` (METHODS.md "Cosine classifier"); every ``|z_j| ≤ γ``.
+    With ``bias``: ``+ b``, a trainable bias starting at 0 (NCL's ImageNet-LT code)."""
 
-    def __init__(self, in_features: int, num_classes: int, scale: float = 16.0) -> None:
+    def __init__(self, in_features: int, num_classes: int, scale: float = 16.0, bias: bool = False,
+                 init: str = "normal") -> None:
         super().__init__()
         self.scale = scale
-        self.weight = nn.Parameter(F.normalize(torch.randn(num_classes, in_features), dim=1))
+        # normal: rows drawn from N(0, 1); uniform: LDAM-DRW's / RIDE's NormedLinear, uniform(-1, 1) renormed
+        # to unit norm per class (METHODS.md "More multi-expert methods", conventions)
+        w = torch.randn(num_classes, in_features) if init == "normal" else torch.empty(num_classes, in_features).uniform_(-1, 1)
+        self.weight = nn.Parameter(F.normalize(w, dim=1))
+        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
 
     def forward(self, v: Tensor) -> Tensor:
-        return self.scale * F.linear(F.normalize(v, dim=1), F.normalize(self.weight, dim=1))
+        z = self.scale * F.linear(F.normalize(v, dim=1), F.normalize(self.weight, dim=1))
+        return z if self.bias is None else z + self.bias
 
     def extra_repr(self) -> str:
         c, d = self.weight.shape
-        return f"in_features={d}, num_classes={c}, scale={self.scale}"
+        return f"in_features={d}, num_classes={c}, scale={self.scale}, bias={self.bias is not None}"
 
 
-def build_classifier(kind: str, in_features: int, num_classes: int, scale: float = 16.0) -> nn.Module:
-    """``kind``: ``linear`` or ``cosine`` (``scale`` = γ, cosine only)."""
+def build_classifier(kind: str, in_features: int, num_classes: int, scale: float = 16.0, bias: bool = False) -> nn.Module:
+    """``kind``: ``linear``, ``cosine``, or ``normed_linear`` (the cosine classifier with LDAM-DRW's and RIDE's
+    NormedLinear initialisation, no bias); ``scale`` = γ (and ``bias``) for the cosine kinds."""
     if kind == "linear":
         return LinearClassifier(in_features, num_classes)
     if kind == "cosine":
-        return CosineClassifier(in_features, num_classes, scale)
-    raise ValueError(f"unknown classifier '{kind}'; choose linear or cosine")
+        return CosineClassifier(in_features, num_classes, scale, bias)
+    if kind == "normed_linear":
+        return CosineClassifier(in_features, num_classes, scale, False, init="uniform")
+    raise ValueError(f"unknown classifier '{kind}'; choose linear, cosine or normed_linear")
 
 
 class L2Normalize(nn.Module):

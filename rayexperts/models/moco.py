@@ -9,6 +9,7 @@ belongs to the loss (``rayexperts.losses.info_nce_loss``).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 from typing import Optional
@@ -28,6 +29,7 @@ class MocoConfig:
     hidden: int = 0  # hidden width of the projection MLP; 0: the feature dimension
     queue_size: int = 1024
     momentum: float = 0.999
+    key_init: str = "copy"  # copy: the key encoder starts as the query encoder (MoCo); random: its own init (NCL's code)
 
 
 def projection_head(in_dim: int, hidden: int, dim: int) -> nn.Sequential:
@@ -59,12 +61,16 @@ class MocoBranch(nn.Module):
     from it. The momentum parameters never require gradients.
     """
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, cfg: MocoConfig) -> None:
+    def __init__(self, encoder: nn.Module, feature_dim: int, cfg: MocoConfig,
+                 key_encoder: nn.Module | None = None) -> None:
         super().__init__()
         self.momentum = cfg.momentum
         self.proj = projection_head(feature_dim, cfg.hidden or feature_dim, cfg.dim)
-        self.key_encoder = _frozen_copy(encoder)
-        self.key_proj = _frozen_copy(self.proj)
+        if key_encoder is None:  # MoCo: the key side starts as a copy of the query side
+            self.key_encoder, self.key_proj = _frozen_copy(encoder), _frozen_copy(self.proj)
+        else:  # built anew with its own random initialisation (NCL's code)
+            self.key_encoder = _frozen_copy(key_encoder)
+            self.key_proj = _frozen_copy(projection_head(feature_dim, cfg.hidden or feature_dim, cfg.dim))
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -110,16 +116,25 @@ class ContrastiveOutput(ModelOutput):
 class MocoExperts(nn.Module):
     """``net`` with one :class:`MocoBranch` per expert.
 
+    With ``cfg.key_init="random"`` each key encoder (and key projection head) starts from its own random
+    initialisation, a network ``rebuild()`` builds anew, instead of a copy of the query side.
+
     ``forward(x, x_key=None)``: in training mode with ``x_key``, the output also holds per expert
     the query ``normalize(proj(v))`` of this pass, the key of ``x_key`` from the momentum encoder
     (updated first), and a snapshot of the queue before this batch's keys are enqueued; otherwise
     it is the plain output of ``net``.
     """
 
-    def __init__(self, net: MultiExpertNet | nn.Module, cfg: MocoConfig) -> None:
+    def __init__(self, net: MultiExpertNet | nn.Module, cfg: MocoConfig,
+                 rebuild: Callable[[], MultiExpertNet | nn.Module] | None = None) -> None:
         super().__init__()
         self.net = net
-        self.branches = nn.ModuleList(MocoBranch(net.encoder(k), net.feature_dim, cfg) for k in range(net.num_experts))
+        if cfg.key_init == "random" and rebuild is None:
+            raise ValueError("MoCo key_init='random' needs rebuild: a function that builds the network anew")
+        fresh = rebuild() if cfg.key_init == "random" else None  # another draw of the same architecture
+        self.branches = nn.ModuleList(
+            MocoBranch(net.encoder(k), net.feature_dim, cfg, None if fresh is None else fresh.encoder(k))
+            for k in range(net.num_experts))
 
     @property
     def heads(self) -> nn.ModuleList:

@@ -68,7 +68,7 @@ def describe_model(cfg) -> str:
     m = cfg.model
     text = f"method={cfg.method}, data.name={cfg.data.name}: {m.backbone} (shortcut {m.shortcut}), {m.num_experts} "
     text += "expert" + ("s" if m.num_experts > 1 else "")
-    return text + f", {m.classifier} classifier" + (f" x{m.cosine_scale:g}" if m.classifier == "cosine" else "")
+    return text + f", {m.classifier} classifier" + (f" x{m.cosine_scale:g}" if m.classifier != "linear" else "")
 
 
 __all__ = ["describe_model", "macs_per_image", "parameter_table", "part_of", "summary_text"]
