@@ -147,6 +147,9 @@ class TrainConfig:
     # Mixup (the engine's): lambda ~ Beta(alpha, alpha) per batch, the loss against both target sets; 0 = off.
     mixup_alpha: float = 0.0
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    # CUDA: cudnn.benchmark picks the fastest kernels for the static shapes (off); deterministic kernels instead
+    # (on), for bit-stable GPU runs and exact resume on a GPU (on the CPU a run is deterministic either way)
+    deterministic: bool = False
     grad_clip: float = 0.0  # 0: off
     # torch.compile of the model for training: auto is on for CUDA, off on CPU (its warm-up does not pay
     # there); compile_mode auto: CUDA graphs (reduce-overhead) on CUDA unless the model updates buffers in

@@ -98,7 +98,7 @@ def test_multi_expert_teacher_gives_one_target_part_per_expert(tmp_path, teacher
     method, model = run.method, run.model
     assert method.teacher_feature_dims() == [96, 96, 96, 128] and model.necks[0].out_features == 416
     x = first_batch(run).images
-    views, _ = method.predict(model, x)
+    views, _, _ = method.predict(model, x)
     mllt_out = method.teachers[0](x)
     assert torch.allclose(views["teacher0"], torch.stack(mllt_out.logits).mean(0))
     assert method.training_step(model, first_batch(run)).total.isfinite()
@@ -120,7 +120,7 @@ def test_teachers_frozen_through_a_student_epoch(tmp_path, teacher_runs):
         assert not t.training and not any(p.requires_grad for p in t.parameters())
         assert all(torch.equal(v, old[k]) for k, v in t.state_dict().items())  # weights and BN statistics
     assert any(not torch.equal(v, student_before[k]) for k, v in run.model.state_dict().items())
-    views, _ = run.method.predict(run.model, first_batch(run).images)
+    views, _, _ = run.method.predict(run.model, first_batch(run).images)
     assert list(views) == run.views == ["teacher0", "teacher1", "teacher_ensemble", "student"]
     assert torch.allclose(views["teacher_ensemble"], (views["teacher0"] + views["teacher1"]) / 2)
 

@@ -33,7 +33,8 @@ def close_u8(a: torch.Tensor, b: torch.Tensor) -> None:
 # -- every augmentation: per-image parameters -----------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, augment", [("cifar", a) for a in AUGMENTS if a != "none"] + [("digits", "standard")])
+@pytest.mark.parametrize("kind, augment", [("cifar", a) for a in AUGMENTS if a != "none"] + [("digits", "standard")]
+                         + [("digits", a) for a in ("standard_rotation", "standard_jitter", "autoaugment", "sade_tta")])
 def test_every_augmentation_gives_each_image_its_own_parameters(kind, augment):
     c, size = (1, 8) if kind == "digits" else (3, 32)
     one = images(1, c, size).expand(64, -1, -1, -1).contiguous()
@@ -234,11 +235,14 @@ def test_cutout_matches_the_per_image_transform():
     assert isinstance(Cutout(16), torch.nn.Module)
 
 
+@pytest.mark.parametrize("fill", [None, 128])
 @pytest.mark.parametrize("policy", [B.BatchAutoAugment, B.BatchRandAugment])
-def test_auto_augment_groups_equal_the_per_image_operations(policy):
+def test_auto_augment_groups_equal_the_per_image_operations(policy, fill):
     """Each image of a batch gets exactly torchvision's operation for its own key, in every round, whatever
-    group it was computed in (groups are sorted, sliced and scattered back)."""
-    aa = policy()
+    group it was computed in (groups are sorted, sliced and scattered back), with the default fill and with
+    the official CIFAR recipes' fill of 128 (the geometric ops, Sharpness and AutoContrast run through copies
+    of torchvision's kernels there)."""
+    aa = policy(fill=fill)
     x = images(48, seed=8)
     r = rng(14)
     out = aa(x.float(), r)
@@ -264,3 +268,173 @@ def test_per_image_and_batched_pipelines_share_their_definitions():
     moco_transform("cifar")
     with pytest.raises(ValueError, match="unknown data.augment"):
         B.batch_transform("cifar", "mixup", train=True)
+
+
+# -- no host synchronisation, one parameter copy per pipeline call (GPU.md F2) -------------------------
+
+
+_ATEN = torch.ops.aten
+_SYNCING = {_ATEN._local_scalar_dense.default: "item()/bool()/tolist() of a device tensor",
+            _ATEN.nonzero.default: "nonzero", _ATEN.is_nonzero.default: "is_nonzero",
+            _ATEN.bincount.default: "bincount", _ATEN.masked_select.default: "masked_select"}
+_INDEXING = (_ATEN.index, _ATEN.index_put, _ATEN.index_put_, _ATEN._index_put_impl_)
+# Syncing ops allowed inside torchvision kernels that the RandAugment/AutoAugment groups still call (op -> count
+# per pipeline call, with the reason). None today: the geometric ops, Sharpness and AutoContrast, whose
+# torchvision kernels copy their matrices/kernels/fill to the device or assign through a boolean mask, run
+# through copies of those kernels (batched._tv_grid, _tv_sharpness, _tv_autocontrast).
+_ALLOWED: dict[str, int] = {}
+
+
+class _SyncCensus(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that would stall a GPU: a device -> host read, or a boolean-mask index (nonzero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = None
+        if func in _SYNCING:
+            name = str(func)
+        elif func.overloadpacket in _INDEXING and len(args) > 1 and isinstance(args[1], (list, tuple)):
+            if any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+                name = f"{func}[boolean mask]"
+        if name is not None:
+            self.hits[name] = self.hits.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _names_a_device(args, kwargs) -> bool:
+    first = args[0] if args else None
+    return kwargs.get("device") is not None or isinstance(first, (torch.device, str, int, torch.Tensor))
+
+
+class _CopyCensus:
+    """Counts calls that move data to a device (on a GPU: host-to-device copies): ``Tensor.to``/``cuda`` naming
+    a device, and ``torch.tensor``/``torch.as_tensor``/``torch.full`` given a device."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[str] = []
+        to, cuda = torch.Tensor.to, torch.Tensor.cuda
+
+        def counted_to(t, *args, **kwargs):
+            if _names_a_device(args, kwargs):
+                self.calls.append("Tensor.to")
+            return to(t, *args, **kwargs)
+
+        def counted_cuda(t, *args, **kwargs):
+            self.calls.append("Tensor.cuda")
+            return cuda(t, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "to", counted_to)
+        monkeypatch.setattr(torch.Tensor, "cuda", counted_cuda)
+        for name in ("tensor", "as_tensor"):
+            original = getattr(torch, name)
+
+            def counted(*args, _original=original, _name=name, **kwargs):
+                if kwargs.get("device") is not None:
+                    self.calls.append(f"torch.{_name}")
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(torch, name, counted)
+
+
+def _every_pipeline():
+    """(label, pipeline, channels, input side) for every augment x image kind, train and test, both option sets,
+    and the MoCo key views with and without blur."""
+    from rayexperts.data.transforms import AugmentOptions
+
+    official = AugmentOptions(autoaugment_fill=128, cutout_fill="black", crop_scale_min=0.05, normalize="unit")
+    for kind, c, size, side in (("cifar", 3, 32, 32), ("digits", 1, 8, 8), ("imagenet", 3, 24, 40)):
+        for label, options in (("default", None), ("official", official)):
+            for augment in AUGMENTS:
+                pipeline = B.batch_transform(kind, augment, True, size, options=options)
+                yield f"{kind}/{augment}/{label}", pipeline, c, side
+            yield f"{kind}/test/{label}", B.batch_transform(kind, "standard", False, size, options=options), c, side
+            for blur in (False, True):
+                pipeline = B.batch_moco_transform(kind, size, blur, options=options)
+                yield f"{kind}/moco{'_blur' * blur}/{label}", pipeline, c, side
+
+
+@pytest.mark.slow
+def test_batched_pipelines_never_sync_and_copy_their_parameters_once(monkeypatch):
+    """Every batched pipeline: no aten op that reads a device tensor on the host or indexes by a boolean mask
+    while it runs on the batch (its CPU draws and grouping come first, from the shape alone), and at most one
+    host-to-device transfer per call (the packed parameters; the CPU path is forced to pack and "ship" here),
+    once the per-device constants exist (the first call builds them)."""
+    monkeypatch.setattr(B, "_FORCE_PACK", True)
+    failures = []
+    for label, pipeline, c, side in _every_pipeline():
+        x = images(48, c, side, seed=21)
+        r = rng(22)
+        pipeline(x, r)  # builds the constants (mean/std, tables, grids, fills) once
+        census = _CopyCensus(monkeypatch)
+        out = pipeline(x, r)
+        copies = list(census.calls)
+        monkeypatch.undo()
+        monkeypatch.setattr(B, "_FORCE_PACK", True)
+        plans = pipeline.plan(tuple(x.shape), r)
+        with _SyncCensus() as mode:
+            pipeline.apply(x, B.ship(plans, x.device), r)
+        over = {k: v for k, v in mode.hits.items() if v > _ALLOWED.get(k, 0)}
+        drawn = any(isinstance(v, torch.Tensor) for plan in plans for v in plan.values())
+        if over or len(copies) != int(drawn):
+            failures.append(f"{label}: syncs {over}, device copies {copies}")
+        assert out.dtype == torch.float32 and torch.isfinite(out).all(), label
+    assert not failures, "\n".join(failures)
+
+
+def test_the_census_covers_the_recipe_views():
+    """The census above runs every name of AUGMENTS for every kind, train and test, both option sets: the views of
+    RIDE / SADE / BalPoE (Pillow's rotation, the always-on jitter, AutoAugment alone, SADE's test-time view)
+    included."""
+    labels = {label for label, *_ in _every_pipeline()}
+    for kind in ("cifar", "digits", "imagenet"):
+        for augment in ("standard_rotation", "standard_jitter", "autoaugment", "sade_tta"):
+            assert augment in AUGMENTS and {f"{kind}/{augment}/default", f"{kind}/{augment}/official"} <= labels
+
+
+def test_the_census_sees_a_masked_assignment_and_an_item():
+    x = torch.zeros(4, 3)
+    with _SyncCensus() as mode:
+        mask = x[:, 0] == 0
+        x[mask] = 1.0
+        bool(mask.any())
+    assert any("boolean mask" in k for k in mode.hits) and str(_ATEN._local_scalar_dense.default) in mode.hits
+
+
+def test_ship_packs_every_dtype_into_one_buffer_and_unpacks_it(monkeypatch):
+    monkeypatch.setattr(B, "_FORCE_PACK", True)
+    plans = [{"a": torch.arange(5), "b": torch.tensor([True, False, True]), "n": 3},
+             {"c": torch.rand(2, 3, dtype=torch.float64), "d": torch.rand(7).float(), "e": None,
+              "f": torch.zeros(0, 6, dtype=torch.float64), "g": torch.tensor([[1, 2], [3, 4]], dtype=torch.uint8)}]
+    census = _CopyCensus(monkeypatch)
+    shipped = B.ship(plans, CPU)
+    assert census.calls == ["Tensor.to"]
+    for before, after in zip(plans, shipped):
+        assert before.keys() == after.keys()
+        for key, value in before.items():
+            if isinstance(value, torch.Tensor):
+                assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+            else:
+                assert after[key] == value
+    monkeypatch.setattr(B, "_FORCE_PACK", False)
+    assert B.ship(plans, CPU)[0]["a"] is plans[0]["a"]  # on the CPU: no copy at all
+
+
+def test_batch_rng_names_the_cuda_device_explicitly(monkeypatch):
+    """GPU.md F15: a bare "cuda" becomes cuda:<current device> for the pixel generator."""
+    made = []
+
+    class FakeGenerator:
+        def __init__(self, device="cpu"):
+            made.append(torch.device(device))
+
+        def manual_seed(self, seed):
+            return self
+
+    monkeypatch.setattr(torch, "Generator", FakeGenerator)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    r = B.BatchRng(0, torch.device("cuda"))
+    assert r.device == torch.device("cuda", 3) and made[-1] == torch.device("cuda", 3)
+    assert B.BatchRng(0, torch.device("cuda", 1)).device == torch.device("cuda", 1)

@@ -137,3 +137,39 @@ def test_pad_crop_flip_gives_every_window_of_the_padded_image():
     assert {k[:2] for k in seen} == {(i, j) for i in range(5) for j in range(5)} and {k[2] for k in seen} == {0, 1}
     no_flip = {k[2] for _ in range(200) for k, w in windows.items() if torch.equal(PadCropFlip(8, 2, flip=False)(img), w)}
     assert 0 in no_flip
+
+
+@pytest.mark.parametrize("kind", list(INPUTS))
+@pytest.mark.parametrize("augment", AUGMENTS)
+def test_every_preset_with_the_official_options(kind, augment):
+    """METHODS.md "Recipes behind the published numbers": fill 128, black Cutout, crop area from 0.05, x/255."""
+    from rayexperts.data.transforms import AugmentOptions
+
+    options = AugmentOptions(autoaugment_fill=128, cutout_fill="black", crop_scale_min=0.05, normalize="unit")
+    img, shape = INPUTS[kind]
+    torch.manual_seed(0)
+    for train in (True, False):
+        x = build_transform(kind, augment, train, image_size=40, options=options)(img)
+        assert type(x) is torch.Tensor and x.dtype == torch.float32 and tuple(x.shape) == shape
+        assert 0 <= x.min() and x.max() <= 1  # unit: x/255
+
+
+@pytest.mark.parametrize("kind", list(INPUTS))
+def test_moco_key_view_with_blur_for_every_kind(kind):
+    img, shape = INPUTS[kind]
+    torch.manual_seed(0)
+    views = [moco_transform(kind, image_size=40, blur=True)(img) for _ in range(4)]
+    assert all(type(v) is torch.Tensor and tuple(v.shape) == shape for v in views)
+
+
+def test_the_recipe_views_are_named_augments_and_sade_tta_gives_two_views():
+    """standard_rotation, standard_jitter, autoaugment and sade_tta (RIDE / SADE / BalPoE) are data.augment names
+    on every kind; sade_tta is a training-style view (train=True) applied twice to each test image."""
+    for augment in ("standard_rotation", "standard_jitter", "autoaugment", "sade_tta"):
+        assert augment in AUGMENTS
+    torch.manual_seed(0)
+    for kind, (img, shape) in INPUTS.items():
+        t = build_transform(kind, "sade_tta", train=True, image_size=40)
+        views = [TwoView(t, t)(img) for _ in range(3)]
+        assert all(tuple(v.shape) == shape for pair in views for v in pair)
+        assert not all(torch.equal(a, b) for a, b in views), kind

@@ -276,7 +276,7 @@ def test_evaluation_logits_are_float32_under_bf16_autocast(method, monkeypatch):
     run = Run(load_config(None, [f"method={method}", "run.verbose=false"]))
     batch = run.opts.batch(next(iter(run.eval_loaders[""])))
     with run.opts.autocast():  # the patched autocast does what CUDA's does to the heads
-        logits, _ = run.method.predict(run.eval_model, batch.images)
+        logits, _, _ = run.method.predict(run.eval_model, batch.images)
     assert logits["expert0"].dtype == torch.bfloat16
     evaluate(run.method, run.eval_model, _First(run.eval_loaders[""], 2), run.opts)
     assert set(seen) == set(run.views) and len(seen) >= 4

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from rayexperts import published
-from rayexperts.published import CATALOG, COLUMNS, METRICS, check, load
+from rayexperts.published import CATALOG, COLUMNS, METRICS, OPTIONAL_COLUMNS, check, load
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -61,7 +61,7 @@ def test_the_catalogue_is_package_data_with_the_columns_in_order():
     assert CATALOG == REPO / "rayexperts" / "published" / "results.csv"
     with CATALOG.open(newline="") as f:
         header = next(csv.reader(f))
-    assert tuple(header) == COLUMNS
+    assert tuple(header) == (*COLUMNS, *OPTIONAL_COLUMNS)
     pyproject = (REPO / "pyproject.toml").read_text()
     assert re.search(r'rayexperts = \[[^\]]*"published/\*\.csv"', pyproject), "results.csv is not package data"
 
@@ -70,7 +70,7 @@ def test_the_catalogue_passes_check_and_loads_with_dtypes():
     check(pd.read_csv(CATALOG, dtype=str, keep_default_na=False))
     df = load()
     check(df)
-    assert list(df.columns) == list(COLUMNS)
+    assert list(df.columns) == [*COLUMNS, *OPTIONAL_COLUMNS]
     assert len(df) == len(raw_rows()) > 900
     for col in ("imbalance_factor", "epochs", "seeds"):
         assert str(df[col].dtype) == "Int64", col
@@ -348,3 +348,23 @@ def test_importing_the_catalogue_needs_no_torch():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
     assert published.CATALOG.is_file()
+
+
+def test_every_row_with_a_preset_names_a_view_of_its_method():
+    """``view``: which view of the preset's run gives the number (reproduce reads it): a view the method has."""
+    from rayexperts.config import load_config
+    from rayexperts.registry import METHODS
+
+    df = load()
+    for row in df[df["preset"] != ""].drop_duplicates(["preset", "overrides", "view"]).itertuples():
+        cfg = load_config(row.preset, row.overrides.split())
+        method = METHODS.get(cfg.method)
+        if row.view == "":
+            assert row.method == "CBD_ENS" and "NCM" in row.variant  # a probe, not a view: reproduce skips it
+            continue
+        assert row.view.removesuffix("_pc") in {"expert0", "ensemble", "student", "teacher_ensemble", "router"}, row
+        if row.view.endswith("_pc"):
+            assert method.pc_views, row
+    pc = load(method="PC Softmax")
+    pc = pc[pc["preset"] != ""]
+    assert set(pc["view"]) == {"expert0_pc"} and set(load(method="CE")["view"]) <= {"expert0", ""}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from rayexperts.engine.mixup import Mixup
 from rayexperts.engine.schedule import set_lr
 from rayexperts.eval.metrics import EvalAccumulator
-from rayexperts.methods.base import Batch, Method
+from rayexperts.methods.base import Batch, Method, View
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,8 @@ def train_one_epoch(
         for name, value in {"loss": out.total, **{f"loss_{k}": v for k, v in out.terms.items()}}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
         seen += batch.targets.shape[0]
+    if opts.device.type == "cuda":  # GPU finding F11: time the work, not its queueing
+        torch.cuda.synchronize(opts.device)
     elapsed = time.perf_counter() - start
     metrics = {k: float(v) / max(steps, 1) for k, v in sums.items()}
     metrics.update(lr=lr, images_per_sec=seen / max(elapsed, 1e-9), train_seconds=elapsed)
@@ -105,24 +107,29 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(method: Method, model: nn.Module, loader: Iterable, opts: LoopOptions) -> EvalAccumulator:
-    """Accumulate every view's statistics over this worker's shard, then sum over workers.
+def evaluate(method: Method, model: nn.Module, loader: Iterable, opts: LoopOptions,
+             extra_views: Mapping[str, View] | None = None) -> EvalAccumulator:
+    """Accumulate every view's statistics (the method's, plus ``extra_views``: learnt test-time views) and the
+    method's per-sample statistics over this worker's shard, then sum over workers.
 
     GPU finding F7: in float32, with autocast off (also a caller's), so that every view's logits are
     float32 before any cast: bf16 heads tie and flip the arg-max (ties favour class 0, the head class).
     Evaluation is a small share of the time."""
     model.eval()
-    views = method.view_names()
+    extra = dict(extra_views or {})
+    views = [*method.view_names(), *extra]
     acc = EvalAccumulator(views, method.num_classes, opts.ece_bins, opts.device)
     for items in loader:
         batch = opts.batch(items)
         with torch.autocast(opts.device.type, enabled=False):
-            logits, out = method.predict(model, batch.images)
+            logits, out, raw = method.predict(model, batch.images, extra)
             if opts.tta_flip:
-                flipped, _ = method.predict(model, batch.images.flip(-1))
+                flipped, _, _ = method.predict(model, batch.images.flip(-1), extra)
                 logits = {k: (v.float() + flipped[k].float()) / 2 for k, v in logits.items()}
         for name in views:
             acc.update(name, logits[name], batch.targets)  # float32 already (update casts anyway)
         acc.update_expert_kl([z.float() for z in method.expert_logits_for_kl(out)], batch.targets)
+        for name, values in method.sample_statistics(raw).items():
+            acc.update_stat(name, values, batch.targets)
     acc.all_reduce()
     return acc

@@ -43,6 +43,7 @@ class Run:
         self.cfg, self.rank, self.world = cfg, rank, world
         self.device = device or torch.device("cpu")
         self.opts = LoopOptions.from_config(cfg, self.device)
+        configure_backends(self.device, bool(cfg.train.deterministic))
         self.data = build_dataset(cfg.data)
         self.groups = self.data.shot_groups(cfg.data.many_threshold, cfg.data.few_threshold)
         counts = torch.as_tensor(self.data.train_counts, dtype=torch.float32)
@@ -58,7 +59,7 @@ class Run:
         self.lr_at = StepSchedule(cfg.train)
         self.views = self.method.view_names()
         self.ident = identity(cfg, self.data.num_classes)
-        self._test_cache: CachedSplit | None = None
+        self._test_caches: dict[int, CachedSplit] = {}
         self._build_loaders()
 
     # -- data ----------------------------------------------------------------------------
@@ -99,31 +100,36 @@ class Run:
         from rayexperts.data.imbalance import test_distribution_indices
         from rayexperts.data.sources import subset
 
+        if getattr(self, "_eval_sources", None) is not None:
+            return self._eval_sources
         out = {"": self.data.test}
         if self.data.val is not None:
             out["val_"] = self.data.val
         for name in self.cfg.eval.test_distributions:
             out[f"{name}_"] = subset(self.data.test, test_distribution_indices(self.data.test.labels, str(name)))
+        self._eval_sources = out
         return out
 
-    def two_view_test_batches(self, augment: str, batch_size: int, number: int):
-        """Pass ``number`` of a test-time step: the whole test split shuffled (the same on every rank), in batches
-        of ``batch_size`` (the last one partial), each ``(view1, view2, labels)`` of ``augment``."""
+    def two_view_test_batches(self, source, augment: str, batch_size: int, number: int):
+        """Pass ``number`` of a test-time step over the held-out ``source``: all of it, shuffled the same way on
+        every rank, in batches of ``batch_size`` (the last one partial), each ``(view1, view2, labels)`` of
+        ``augment``."""
         d, kind, size = self.cfg.data, self.data.image_kind, int(self.cfg.data.image_size)
         seed = epoch_seed(int(self.cfg.seed), 0, 1_000_000 + number)
-        order = torch.randperm(len(self.data.test), generator=torch.Generator().manual_seed(seed))
+        order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
         opts = self.augment_options()
         if self.cache.mode != "off":
             t = batch_transform(kind, augment, train=True, image_size=size, options=opts)
-            if self._test_cache is None:
-                self._test_cache = CachedSplit(self.data.test, f"the test split of {self.data.name}", self.device,
-                                               self.cache.mode == "device")
-            loader = DeviceLoader(self._test_cache, batch_size, t, indices=order, key=t)
+            key = id(source)
+            if key not in self._test_caches:
+                self._test_caches[key] = CachedSplit(source, f"a test split of {self.data.name}", self.device,
+                                                     self.cache.mode == "device")
+            loader = DeviceLoader(self._test_caches[key], batch_size, t, indices=order, key=t)
             loader.set_epoch(number, seed)
             return loader
         t = build_transform(kind, augment, train=True, image_size=size, options=opts)
         torch.manual_seed(seed)
-        return DataLoader(Subset(TransformedDataset(self.data.test, TwoView(t, t)), order.tolist()),
+        return DataLoader(Subset(TransformedDataset(source, TwoView(t, t)), order.tolist()),
                           batch_size=batch_size, num_workers=int(d.num_workers))
 
     def augment_options(self) -> AugmentOptions:
@@ -210,26 +216,44 @@ class Run:
                                 self.mixup)
         return _mean_over_workers(stats, sum_keys=("images_per_sec",))
 
-    def evaluate(self) -> dict[str, EvalAccumulator]:
-        """Evaluate every view on the test (and val) split; each sample counts once over all workers."""
+    def evaluate(self, last: bool = True) -> dict[str, EvalAccumulator]:
+        """Evaluate every view on each held-out split (test, val, test distributions); each sample counts once
+        over all workers. The method's test-time steps (``eval.test_time``: at the ``last`` evaluation, at
+        ``every`` one, or ``off``) first learn their views on each test split's unlabelled images
+        (:mod:`rayexperts.engine.test_time`); those views are transductive."""
+        from rayexperts.engine.test_time import learn_views
+
         sync_buffers(self.model)
-        return {prefix: evaluate(self.method, self.eval_model, loader, self.opts)
-                for prefix, loader in self.eval_loaders.items()}
+        when = str(self.cfg.eval.test_time)
+        learn = when == "every" or (when == "last" and last)
+        sources = self.eval_sources()
+        out = {}
+        for prefix, loader in self.eval_loaders.items():
+            steps = self.method.test_time_steps() if learn and not prefix.startswith("val_") else {}
+            extra = learn_views(self, steps, sources[prefix]) if steps else {}
+            out[prefix] = evaluate(self.method, self.eval_model, loader, self.opts, extra)
+        return out
 
     def result_rows(self, epoch: int, accs: dict[str, EvalAccumulator], train_stats: dict[str, float]):
         """One metrics row per view, and the per-class table of this evaluation."""
         now = time.time()
         rows = []
-        for view in self.views:
-            row: dict[str, Any] = {"epoch": epoch, "view": view}
+        test = accs[""]
+        transductive = [v for v in test.views if v not in self.views]  # learnt on the test images
+        primary = self.method.primary_view
+        for view in [*self.views, *transductive]:
+            row: dict[str, Any] = {"epoch": epoch, "view": view, "transductive": view in transductive}
             for prefix, acc in accs.items():
-                row.update(acc.summary(view, self.groups, prefix))
+                if view in acc.views:
+                    row.update(acc.summary(view, self.groups, prefix))
                 if view == "ensemble":
                     row.update(acc.expert_kl_summary(self.groups, prefix))
+                if view == primary:
+                    for name in acc.stats:
+                        row.update(acc.stat_summary(name, self.groups, prefix))
             row.update(train_stats)
             row.update(timestamp=now, workers=self.world, torch_threads=torch.get_num_threads())
             rows.append(row)
-        test = accs[""]
         classes = pd.concat(
             [
                 pd.DataFrame(
@@ -243,11 +267,26 @@ class Run:
                         "accuracy": test.per_class_accuracy(view),
                     }
                 )
-                for view in self.views
+                for view in [*self.views, *transductive]
             ],
             ignore_index=True,
         )
         return rows, classes
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """GPU finding F12. On CUDA: ``cudnn.benchmark`` for the static training shapes (faster kernels, not bit-stable),
+    or with ``train.deterministic`` deterministic kernels (``cudnn.deterministic``, ``use_deterministic_algorithms``
+    warn-only): exact resume is promised on the CPU, and on a GPU only with that switch."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def compile_mode(cfg: DictConfig, device: torch.device, mutates_buffers: bool) -> str | None:
@@ -268,11 +307,6 @@ def sync_buffers(model: nn.Module) -> None:
     if is_distributed():
         for buf in unwrap(model).buffers():
             dist.broadcast(buf, src=0)
-
-
-def reliability_table(epoch: int, acc: EvalAccumulator, views: list[str]) -> pd.DataFrame:
-    """Per view and confidence bin of the test split: count, mean confidence, accuracy (reliability diagrams)."""
-    return pd.concat([pd.DataFrame({"epoch": epoch, "view": v, **acc.reliability(v)}) for v in views], ignore_index=True)
 
 
 def _mean_over_workers(stats: dict[str, float], sum_keys: tuple[str, ...] = ()) -> dict[str, float]:

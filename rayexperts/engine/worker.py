@@ -110,10 +110,10 @@ def run_epochs(run: Run, reporter: Reporter) -> None:
             last = epoch == epochs - 1
             metrics: dict[str, Any] = {"epoch": epoch, **stats}
             if last or (epoch + 1) % every_eval == 0:
-                accs = run.evaluate()
+                accs = run.evaluate(last)
                 rows, classes = run.result_rows(epoch, accs, stats)
                 if writer is not None and trackers is not None:
-                    writer.add(rows, classes, reliability_table(epoch, accs[""], run.views))
+                    writer.add(rows, classes, reliability_table(epoch, accs[""], accs[""].views))
                     trackers.log(epoch, rows, stats)
                     if cfg.run.verbose:
                         print(f"{cfg.run.name} | {progress_line(epoch, epochs, rows, primary)}", flush=True)

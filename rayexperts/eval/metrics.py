@@ -52,6 +52,8 @@ class EvalAccumulator:
         self.bins = {v: z(3, num_bins) for v in self.views}  # count, confidence sum, correct sum
         self.kl_sum = z(num_classes)
         self.kl_count = z(num_classes)
+        self.stats: dict[str, Tensor] = {}  # a method's per-sample statistic: [2, C] sums and counts per class
+        self._zeros = z
 
     def update(self, view: str, logits: Tensor, targets: Tensor) -> None:
         """Add a batch of ``view``'s logits. GPU finding F3: fixed-size sums with ``index_add_`` (no
@@ -78,8 +80,21 @@ class EvalAccumulator:
         self.kl_sum += sums[0]
         self.kl_count += sums[1]
 
+    def update_stat(self, name: str, values: Tensor, targets: Tensor) -> None:
+        """Add a batch of a per-sample statistic (e.g. a router's ``experts_per_sample``), per class."""
+        if name not in self.stats:
+            self.stats[name] = self._zeros(2, self.num_classes)
+        values = values.detach().double()
+        self.stats[name] += values.new_zeros(2, self.num_classes).index_add_(
+            1, targets, torch.stack([values, torch.ones_like(values)]))
+
+    def stat_summary(self, name: str, groups: np.ndarray, prefix: str = "") -> dict[str, float]:
+        """A statistic's mean, overall and per shot group: ``<prefix><name>``, ``<prefix><name>_many``, ..."""
+        s, n = (x.cpu().numpy() for x in self.stats[name])
+        return _group_means(s, n, f"{prefix}{name}", groups)
+
     def _tensors(self) -> list[Tensor]:
-        out = [self.kl_sum, self.kl_count]
+        out = [self.kl_sum, self.kl_count, *(self.stats[k] for k in sorted(self.stats))]
         for v in self.views:
             out += [self.correct[v], self.total[v], self.bins[v]]
         return out
@@ -123,11 +138,16 @@ class EvalAccumulator:
         s, n = self.kl_sum.cpu().numpy(), self.kl_count.cpu().numpy()
         if n.sum() == 0:
             return {}
-        out = {f"{prefix}expert_kl": _ratio(s.sum(), n.sum())}
-        for g in GROUPS:
-            sel = groups == g
-            out[f"{prefix}expert_kl_{g}"] = _ratio(s[sel].sum(), n[sel].sum())
-        return out
+        return _group_means(s, n, f"{prefix}expert_kl", groups)
+
+
+def _group_means(s: np.ndarray, n: np.ndarray, name: str, groups: np.ndarray) -> dict[str, float]:
+    """Per-class sums ``s`` over counts ``n``: the mean overall (``name``) and per shot group (``name_<group>``)."""
+    out = {name: _ratio(s.sum(), n.sum())}
+    for g in GROUPS:
+        sel = groups == g
+        out[f"{name}_{g}"] = _ratio(s[sel].sum(), n[sel].sum())
+    return out
 
 
 def _ratio(a: float, b: float) -> float:

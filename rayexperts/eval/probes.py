@@ -118,7 +118,7 @@ def extract_features(run: LoadedRun, split: str = "test") -> dict[str, object]:
     logits: list[list[Tensor]] = []
     labels: list[Tensor] = []
     for images, targets in loader:
-        _, out = run.method.predict(run.model, images.to(run.device))
+        _, out, _ = run.method.predict(run.model, images.to(run.device))
         feats.append([v.float().cpu() for v in out.features])
         logits.append([z.float().cpu() for z in out.logits])
         labels.append(torch.as_tensor(targets))

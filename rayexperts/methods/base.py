@@ -182,13 +182,27 @@ class Method:
         """The view of the mean of the experts' raw logits (a CBD teacher's own accuracy)."""
         return "ensemble" if int(cfg.model.num_experts) > 1 else "expert0"
 
-    def predict(self, model: nn.Module, images: Tensor) -> tuple[dict[str, Tensor], ModelOutput]:
-        """Logits of every view, and the trained model's output (features, per-expert logits)."""
+    def predict(self, model: nn.Module, images: Tensor, extra_views: Mapping[str, View] | None = None,
+                ) -> tuple[dict[str, Tensor], ModelOutput, Any]:
+        """Logits of every view (and of ``extra_views``, functions of the same output), the trained model's
+        output (features, per-expert logits) and what :meth:`infer` returned."""
         import torch
 
         with torch.no_grad():
             out = self.infer(model, images)
-            return {name: view(out) for name, view in self.views().items()}, self.model_output(out)
+            views = {**self.views(), **(extra_views or {})}
+            return {name: view(out) for name, view in views.items()}, self.model_output(out), out
+
+    def sample_statistics(self, out: Any) -> dict[str, Tensor]:
+        """Per-sample numbers (``[B]``) of an evaluation output that the engine averages overall and per shot
+        group into the primary view's metrics row (RIDE's router: ``experts_per_sample``). None by default."""
+        return {}
+
+    def test_time_steps(self) -> dict[str, Any]:
+        """Views that learn on the unlabelled test images before they are evaluated (SADE's test-time
+        aggregation): name → :class:`rayexperts.engine.test_time.TestTimeStep`. Transductive: the engine marks
+        their rows ``transductive=True``. None by default."""
+        return {}
 
     def model_output(self, out: Any) -> ModelOutput:
         """The trained model's :class:`ModelOutput` inside what :meth:`infer` returns."""

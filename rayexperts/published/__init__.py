@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["CATALOG", "COLUMNS", "INTEGER_COLUMNS", "METRICS", "SELECTIONS", "check", "load"]
+__all__ = ["CATALOG", "COLUMNS", "INTEGER_COLUMNS", "METRICS", "OPTIONAL_COLUMNS", "SELECTIONS", "check", "load", "read"]
 
 CATALOG: Path = Path(__file__).with_name("results.csv")
 
@@ -37,6 +37,8 @@ COLUMNS: tuple[str, ...] = (
 METRICS: tuple[str, ...] = ("top1_all", "top1_many", "top1_medium", "top1_few", "ece", "error")
 SELECTIONS: tuple[str, ...] = ("", "last", "best_test", "best_val")
 INTEGER_COLUMNS: tuple[str, ...] = ("imbalance_factor", "epochs", "seeds")
+# Optional: which view of the preset's run gives the row's number (empty: the method's primary view).
+OPTIONAL_COLUMNS: tuple[str, ...] = ("view",)
 # Every row names these; the others may be empty.
 REQUIRED_VALUES: tuple[str, ...] = ("paper", "table", "dataset", "backbone", "method", "metric", "value", "source")
 
@@ -94,10 +96,17 @@ def check(df: pd.DataFrame) -> None:
             raise ValueError(f"{where}: column 'overrides' is set but column 'preset' is empty")
 
 
+def read(path: str | Path = CATALOG) -> pd.DataFrame:
+    """A catalogue CSV in this format (the shipped one, or a user's: ``jobs/reproduce.py --catalog``), checked."""
+    return _read(Path(path))
+
+
 def _read(path: Path = CATALOG) -> pd.DataFrame:
     raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
     check(raw)
     df = raw[list(COLUMNS)].copy()
+    for col in OPTIONAL_COLUMNS:
+        df[col] = raw[col] if col in raw else ""
     for col in INTEGER_COLUMNS:
         df[col] = pd.array([int(float(v)) if v.strip() else pd.NA for v in df[col]], dtype="Int64")
     df["value"] = df["value"].astype(float)
@@ -125,7 +134,7 @@ def load(**filters: Any) -> pd.DataFrame:
     Text columns are ``str`` (empty cells are ``""``); ``imbalance_factor``, ``epochs`` and ``seeds`` are
     nullable ``Int64``; ``value`` is ``float``. An unknown column is a ``ValueError`` naming it and the columns.
     """
-    unknown = [k for k in filters if k not in COLUMNS]
+    unknown = [k for k in filters if k not in (*COLUMNS, *OPTIONAL_COLUMNS)]
     if unknown:
         names = ", ".join(repr(k) for k in unknown)
         raise ValueError(f"unknown column(s) {names} to filter on; the columns are {', '.join(COLUMNS)}")
