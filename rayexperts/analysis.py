@@ -217,7 +217,8 @@ def paper_table(
     Without ``seeds`` every group must hold one run. With ``seeds`` (a column, e.g. ``"seed"``)
     a group's runs are repeats over seeds: cells are ``"mean ± std"`` (sample std) and a
     ``seeds`` column counts them. The runs of a group must agree on every config key but the
-    seed (and where they ran): otherwise a ValueError names the keys that differ.
+    seed (and where they ran): otherwise a ValueError names the keys that differ. A view learnt on the
+    unlabelled test images (SADE's ``tta_aggregate``) is marked in a ``transductive`` column.
     """
     by = list(by)
     rows = select_epochs(df, selection)
@@ -236,6 +237,10 @@ def paper_table(
                             for col, name in SHOT_COLUMNS.items()})
         out["seeds"] = groups[seeds].nunique()
     out["selection"] = SELECTIONS[selection]
+    if "transductive" in rows and rows["transductive"].fillna(False).astype(bool).any():
+        marked = rows.assign(transductive=rows["transductive"].fillna(False).astype(bool)).groupby(by, sort=False)
+        out["transductive"] = marked["transductive"].any().reindex(out.index).map(
+            {True: "yes: learnt on the test images", False: ""})
     return out
 
 

@@ -22,6 +22,7 @@ from rayexperts.eval.tables import shot_table
 from rayexperts.methods import METHODS
 
 from rayexperts.analysis import (
+    SELECTIONS,
     best_trial,
     load_classes,
     load_ensemble,
@@ -30,6 +31,7 @@ from rayexperts.analysis import (
     markdown,
     paper_table,
     read_config,
+    select_epochs,
 )
 
 MAX_VIEWS = 4
@@ -71,22 +73,38 @@ def _run_report(run: Path, out: Path, prefix: str = "", heading: bool = True) ->
     df = load_runs(run)
     views = _views(df["view"].unique().tolist(), _primary_view(cfg))
     lines = [f"# Run {run.name}", ""] if heading else []
+    selection = str(cfg.get("eval.selection", "last"))
     lines += [
         f"`{cfg['method']}` on `{cfg['data.name']}` (IF {cfg['data.imbalance_factor']}), "
         f"backbone `{cfg['model.backbone']}`, K = {cfg['model.num_experts']}, "
-        f"{df['epoch'].max() + 1} epochs, seed {cfg['seed']}.",
+        f"{df['epoch'].max() + 1} epochs, seed {cfg['seed']}, compat={cfg.get('compat', 'paper')}: one run "
+        "(one seed; `python jobs/report.py` on a folder of seeds gives mean ± sd through `paper_table`).",
         "",
-        "## Test top-1 (%), last epoch",
+        "## Test top-1 (%) and ECE (%), last epoch",
         "",
-        markdown(paper_table(df, by=("view",))),
+        markdown(view_table(df, "last")),
         "",
     ]
+    if selection != "last":
+        lines += [f"## Test top-1 (%), {SELECTIONS[selection]}: the checkpoint this recipe's published number reports",
+                  "", markdown(view_table(df, selection)), ""]
     val = [c for c in ("val_top1_many", "val_top1_medium", "val_top1_few", "val_top1") if c in df]
     if val:
         last = df[df["epoch"] == df["epoch"].max()].set_index("view")[val] * 100
         lines += ["## Validation top-1 (%), last epoch", "", markdown(last.round(2)), ""]
     lines += _figure_lines(run, out, prefix, views)
     return lines
+
+
+def view_table(df: pd.DataFrame, selection: str) -> pd.DataFrame:
+    """Many / Medium / Few / All and ECE (%) per view at ``selection``; transductive views marked."""
+    table = paper_table(df, by=("view",), selection=selection)
+    rows = select_epochs(df, selection).set_index("view")
+    table.insert(4, "ECE", (rows["ece"].reindex(table.index) * 100).round(2))
+    if "transductive" in table:
+        table.index = [f"{v} (transductive)" if t else v for v, t in zip(table.index, table["transductive"])]
+        table = table.drop(columns="transductive")
+    return table
 
 
 def _figure_lines(run: Path, out: Path, prefix: str, views: list[str]) -> list[str]:

@@ -187,3 +187,13 @@ def test_every_new_preset_builds_its_model():
         model, shape = build(load_config(preset))
         assert shape == (3, 32, 32) and model.num_experts == load_config(preset).model.num_experts
     assert math.isclose(load_config("imagenet_lt_r50_balpoe").balpoe.taus[1], 1.25)
+
+
+def test_balpoe_tau_spread_gives_equidistant_taus():
+    from rayexperts.methods.balpoe import expert_taus
+
+    m, cfg = method(None, "method=balpoe", "balpoe.tau_spread=1.0", "model.num_experts=4")
+    assert expert_taus(cfg.balpoe, 4) == pytest.approx([0.0, 2 / 3, 4 / 3, 2.0])
+    assert expert_taus(load_config("cifar100_lt_if100_balpoe").balpoe, 3) == [0.0, 1.0, 2.0]
+    out = fake_output(k=4)
+    torch.testing.assert_close(m.loss(out, Y).total, L.balpoe_loss(out.logits, Y, COUNTS, (0.0, 2 / 3, 4 / 3, 2.0)))

@@ -16,9 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "tune_spaces"
 
 
-@pytest.mark.parametrize("method", ["ncl", "ecl", "mllt", "cbd"])
+@pytest.mark.parametrize("method", ["ncl", "ecl", "mllt", "cbd", "ride", "sade", "balpoe"])
 def test_shipped_spaces_are_valid(method):
-    cfg = load_config("cbd_digits" if method == "cbd" else None, [f"method={method}"])
+    extra = ["balpoe.tau_spread=1.0"] if method == "balpoe" else []  # the space's usage line sets it
+    cfg = load_config("cbd_digits" if method == "cbd" else None, [f"method={method}", *extra])
+    assert sorted(p.stem for p in SPACES.glob("*.yaml")) == ["balpoe", "cbd", "ecl", "mllt", "ncl", "ride", "sade"]
     space = load_space(SPACES / f"{method}.yaml", cfg)
     assert space and all(len(dist) == 1 for dist in space.values())
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,9 +78,11 @@ def _describe(cfg: DictConfig) -> str:
     return f"{cfg.method}, {cfg.data.augment}, seed {cfg.seed}"
 
 
-def train_in_parallel(cfgs: list[DictConfig], tag: str, ray_train_later: bool = False) -> list[Outcome]:
+def train_in_parallel(cfgs: list[DictConfig], tag: str, ray_train_later: bool = False,
+                      on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
     """Train every unfinished run concurrently, each from its own actor; wait for all, report each.
-    ``ray_train_later``: the job goes on with a multi-worker run (the local instance's dashboard)."""
+    ``ray_train_later``: the job goes on with a multi-worker run (the local instance's dashboard);
+    ``on_done`` is told of every run as it ends (a skipped one at once)."""
     import ray
 
     outcomes: dict[int, Outcome] = {}
@@ -92,6 +94,8 @@ def train_in_parallel(cfgs: list[DictConfig], tag: str, ray_train_later: bool = 
         if is_finished(cfg):
             print(f"[{tag}] {name}: finished checkpoint found in {path}: skipped (not retrained)", flush=True)
             outcomes[i] = Outcome(name, cfg, path, "skipped")
+            if on_done is not None:
+                on_done(outcomes[i])
             continue
         ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train))  # only when something is left to train
         rundir.write_config(cfg)  # is_finished checked the directory
@@ -110,6 +114,8 @@ def train_in_parallel(cfgs: list[DictConfig], tag: str, ray_train_later: bool = 
         except Exception as e:  # RayTaskError / ActorDiedError: keep waiting for the others
             outcomes[i] = Outcome(name, cfg, path, "failed", _root_cause(e))
             print(f"[{tag}] {name} FAILED: {outcomes[i].error}", flush=True)
+        if on_done is not None:
+            on_done(outcomes[i])
     return [outcomes[i] for i in range(len(cfgs))]
 
 

@@ -32,7 +32,21 @@ if TYPE_CHECKING:
 @dataclass
 class BalPoEOptions:
     taus: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0])  # τ_e per expert (lambda = 1 − τ in the paper)
+    # The code's tau_list='limits': with tau_spread > 0 the E taus are equidistant in
+    # [tau_mean − tau_spread, tau_mean + tau_spread] (instead of taus); a sweep over tau_spread and E.
+    tau_mean: float = 1.0
+    tau_spread: float = 0.0
     test_prior: list[float] = field(default_factory=list)  # a known test prior (per-class weights); empty: uniform
+
+
+def expert_taus(opts, num_experts: int) -> list[float]:
+    """τ per expert: ``balpoe.taus``, or with ``tau_spread`` > 0 equidistant in mean ∓ spread (METHODS.md §4.1)."""
+    spread, mean = float(opts.tau_spread), float(opts.tau_mean)
+    if spread <= 0:
+        return [float(t) for t in opts.taus]
+    if num_experts == 1:
+        return [mean]
+    return [mean - spread + 2 * spread * e / (num_experts - 1) for e in range(num_experts)]
 
 
 @register_method("balpoe")
@@ -54,7 +68,9 @@ class BalPoE(Method):
     @classmethod
     def validate(cls, cfg: DictConfig) -> None:
         o = cfg.balpoe
-        if len(o.taus) != int(cfg.model.num_experts):
+        if o.tau_spread < 0:
+            raise ConfigError(f"'balpoe.tau_spread' must be >= 0, got {o.tau_spread}")
+        if o.tau_spread == 0 and len(o.taus) != int(cfg.model.num_experts):
             raise ConfigError(f"balpoe.taus has {len(o.taus)} values for model.num_experts={cfg.model.num_experts}: "
                               "give one τ per expert")
         if o.test_prior and (any(p < 0 for p in o.test_prior) or sum(o.test_prior) <= 0):
@@ -75,7 +91,8 @@ class BalPoE(Method):
     def loss(self, out: ModelOutput, targets: Tensor) -> LossOutput:
         from rayexperts.losses import balpoe_loss
 
-        loss = balpoe_loss([z.float() for z in out.logits], targets, self.class_counts, tuple(self.opts.taus))
+        taus = tuple(expert_taus(self.opts, self.num_experts))
+        loss = balpoe_loss([z.float() for z in out.logits], targets, self.class_counts, taus)
         return LossOutput(loss, {"balpoe": loss.detach()})
 
     def views(self) -> dict[str, View]:

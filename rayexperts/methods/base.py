@@ -76,6 +76,8 @@ class Method:
     official: ClassVar[Mapping[str, tuple]] = {}
     renamed: ClassVar[Mapping[str, str]] = {}  # removed key -> its new key (in this section, or dotted)
     path_keys: ClassVar[tuple[str, ...]] = ()  # keys holding local paths, made absolute by load_config
+    # keys of this method's section counted in epochs (a short protocol scales them with train.epochs)
+    epoch_keys: ClassVar[tuple[str, ...]] = ()
     sampler: ClassVar[str] = "instance"  # the sampler of data.sampler=auto
     pc_views: ClassVar[bool] = False  # add ``<view>_pc`` (PC softmax) for every view
     primary_view: ClassVar[str] = "expert0"  # the view reported to Ray Train / Tune by default

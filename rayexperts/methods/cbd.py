@@ -153,6 +153,7 @@ class ClassBalancedDistillation(Method):
     }
     renamed = {"loss.cbd_alpha": "distill_mix", "loss.cbd_beta": "distill_scale", "teachers": "teachers"}
     path_keys = (TEACHER_RUNS,)
+    epoch_keys = ("cbd.teacher_epochs",)
     sampler = "class_balanced"
     primary_view = "student"
 

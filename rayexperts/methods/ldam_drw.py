@@ -44,6 +44,7 @@ class LDAMDRW(Method):
     defaults = {"model.num_experts": 1, "model.classifier": "normed_linear", "model.cosine_scale": 1.0}
     supports_mixup = True
     primary_view = "expert0"
+    epoch_keys = ("ldam_drw.drw_epoch",)
 
     def __init__(self, cfg: DictConfig, class_counts: Tensor, in_channels: int = 3) -> None:
         super().__init__(cfg, class_counts, in_channels)

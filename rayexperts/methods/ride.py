@@ -61,6 +61,7 @@ class RIDE(Method):
         "diversity factor is 0)", "P", "loss")}
     supports_mixup = True
     primary_view = "ensemble"
+    epoch_keys = ("ride.reweight_epoch",)
 
     def __init__(self, cfg: DictConfig, class_counts: Tensor, in_channels: int = 3) -> None:
         super().__init__(cfg, class_counts, in_channels)
