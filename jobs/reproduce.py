@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory, installed or not
 
-import rayexperts  # noqa: E402
+import rayexperts.cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(rayexperts.run_job("rayexperts.launch.reproduce"))
+    sys.exit(rayexperts.cli.run_job("reproduce"))

@@ -48,18 +48,3 @@ def check_install_or_exit() -> None:
     except IncompletePackage as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def run_job(module: str) -> int:
-    """What a ``jobs/`` script does: check the package, import ``module`` and return its ``main()``'s exit
-    status (with the trace marks of :mod:`rayexperts.trace`)."""
-    import importlib
-
-    check_install_or_exit()  # an upload without the presets stops here, not halfway through a run
-    from rayexperts.trace import mark
-
-    main = importlib.import_module(module).main
-    mark("imports done")
-    code = main()
-    mark("exit")
-    return code

@@ -19,6 +19,7 @@ import yaml
 
 from rayexperts.config import flatten
 from rayexperts.eval.tables import SHOT_COLUMNS, shot_table
+from rayexperts.rundir import FAILED_MARK
 
 
 @dataclass
@@ -57,7 +58,6 @@ def read_config(run: str | Path) -> dict[str, Any]:
 
 # What marks a directory that holds runs of its own: a sweep (its trials) or a two-stage job (its members).
 _HOLDERS = ("sweep.yaml", "trials.parquet", "summary.parquet")
-FAILED_MARK = "FAILED"  # written into a run directory whose run failed before its first evaluation
 
 
 def find_runs(path: str | Path, *, trials: bool = False, members: bool = False) -> list[Path]:

@@ -37,7 +37,7 @@ RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Ray job supervisor for
 
 __all__ = [
     "Config", "ConfigError", "Layer", "OfficialValue", "PRESET_DIR", "absolute_path_or_uri", "compose", "default_layers", "flatten",
-    "from_dict", "is_uri", "list_presets", "load_config", "method_official", "official_values", "parse_overrides", "preset_path", "settings", "to_dict", "to_yaml",
+    "from_dict", "is_uri", "list_presets", "load_config", "method_official", "official_values", "config_layers", "explain", "provenance", "parse_overrides", "preset_path", "settings", "to_dict", "to_yaml",
     "valid_keys", "check_gpu_share", "with_overrides",
 ]
 
@@ -189,6 +189,9 @@ class RunConfig:
     checkpoint_every: int = 1
     num_to_keep: int = 2
     max_failures: int = 0
+    # A run directory with checkpoints resumes only with the schedule it was trained with (train.epochs, lr,
+    # milestones, ...); true: train on with a new one (e.g. more epochs), recorded in the new config.yaml.
+    allow_extend: bool = False
     verbose: bool = True  # one progress line per epoch
     ray_log_level: str = "WARNING"  # Ray Train's own logs (INFO shows every report)
     # Ray's dashboard (and state API) on the local instance a job starts; a cluster keeps its own. auto: on
@@ -292,7 +295,10 @@ def unknown_key_error(key: str, source: str, keys: Sequence[str], method: str) -
     if section != method and section in METHODS:
         return ConfigError(f"config key '{key}' in {source} belongs to method {section}'s section; "
                            f"this config has method={method!r} (set method={section} to use it)")
-    return ConfigError(f"unknown config key '{key}' in {source}{did_you_mean(key, keys)}")
+    settable = [k for k in keys if k.split(".")[0] not in _WRITTEN_BY_LOADER]
+    same_name = [k for k in settable if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    hint = f"; did you mean {', '.join(same_name[:3])}?" if same_name else did_you_mean(key, settable)
+    return ConfigError(f"unknown config key '{key}' in {source}{hint}")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -361,8 +367,8 @@ def preset_path(name_or_path: str) -> Path:
             "(an upload that excluded it?)"
         )
     names = list_presets()
-    hint = did_you_mean(name_or_path, names, cutoff=0.4) or f"; presets: {', '.join(names)}"
-    raise ConfigError(f"no preset or YAML file named '{name_or_path}' (expected {shipped}){hint}")
+    hint = did_you_mean(name_or_path, names, cutoff=0.4) or f"; `rayexperts presets` lists the {len(names)} presets"
+    raise ConfigError(f"no preset or YAML file named '{name_or_path}'{hint}")
 
 
 def _layer_name(path: Path) -> str:
@@ -540,12 +546,11 @@ def _registry_message(registry, name: str) -> str:
     return ""
 
 
-def load_config(
+def config_layers(
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
-) -> DictConfig:
-    """Resolve the full config: defaults → data set → method → preset/YAML (→ ``compat=official``: the
-    method's and the preset's official recipe) → command-line overrides."""
+) -> tuple[list[Layer], list[tuple[str, dict[str, OfficialValue]]]]:
+    """The layers :func:`load_config` merges, in order, and the ``compat=official`` values among them."""
     user: list[Layer] = file_layers(str(config)) if config else []
     command: list[Layer] = []
     if overrides:
@@ -571,18 +576,54 @@ def load_config(
     official = official_values(str(config) if config else None, str(method)) if compat == "official" else []
     compat_layers: list[Layer] = [(name, {"compat": "official", **{k: v.value for k, v in values.items()}})
                                   for name, values in official]
-    layers = [("defaults", {}), *default_layers(str(method), str(data_name)), *user, *compat_layers, *command]
+    return [("defaults", {}), *default_layers(str(method), str(data_name)), *user, *compat_layers, *command], official
+
+
+def load_config(
+    config: str | os.PathLike | None = None,
+    overrides: Sequence[str] | Mapping[str, Any] | None = None,
+) -> DictConfig:
+    """Resolve the full config: defaults → data set → method → preset/YAML (→ ``compat=official``: the
+    method's and the preset's official recipe) → command-line overrides."""
+    layers, official = config_layers(config, overrides)
     cfg = compose(layers)
     cfg.sources = _official_sources(layers, official)
     return cfg
 
 
-def _official_sources(layers: Sequence[Layer], official: list[tuple[str, dict[str, OfficialValue]]]) -> dict[str, str]:
-    """For every key whose final value an official layer set (no later layer changed it): its source."""
+def provenance(layers: Sequence[Layer]) -> dict[str, str]:
+    """Each dotted key's layer: the last of ``layers`` that sets it (keys no layer sets: ``defaults``)."""
     last: dict[str, str] = {}
     for name, layer in layers:
         for key in _flatten(layer):
             last[key] = name
+    return last
+
+
+def explain(config: str | os.PathLike | None = None,
+            overrides: Sequence[str] | Mapping[str, Any] | None = None) -> str:
+    """The resolved config as YAML, every value with the layer that set it (``--print-config``): the typed
+    defaults, the data set's or the method's defaults, a preset, ``compat=official`` (with the source of the
+    authors' code) or the command line."""
+    layers, official = config_layers(config, overrides)
+    cfg = compose(layers)
+    where = provenance(layers)
+    sources = _official_sources(layers, official)
+    lines = []
+    for key, value in flatten(settings(cfg)).items():
+        note = where.get(key, "defaults")
+        if key in sources:
+            note += f"; {sources[key]}"
+        import yaml
+
+        shown = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        lines.append(f"{key}: {shown}  # {note}")
+    return "\n".join(lines)
+
+
+def _official_sources(layers: Sequence[Layer], official: list[tuple[str, dict[str, OfficialValue]]]) -> dict[str, str]:
+    """For every key whose final value an official layer set (no later layer changed it): its source."""
+    last = provenance(layers)
     return {key: value.describe() for name, values in official for key, value in values.items() if last.get(key) == name}
 
 

@@ -42,6 +42,18 @@ class StorageError(OSError):
     """The storage a run writes to cannot be written; the message names the key and the location."""
 
 
+class ScheduleChanged(CheckpointMismatch):
+    """A run directory with checkpoints was trained with another schedule than the one asked for now."""
+
+
+# What a checkpointed run's schedule is: changing any of them on resume is refused unless run.allow_extend=true.
+SCHEDULE_KEYS = ("train.epochs", "train.batch_size", "train.lr", "train.momentum", "train.nesterov",
+                 "train.weight_decay", "train.schedule", "train.milestones", "train.gamma", "train.warmup_epochs",
+                 "train.warmup_start", "train.lr_step", "train.lr_epoch_clock", "train.cosine_t_max", "train.eta_min",
+                 "train.mixup_alpha")
+FAILED_MARK = "FAILED"  # a run that failed before its first evaluation: analysis.load_runs skips the directory
+
+
 def identity(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
     """What a checkpoint must agree on with the run loading it."""
     from omegaconf import OmegaConf
@@ -181,14 +193,30 @@ class RunDir:
             return pq.read_table(f).to_pandas()
 
     def check_writable(self, key: str = "run.storage_path") -> None:
-        """Create the directory and write, then remove, a probe file; an error names ``key`` and the location.
-        Nothing else is written, so a failed check leaves no run directory behind."""
+        """Write, then remove, a probe file (and the folders it needed); an error names ``key`` and the location.
+        Nothing stays behind, so a failed start leaves no directory."""
         probe = f".write-probe-{uuid.uuid4().hex}"
+        created = self._first_missing()
         try:
             self.write_text(probe, "ok")
             self.delete(probe)
         except Exception as e:
             raise StorageError(f"cannot write to {key}={self.uri}: {e}") from e
+        finally:
+            if created is not None and self.is_local:  # leave no folder behind that the probe made
+                try:
+                    self.fs.delete_dir(created)
+                except OSError:
+                    pass
+
+    def _first_missing(self) -> str | None:
+        """The outermost folder of this path that does not exist yet (a local path only), or None."""
+        if not self.is_local:
+            return None
+        path, missing = Path(self.path), None
+        while not path.exists() and path != path.parent:
+            missing, path = path, path.parent
+        return str(missing) if missing is not None else None
 
     # -- config ------------------------------------------------------------------------------
     def config(self) -> DictConfig | None:
@@ -284,3 +312,36 @@ class RunDir:
         """True when the latest checkpoint holds the end of epoch ``epochs`` (the run needs no more training)."""
         state = self.load_checkpoint()
         return state is not None and int(state["epoch"]) >= epochs
+
+    def holds_finished_run(self, cfg: DictConfig, keys: Sequence[str] = IDENTITY_KEYS) -> bool:
+        """True when this directory holds ``cfg``'s run (:meth:`holds_run_of` on ``keys``) with the checkpoint and
+        the evaluation of its last epoch: nothing is left to train."""
+        if not self.holds_run_of(cfg, keys):
+            return False
+        metrics = self.read_table("metrics.parquet")
+        if metrics is None or metrics.empty or int(metrics["epoch"].max()) < int(cfg.train.epochs) - 1:
+            return False
+        return self.finished(int(cfg.train.epochs))
+
+    def check_schedule(self, cfg: DictConfig) -> None:
+        """Refuse to resume a checkpointed run with another schedule (:data:`SCHEDULE_KEYS`): its epochs so far
+        followed the old one. ``run.allow_extend=true`` trains on with the new schedule (recorded in config.yaml)."""
+        from omegaconf import OmegaConf
+
+        if not self.is_file("config.yaml") or self.latest_checkpoint() is None:
+            return
+        old = OmegaConf.create(self.read_text("config.yaml"))
+        diffs = [f"{k}={OmegaConf.select(old, k)!r} there, {OmegaConf.select(cfg, k)!r} now" for k in SCHEDULE_KEYS
+                 if OmegaConf.select(old, k) is not None and OmegaConf.select(old, k) != OmegaConf.select(cfg, k)]
+        if diffs and not bool(OmegaConf.select(cfg, "run.allow_extend")):
+            raise ScheduleChanged(f"run directory {self.uri} was trained with another schedule ({'; '.join(diffs)}): "
+                                  "resuming would mix two schedules. Set run.allow_extend=true to train on with the "
+                                  "new one, or choose another run.name")
+
+    def mark_failed(self, error: str) -> None:
+        """Mark a run that failed before its first evaluation (no metrics yet): ``FAILED`` beside ``error.log``."""
+        if not self.is_file("metrics.parquet"):
+            self.write_text(FAILED_MARK, error + "\n")
+
+    def clear_failed(self) -> None:
+        self.delete(FAILED_MARK)

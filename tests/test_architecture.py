@@ -88,7 +88,7 @@ def test_a_plugin_method_has_its_own_config_section():
 
 @pytest.mark.ray
 def test_a_method_defined_here_trains_through_the_jobs_code_path(ray_cluster, tmp_path, capsys):
-    from rayexperts.launch.train import main
+    from rayexperts.cli import train as main
 
     preset = tmp_path / "toy.yaml"
     preset.write_text(yaml.safe_dump({
@@ -105,3 +105,30 @@ def test_a_method_defined_here_trains_through_the_jobs_code_path(ray_cluster, tm
     assert "loss_ce" in metrics and metrics["epoch"].max() == 2
     assert (metrics[metrics["epoch"] == 2]["top1"] > 0.3).all()  # 10 classes: chance is 0.1
     assert "ensemble" in capsys.readouterr().out
+
+
+def test_no_module_imports_itself_through_others():
+    """No import circle anywhere in the package (module-level and function-level imports alike)."""
+    import grimp
+
+    graph = grimp.build_graph("rayexperts")
+    modules = sorted(graph.modules)
+    edges = {m: sorted(set(graph.find_modules_directly_imported_by(m)) & set(modules)) for m in modules}
+    state: dict[str, int] = {}
+    circles: list[list[str]] = []
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        path.append(module)
+        for nxt in edges[module]:
+            if state.get(nxt) == 1:
+                circles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path)
+        path.pop()
+        state[module] = 2
+
+    for module in modules:
+        if module not in state:
+            visit(module, [])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)

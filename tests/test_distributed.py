@@ -192,6 +192,7 @@ def test_a_run_directory_of_another_config_is_refused_before_anything_starts(tmp
     cfg = load_config(None, quick_overrides(tmp_path, "same", **{"train.epochs": 1}))
     rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
     rundir.write_config(cfg)
+    (tmp_path / "x.parquet").write_bytes(b"")  # data.root exists: the check that stops the run is the directory's
     for key, value in (("method", "mllt"), ("model.backbone", "resnet8"), ("data.name", "cifar10-lt")):
         other = load_config(None, quick_overrides(tmp_path, "same", **{"train.epochs": 1, key: value,
                                                                         "data.root": str(tmp_path / "x.parquet")}))

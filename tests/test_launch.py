@@ -32,8 +32,7 @@ def test_the_resolved_config_records_its_layers_in_order(tmp_path):
 
 
 def test_every_expected_file_layer_loads_or_names_the_file(tmp_path):
-    with pytest.raises(ConfigError, match=rf"no preset or YAML file named 'digits_nlc' \(expected {PRESET_DIR}/digits_nlc.yaml\)"
-                                          r"; did you mean digits_ncl"):
+    with pytest.raises(ConfigError, match=r"no preset or YAML file named 'digits_nlc'; did you mean digits_ncl"):
         load_config("digits_nlc")
     child = tmp_path / "child.yaml"
     child.write_text("base: no_such_preset\n")
@@ -75,7 +74,7 @@ def test_an_incomplete_package_stops_before_anything_runs(tmp_path):
 
 
 def test_storage_that_cannot_be_written_stops_the_job_and_leaves_nothing(tmp_path, capsys):
-    from rayexperts.launch.train import main
+    from rayexperts.cli import train as main
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

@@ -13,6 +13,18 @@ if TYPE_CHECKING:
     from rayexperts.data.lt_dataset import LTDataset
 
 USAGE = "usage: python -m rayexperts.data describe NAME [key=value ...]"
+HELP = f"""{USAGE}
+
+Per-class training counts, shot groups (many > 100, medium 20-100, few < 20 training images) and split sizes
+of a data set, read as a training run would read it (its data.* keys, e.g. data.root=..., data.imbalance_factor=50).
+
+data sets: digits-lt (embedded), cifar10-lt, cifar100-lt (data.root: the python pickles folder or a Parquet
+file; data.download=true fetches the pickles), imagenet-lt, places-lt, inat2018 (data.root: the image folder,
+and the published split files under it or data.train_split=...), imagefolder, parquet.
+
+examples:
+  python -m rayexperts.data describe digits-lt
+  python -m rayexperts.data describe cifar10-lt data.root=/data/cifar10-jpeg.parquet data.imbalance_factor=100"""
 
 
 def describe(ds: LTDataset, many_threshold: int = 100, few_threshold: int = 20) -> str:
@@ -39,6 +51,9 @@ def describe(ds: LTDataset, many_threshold: int = 100, few_threshold: int = 20) 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args) or args == ["help"]:
+        print(HELP)
+        return 0
     if len(args) < 2 or args[0] != "describe":
         print(f"error: expected 'describe NAME'\n{USAGE}", file=sys.stderr)
         return 2

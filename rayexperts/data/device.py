@@ -42,9 +42,17 @@ def decoded(source: ImageSource, where: str) -> np.ndarray:
     """Every image of ``source`` as ``uint8 [N, C, H, W]``; a source of mixed sizes is a :class:`DataError`."""
     if isinstance(source, ArraySource):
         return source.images
+    import time
+
     first = _image_shape(source)
     out = np.empty((len(source), *first), dtype=np.uint8)
+    start = shown = time.perf_counter()
     for i in range(len(source)):
+        if time.perf_counter() - shown >= 30:  # decoding a large split takes minutes: say where it is
+            shown = time.perf_counter()
+            rate = i / (shown - start)
+            print(f"[data] {where}: decoded {i}/{len(source)} images, {rate:.0f}/s, ETA "
+                  f"{(len(source) - i) / max(rate, 1e-9):.0f} s", flush=True)
         img, _ = source[i]
         arr = np.asarray(img.numpy() if isinstance(img, Tensor) else img)
         arr = arr.transpose(2, 0, 1) if arr.ndim == 3 and not isinstance(img, Tensor) else arr

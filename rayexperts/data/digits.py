@@ -54,4 +54,4 @@ def build_digits(data_cfg) -> LTDataset:
     )
 
 
-DATASETS.register("digits-lt", DataSetEntry(build_digits, DEFAULTS, num_classes=10, in_channels=1))
+DATASETS.register("digits-lt", DataSetEntry(build_digits, DEFAULTS, num_classes=10, in_channels=1, needs_root=False))

@@ -49,6 +49,25 @@ class DataSetEntry:
     defaults: Mapping[str, Any] = field(default_factory=dict)  # dotted config keys it sets: a config layer
     num_classes: int | None = None  # known without reading the data (None: the data decide)
     in_channels: int = 3
+    needs_root: bool = True  # data.root must name the data (unless data.download=true where offered)
+
+    def check(self, data_cfg: Any, name: str) -> None:
+        """What can be checked before anything starts, in one line (a DataError naming the key): a data set that
+        needs ``data.root`` has one, a local ``data.root`` exists, and so do the split files it names."""
+        from pathlib import Path
+
+        root = data_cfg.root
+        if root and "://" not in str(root) and not Path(str(root)).expanduser().exists():
+            raise DataError(f"data.root={str(root)!r} does not exist (data set {name})")
+        if self.needs_root and not root and not data_cfg.download:
+            raise DataError(f"data set {name} needs data.root: a folder or file of its images "
+                            f"(`python -m rayexperts.data describe {name} --help` says which)")
+        for key in ("train_split", "val_split", "test_split"):
+            value = data_cfg[key]
+            if value and "://" not in str(value):
+                here = Path(str(value)).expanduser()
+                if not here.is_file() and not (root and (Path(str(root)).expanduser() / str(value)).is_file()):
+                    raise DataError(f"data.{key}={str(value)!r} does not exist (also looked under data.root)")
 
 
 def check_labels(labels: np.ndarray, num_classes: int, where: str,

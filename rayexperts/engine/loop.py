@@ -72,14 +72,17 @@ def train_one_epoch(
     lr_at: Callable[[int, int, int], float],
     opts: LoopOptions,
     mixup: Mixup | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    progress_every_s: float = 30.0,
 ) -> dict[str, float]:
     """Train for one epoch; returns mean loss terms, the last lr and images/s of this worker. With ``mixup``,
-    each batch is mixed (:mod:`rayexperts.engine.mixup`)."""
+    each batch is mixed (:mod:`rayexperts.engine.mixup`); ``progress(step, steps, images_per_sec)`` is called
+    at most every ``progress_every_s`` seconds (a long epoch shows where it is)."""
     model.train()
     steps = len(loader)  # type: ignore[arg-type]
     sums: dict[str, Tensor] = {}
     seen, lr = 0, 0.0
-    start = time.perf_counter()
+    start = shown = time.perf_counter()
     for i, items in enumerate(loader):
         lr = lr_at(epoch, i, steps)
         set_lr(optimizer, lr)
@@ -98,6 +101,9 @@ def train_one_epoch(
         for name, value in {"loss": out.total, **{f"loss_{k}": v for k, v in out.terms.items()}}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
         seen += batch.targets.shape[0]
+        if progress is not None and time.perf_counter() - shown >= progress_every_s:
+            shown = time.perf_counter()
+            progress(i + 1, steps, seen / (shown - start))
     if opts.device.type == "cuda":  # GPU finding F11: time the work, not its queueing
         torch.cuda.synchronize(opts.device)
     elapsed = time.perf_counter() - start

@@ -213,8 +213,21 @@ class Run:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.start_epoch(epoch)
         stats = train_one_epoch(self.method, self.model, self.optimizer, self.train_loader, epoch, self.lr_at, self.opts,
-                                self.mixup)
+                                self.mixup, self._progress(epoch))
         return _mean_over_workers(stats, sum_keys=("images_per_sec",))
+
+    def _progress(self, epoch: int):
+        """Rank 0's line inside a long epoch (``run.verbose``): where it is, images/s and the epoch's ETA."""
+        if self.rank != 0 or not self.cfg.run.verbose:
+            return None
+        epochs, name = int(self.cfg.train.epochs), self.cfg.run.name
+
+        def say(step: int, steps: int, rate: float) -> None:
+            left = (steps - step) * int(self.cfg.train.batch_size) // self.world / max(rate, 1e-9)
+            print(f"{name} | epoch {epoch + 1}/{epochs} | step {step}/{steps} | {rate:.0f} img/s | epoch ETA {left:.0f} s",
+                  flush=True)
+
+        return say
 
     def evaluate(self, last: bool = True) -> dict[str, EvalAccumulator]:
         """Evaluate every view on each held-out split (test, val, test distributions); each sample counts once

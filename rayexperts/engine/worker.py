@@ -34,12 +34,18 @@ def reliability_table(epoch: int, acc: EvalAccumulator, views: list[str]) -> pd.
     return pd.concat([pd.DataFrame({"epoch": epoch, "view": v, **acc.reliability(v)}) for v in views], ignore_index=True)
 
 
-def progress_line(epoch: int, epochs: int, rows: list[dict[str, Any]], primary: str) -> str:
+def progress_line(epoch: int, epochs: int, rows: list[dict[str, Any]], primary: str,
+                  also: tuple[str, ...] = ()) -> str:
+    """``epoch 3/30 | loss … | lr … | img/s | <view> top-1 %`` for the primary view, the views in ``also`` (a
+    two-stage method's comparison: CBD's teacher_ensemble) and the first others, four views in all."""
     r0 = rows[0]
     parts = [f"epoch {epoch + 1}/{epochs}", f"loss {r0.get('loss', math.nan):.4f}", f"lr {r0.get('lr', 0):.4g}"]
     parts.append(f"{r0.get('images_per_sec', 0):.0f} img/s")
-    shown = [r for r in rows if r["view"] == primary] + [r for r in rows if r["view"] != primary][:3]
-    parts += [f"{r['view']} {100 * r['top1']:.2f}%" for r in shown]
+    first = [primary, *(v for v in also if v != primary)]
+    shown = [r for v in first for r in rows if r["view"] == v]
+    shown += [r for r in rows if r["view"] not in first][:max(0, 4 - len(shown))]
+    parts += [f"{r['view']} {100 * r['top1']:.2f}%" + (" (transductive)" if r.get("transductive") else "")
+              for r in shown]
     if "val_top1" in r0:
         parts += [f"val {100 * next(r['val_top1'] for r in rows if r['view'] == primary):.2f}%"]
     return " | ".join(parts)
@@ -66,10 +72,12 @@ class Reporter:
 
     report: Callable[[dict[str, Any], str | None], None]
     latest: Any = None
+    label: str = ""  # where ``latest`` lives, for the resume line (a temporary copy's origin)
 
 
-def resume(run: Run, checkpoint: Any) -> int:
-    """Load ``checkpoint`` into ``run``; returns the next epoch to train (0 without one)."""
+def resume(run: Run, checkpoint: Any, label: str = "") -> int:
+    """Load ``checkpoint`` into ``run``; returns the next epoch to train (0 without one). ``label`` names the
+    checkpoint where a temporary copy is loaded (the run directory's, for people)."""
     if checkpoint is None:
         return 0
     if isinstance(checkpoint, str):
@@ -81,7 +89,9 @@ def resume(run: Run, checkpoint: Any) -> int:
     run.optimizer.load_state_dict(state["optimizer"])
     epoch = int(state["epoch"])
     if run.rank == 0:
-        print(f"[rayexperts] resuming {run.cfg.run.name} from checkpoint {where} at epoch {epoch}", flush=True)
+        where = label or where
+        print(f"[rayexperts] {run.cfg.run.name}: resuming from {where}: {epoch} of {run.cfg.train.epochs} epochs done",
+              flush=True)
     return epoch
 
 
@@ -93,7 +103,7 @@ def run_epochs(run: Run, reporter: Reporter) -> None:
 
         print(f"{cfg.run.name} | rayexperts {rayexperts.__version__} from {rayexperts.PACKAGE_DIR} | "
               f"{run.world} worker(s) on {run.device.type}, {torch.get_num_threads()} torch thread(s) each", flush=True)
-    start_epoch = resume(run, reporter.latest)
+    start_epoch = resume(run, reporter.latest, reporter.label)
     mark(f"run ready {cfg.run.name}")
     rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
     writer = ResultWriter(rundir, start_epoch) if rank == 0 else None
@@ -116,7 +126,8 @@ def run_epochs(run: Run, reporter: Reporter) -> None:
                     writer.add(rows, classes, reliability_table(epoch, accs[""], accs[""].views))
                     trackers.log(epoch, rows, stats)
                     if cfg.run.verbose:
-                        print(f"{cfg.run.name} | {progress_line(epoch, epochs, rows, primary)}", flush=True)
+                        also = run.method.summary_views()
+                        print(f"{cfg.run.name} | {progress_line(epoch, epochs, rows, primary, also)}", flush=True)
                 metrics = reported_metrics(epoch, stats, rows, primary)
             checkpoint = None
             if (last or (epoch + 1) % every_ckpt == 0) and rank == 0:
@@ -260,7 +271,7 @@ def train_here(loop_config: dict[str, Any]) -> None:
         local = tempfile.mkdtemp(prefix="rayexperts-resume-")
         latest.get_file("checkpoint.pt", f"{local}/checkpoint.pt")
     try:
-        run_epochs(run, Reporter(report, local))
+        run_epochs(run, Reporter(report, local, str(latest) if latest is not None else ""))
     finally:
         if local is not None:
             shutil.rmtree(local, ignore_errors=True)

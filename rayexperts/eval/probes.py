@@ -352,7 +352,11 @@ def probe_table(run: LoadedRun, probes: Sequence[str] = PROBES, options: ProbeOp
     """
     _check_names(probes)
     dev, nc, opt = run.device, run.data.num_classes, options
+    say = lambda text: print(f"[probes] {text}", flush=True)  # noqa: E731 - long, silent steps say what they do
+    say(f"features of the test split ({len(run.data.test)} images)")
     test = _to(extract_features(run, "test"), dev)
+    if {"ncm", "crt", "lws"} & set(probes):
+        say(f"features of the training split ({len(run.data.train)} images)")
     train = _to(extract_features(run, "train"), dev) if {"ncm", "crt", "lws"} & set(probes) else None
     want_val = "tau_norm" in probes and opt.tau_on_val and run.data.val is not None
     val = _to(extract_features(run, "val"), dev) if want_val else None
@@ -364,25 +368,31 @@ def probe_table(run: LoadedRun, probes: Sequence[str] = PROBES, options: ProbeOp
         acc = top1_by_group(scores, y, run.groups) if scores is not None else _NAN_TOP1
         rows.append({"probe": probe, "expert": expert, **acc, "note": note})
 
-    def per_expert_and_concat(probe: str, fit_on: dict, score, normalise: bool = False) -> None:
+    def per_expert_and_concat(probe: str, fit_on: dict, score, normalise: bool = False, note: str = "") -> None:
         """Rows for each expert and, with K > 1, the concatenated (optionally ℓ2-normalised) features."""
         pairs = list(zip(fit_on["features"], test["features"]))
         if k > 1:
             cat = [torch.cat([F.normalize(f, dim=1) if normalise else f for f in fs], 1) for fs in zip(*pairs)]
             pairs.append((cat[0], cat[1]))
         for name, (fit_f, test_f) in zip(names + ["concat"], pairs):
-            add(probe, name, score(fit_f, test_f))
+            add(probe, name, score(fit_f, test_f), note)
 
     if "feature_accuracy" in probes:
         schedule = opt.feature_accuracy
-        per_expert_and_concat("feature_accuracy", test, lambda _, f: feature_accuracy(f, y, nc, schedule, opt.seed))
+        say(f"feature_accuracy: a linear layer trained on the TEST features for {schedule.epochs} epochs (MLLT's "
+            "upper bound of what the features hold, not a test accuracy)")
+        per_expert_and_concat("feature_accuracy", test, lambda _, f: feature_accuracy(f, y, nc, schedule, opt.seed),
+                              note="trained on the test features: an upper bound, not a test accuracy")
     if "ncm" in probes:
+        say("ncm: nearest class mean of the training features")
         per_expert_and_concat("ncm", train, lambda tr, te: ncm(tr, train["labels"], te, nc), normalise=True)
     if "crt" in probes:
+        say(f"crt: the classifier retrained with class-balanced sampling for {opt.crt.epochs} epochs")
         per_expert_and_concat("crt", train, lambda tr, te: crt(tr, train["labels"], te, nc, opt.crt, opt.seed))
     if "tau_norm" in probes:
         _tau_norm_rows(run, test, val, opt, add)
     if "lws" in probes:
+        say(f"lws: learnable weight scaling for {opt.lws.epochs} epochs")
         scores = [lws(tr, train["labels"], te, opt.lws, opt.seed) for tr, te in zip(train["logits"], test["logits"])]
         for name, s in zip(names, scores):
             add("lws", name, s)

@@ -9,7 +9,6 @@ trains one such actor; ``jobs/cbd_ens.py`` trains its K teachers as K actors at 
 
 from __future__ import annotations
 
-import math
 import traceback
 from typing import Any
 
@@ -18,35 +17,9 @@ from omegaconf import DictConfig
 from rayexperts import registry
 from rayexperts.config import from_dict, to_dict
 from rayexperts.launch.cluster import ship_plugins
+from rayexperts.launch.trainer import fit_trainer, uses_ray_train, worker_resources
 from rayexperts.rundir import RunDir
 from rayexperts.trace import mark
-
-
-def worker_resources(cfg: DictConfig) -> tuple[float, float, int]:
-    """(CPUs per worker, GPUs per worker, torch threads per worker).
-
-    ``scaling.cpus_per_worker`` = 0 gives each worker an equal share of the cluster's CPUs,
-    and every worker runs exactly that many torch threads (oversubscribed threads on shared
-    cores made each process 5–7× slower here).
-    """
-    import ray
-
-    cpus = float(cfg.scaling.cpus_per_worker)
-    if cpus <= 0:
-        total = ray.cluster_resources().get("CPU", 1)
-        cpus = float(max(1, math.floor(total / cfg.scaling.num_workers)))
-    gpus = float(cfg.scaling.gpus_per_worker) if cfg.scaling.use_gpu else 0.0
-    return cpus, gpus, worker_threads(cpus)
-
-
-def uses_ray_train(*cfgs: DictConfig) -> bool:
-    """True when any of these runs has several workers: a Ray Train run (a one-worker run is one actor)."""
-    return any(int(cfg.scaling.num_workers) > 1 for cfg in cfgs)
-
-
-def worker_threads(cpus: float) -> int:
-    """Torch threads of a worker given ``cpus``: its whole CPUs, at least one (half a CPU runs one)."""
-    return max(1, int(cpus))
 
 
 class RunActor:
@@ -68,9 +41,7 @@ class RunActor:
         rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
         try:
             if uses_ray_train(cfg):
-                from rayexperts.launch.train import fit_trainer  # the caller checked and wrote config.yaml
-
-                fit_trainer(cfg)
+                fit_trainer(cfg)  # the caller checked the directory and wrote config.yaml
             else:
                 from rayexperts.engine.worker import train_here  # this actor's process, not the driver
 

@@ -19,7 +19,7 @@ from rayexperts.config import to_dict, with_overrides
 from rayexperts.engine.loop import train_one_epoch
 from rayexperts.engine.run import Run
 from rayexperts.engine.worker import start_worker
-from rayexperts.launch.actor import worker_resources
+from rayexperts.launch.trainer import worker_resources
 
 
 class _Steps:

@@ -16,7 +16,6 @@ and ``summary.parquet``.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,11 +26,12 @@ from omegaconf import DictConfig
 
 from rayexperts.config import ConfigError, load_config, parse_overrides
 from rayexperts.eval.tables import SHOT_COLUMNS, shot_table
-from rayexperts.launch.cluster import ClusterUnreachable, dashboard_wanted, ensure_ray
-from rayexperts.launch.actor import start_run, uses_ray_train
-from rayexperts.launch.train import announce, default_run_name, parse_cli, run_training
+from rayexperts.launch.cluster import dashboard_wanted, ensure_ray
+from rayexperts.launch.actor import start_run
+from rayexperts.launch.trainer import uses_ray_train
+from rayexperts.launch.train import default_run_name, preflight, run_training
 from rayexperts.methods import METHODS
-from rayexperts.rundir import IDENTITY_KEYS, CheckpointMismatch, RunDir, StorageError
+from rayexperts.rundir import IDENTITY_KEYS, RunDir
 
 DEMO_PRESET = "cbd_digits"
 SUMMARY_COLUMNS = ["model", "top1", "top1_many", "top1_medium", "top1_few", "started_at", "finished_at"]
@@ -65,13 +65,7 @@ def reuse_keys(cfg: DictConfig) -> tuple[str, ...]:
 def is_finished(cfg: DictConfig) -> bool:
     """True when ``cfg``'s run directory holds the checkpoint and the evaluation of its last epoch.
     A directory holding another configuration (:func:`reuse_keys`) is refused."""
-    rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
-    if not rundir.holds_run_of(cfg, reuse_keys(cfg)):
-        return False
-    metrics = rundir.read_table("metrics.parquet")
-    if metrics is None or metrics.empty or int(metrics["epoch"].max()) < int(cfg.train.epochs) - 1:
-        return False
-    return rundir.finished(int(cfg.train.epochs))
+    return RunDir.of(cfg.run.storage_path, cfg.run.name).holds_finished_run(cfg, reuse_keys(cfg))
 
 
 def _describe(cfg: DictConfig) -> str:
@@ -92,7 +86,7 @@ def train_in_parallel(cfgs: list[DictConfig], tag: str, ray_train_later: bool = 
         rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
         name, path = cfg.run.name, rundir.uri
         if is_finished(cfg):
-            print(f"[{tag}] {name}: finished checkpoint found in {path}: skipped (not retrained)", flush=True)
+            print(f"[{tag}] {name}: finished checkpoint found in {path}: reused (not retrained)", flush=True)
             outcomes[i] = Outcome(name, cfg, path, "skipped")
             if on_done is not None:
                 on_done(outcomes[i])
@@ -151,7 +145,8 @@ def summary_rows(outcome: Outcome, prerequisite: bool) -> list[dict[str, Any]]:
     """A prerequisite's row: its own last evaluation of its raw logits (its method's ``logits_view``: what
     the CBD student run's ``teacher<i>`` view computes). The method's own run: its ``summary_views``, with
     its run's interval. A failed run: a row of NaNs."""
-    cfg, extra = outcome.cfg, {"status": outcome.status, "run_dir": outcome.path}
+    status = "failed" if outcome.status == "failed" else "finished"
+    cfg, extra = outcome.cfg, {"status": status, "reused": outcome.status == "skipped", "run_dir": outcome.path}
     method = METHODS.get(cfg.method)
     if prerequisite:
         extra.update(method=str(cfg.method), type=str(cfg.data.augment), seed=int(cfg.seed))
@@ -188,7 +183,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     first = method.prerequisites(cfg)  # config errors before Ray starts
     if not first:
         raise ConfigError(f"method={cfg.method} has no runs to train first (CBD's teachers): use jobs/train.py")
-    RunDir(cfg.run.storage_path).check_writable()
+    preflight(cfg)
     job = RunDir.of(cfg.run.storage_path, cfg.run.name)
     job.write_config(cfg)
     started = time.time()
@@ -200,7 +195,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     main_cfg = method.after_prerequisites(cfg, [o.path for o in outcomes])
     main_dir = RunDir.of(main_cfg.run.storage_path, main_cfg.run.name)
     if is_finished(main_cfg):
-        print(f"[{cfg.method}] {main_cfg.run.name}: finished checkpoint found in {main_dir}: skipped (not retrained)",
+        print(f"[{cfg.method}] {main_cfg.run.name}: finished checkpoint found in {main_dir}: reused (not retrained)",
               flush=True)
         main = Outcome(str(main_cfg.run.name), main_cfg, main_dir.uri, "skipped")
     else:
@@ -219,22 +214,4 @@ def resolve_job_config(config: str | None, overrides: Sequence[str]) -> DictConf
     return load_config(config, {"method": "cbd", **flat})
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_cli(sys.argv[1:] if argv is None else argv, "jobs/cbd_ens.py",
-                     "CBD / CBD_ENS: teachers in parallel on Ray, then the class-balanced student.")
-    try:
-        cfg = resolve_job_config(args.config, args.overrides)
-        announce(cfg, "job directory")
-        out = run_ensemble(cfg)
-    except (ConfigError, CheckpointMismatch, StorageError, ClusterUnreachable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except PrerequisiteFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"\njob directory: {out['path']}")
-    print(summary_table(out["summary"]).to_string())
-    return 0
-
-
-__all__ = ["SHOT_COLUMNS", "PrerequisiteFailed", "TeacherFailed", "is_finished", "main", "run_ensemble"]
+__all__ = ["SHOT_COLUMNS", "PrerequisiteFailed", "TeacherFailed", "is_finished", "run_ensemble"]

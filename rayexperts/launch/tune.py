@@ -14,23 +14,34 @@ teachers) has them trained once, before the trials.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import functools
+import itertools
+import logging
 import math
+import os
+import random
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from rayexperts.analysis import best_trial, cell
-from rayexperts.config import ConfigError, from_dict, load_config, settings, to_dict, to_yaml, valid_keys, with_overrides
+from rayexperts.config import (ConfigError, file_layers, from_dict, load_config, parse_overrides, provenance, settings,
+                               to_dict, to_yaml, valid_keys, with_overrides)
 from rayexperts.data import DataError, build_dataset
 from rayexperts.launch.cluster import ClusterUnreachable, dashboard_wanted, ensure_ray, ship_plugins
 from rayexperts.launch.ensemble import PrerequisiteFailed, raise_failed, train_in_parallel
-from rayexperts.launch.actor import uses_ray_train, worker_threads
-from rayexperts.launch.train import announce, default_run_name, run_training
+from rayexperts.launch.trainer import uses_ray_train, worker_threads
+from rayexperts.launch.train import announce, default_run_name, root_error, run_training
 from rayexperts.methods import METHODS
 from rayexperts.registry import did_you_mean
 from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
@@ -119,6 +130,101 @@ def to_param_space(space: Space) -> dict[str, Any]:
         "grid": tune.grid_search,
     }
     return {key: makers[kind](args) for key, dist in space.items() for kind, args in dist.items()}
+
+
+POINT_KEY = "_point"  # an all-discrete sweep's index into its list of points: in Tune's config, never a config key
+
+
+@dataclass
+class TrialPlan:
+    """What Tune is asked to run: its ``param_space`` and ``num_samples``, the fixed points of an all-discrete
+    space (None: Tune samples the space), and one line saying what was done (empty: nothing to say)."""
+
+    param_space: dict[str, Any]
+    num_samples: int
+    points: list[dict[str, Any]] | None
+    note: str
+
+
+def plan_trials(space: Space, num_samples: int, seed: int) -> TrialPlan:
+    """The trials of a sweep. A space with a continuous key (``uniform``, ``loguniform``, ``randint``) is
+    sampled by Tune, ``num_samples`` times (each ``grid`` point that often). So is a ``grid``-only space: each
+    point is repeated ``num_samples`` times (repeats measure the noise). An all-discrete space with ``choice``
+    keys gives no duplicate trial: with at least as many samples as its choice points, every point once (a grid);
+    with fewer, ``num_samples`` distinct choice points drawn with ``seed``; for each ``grid`` point."""
+    kinds = {key: next(iter(dist)) for key, dist in space.items()}
+    if any(kind not in ("choice", "grid") for kind in kinds.values()):
+        return TrialPlan(to_param_space(space), num_samples, None, "")
+    values = {key: _distinct(next(iter(dist.values()))) for key, dist in space.items()}
+    grid_keys = [k for k in space if kinds[k] == "grid"]
+    choice_keys = [k for k in space if kinds[k] == "choice"]
+    grid_points = _product(grid_keys, values)
+    if not choice_keys:
+        g = len(grid_points)
+        note = (f"grid-only space of {g} point{'s' * (g != 1)}: each repeated tune.num_samples={num_samples} times "
+                f"({g * num_samples} trials)" if num_samples > 1 else f"grid-only space: a grid of {g} trials")
+        return TrialPlan(to_param_space(space), num_samples, None, note)
+    m = math.prod(len(values[k]) for k in choice_keys)
+    g, total = len(grid_points), len(grid_points) * m
+    rng = random.Random(seed)
+    points = []
+    for grid_point in grid_points:
+        picked = range(m) if num_samples >= m else sorted(rng.sample(range(m), num_samples))
+        for index in picked:
+            chosen = {**grid_point, **_point_at(index, choice_keys, values)}
+            points.append({k: chosen[k] for k in space})
+    head = f"all-discrete space of {total} points:"
+    per_grid = f" for each of the {g} grid points" if g > 1 else ""
+    if num_samples > m:
+        holds = "the space holds" if g == 1 else f"its choice keys hold ({m} points)"
+        note = f"{head} a grid of {len(points)} trials, tune.num_samples={num_samples} is more than {holds}"
+    elif num_samples == m:
+        note = f"{head} a grid of {len(points)} trials (tune.num_samples={num_samples})"
+    else:
+        note = f"{head} {num_samples} distinct point{'s' * (num_samples != 1)} drawn{per_grid} (seed {seed})"
+        note += f": {len(points)} trials" if g > 1 else ""
+    param_space = {POINT_KEY: _grid_search(list(range(len(points))))}
+    param_space.update({key: _point_value(points, key) for key in space})
+    return TrialPlan(param_space, 1, points, note)
+
+
+def _distinct(values: list) -> list:
+    """``values`` without repeats, in order (lists compare by value)."""
+    out: list = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _product(keys: list[str], values: dict[str, list]) -> list[dict[str, Any]]:
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(values[k] for k in keys))]
+
+
+def _point_at(index: int, keys: list[str], values: dict[str, list]) -> dict[str, Any]:
+    """The ``index``-th point of the product of ``keys``' values (the first key varies slowest)."""
+    point = {}
+    for key in reversed(keys):
+        index, i = divmod(index, len(values[key]))
+        point[key] = values[key][i]
+    return {k: point[k] for k in keys}
+
+
+def _grid_search(values: list) -> Any:
+    from ray import tune
+
+    return tune.grid_search(values)
+
+
+def _point_value(points: list[dict[str, Any]], key: str) -> Any:
+    """A Tune domain resolving to ``key``'s value at the trial's point (``POINT_KEY`` is resolved first)."""
+    from ray import tune
+
+    return tune.sample_from(functools.partial(_value_at_point, points, key))
+
+
+def _value_at_point(points: list[dict[str, Any]], key: str, config: dict[str, Any]) -> Any:
+    return copy.deepcopy(points[config[POINT_KEY]][key])
 
 
 # ------------------------------------------------------------------------------- config
@@ -236,8 +342,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: str, plugins:
     registry.add_plugins(plugins)
     cfg = from_dict(base)
     method = METHODS.get(cfg.method)
-    params = {k: method.search_value(k, v, cfg) for k, v in params.items()}
+    params = {k: method.search_value(k, v, cfg) for k, v in params.items() if k != POINT_KEY}
     trial = _trial_dirname(ray.tune.get_context().get_trial_id())
+    if not cfg.run.verbose:  # Ray Train's INFO lines ("Checkpoint successfully created at: ...", every epoch)
+        logging.getLogger("ray.train").setLevel(str(cfg.run.ray_log_level))
     cfg = with_overrides(cfg, {**params, "run.storage_path": sweep, "run.name": trial}, "sweep trial")
     if uses_ray_train(cfg):
         run_training(cfg, callbacks=[_report_callback(cfg)])
@@ -270,7 +378,8 @@ def trial_resources(cfg: DictConfig) -> dict[str, float]:
 
 
 def build_tuner(cfg: DictConfig, space: Space):
-    """The ``Tuner`` for a checked sweep config, restored when its directory holds one."""
+    """The ``Tuner`` for a checked sweep config, restored when its directory holds one. A new sweep says in
+    one line how it covers an all-discrete space (:func:`plan_trials`)."""
     from ray import tune
     from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -290,40 +399,201 @@ def build_tuner(cfg: DictConfig, space: Space):
         )
     else:
         scheduler = FIFOScheduler()
+    plan = plan_trials(space, int(cfg.tune.num_samples), int(cfg.seed))
+    if plan.note:
+        print(f"[rayexperts] {plan.note}", flush=True)
     return tune.Tuner(
         trainable,
-        param_space=to_param_space(space),
+        param_space=plan.param_space,
         tune_config=tune.TuneConfig(
             metric=str(cfg.tune.metric),
             mode=str(cfg.tune.mode),
             scheduler=scheduler,
             search_alg=BasicVariantGenerator(random_state=int(cfg.seed), max_concurrent=max_concurrent(cfg)),
-            num_samples=int(cfg.tune.num_samples),
+            num_samples=plan.num_samples,
             trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=str(cfg.run.name),
             storage_path=RunDir(cfg.run.storage_path).uri,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=int(cfg.run.num_to_keep)),
+            # Quiet: Tune's own reporter prints nothing (its tables hold every metric of every view);
+            # SweepProgress prints one line per finished trial instead.
             verbose=1 if cfg.run.verbose else 0,
+            callbacks=[] if cfg.run.verbose else [_progress_callback(cfg, space)],
         ),
     )
 
 
+# ------------------------------------------------------------------------------- console
+
+
+# Tune's log records a quiet sweep drops: the traceback of each failed trial (SweepProgress prints its one-line
+# error and trial directory; the traceback stays in error.txt there) and the list of trials that did not complete.
+_QUIET_DROPPED = {
+    "ray.tune.execution.tune_controller": ("Trial task failed for trial",),
+    "ray.tune.tune": ("Trials did not complete",),
+}
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+@contextlib.contextmanager
+def tune_console(verbose: bool) -> Iterator[None]:
+    """The driver's console while Tune runs. Verbose: Tune's own. Quiet (the sweep's default):
+    ``RAY_AIR_NEW_OUTPUT=0`` with ``verbose=0`` makes Tune's reporter silent (the new one at ``verbose=0``
+    still prints every metric of a failed trial); ``TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S=0``
+    turns off the "snapshotting has been triggered multiple times" warning that our own
+    ``CheckpointConfig(num_to_keep)`` with a checkpoint every epoch triggers (Tune's message: "Set it to 0 to
+    completely suppress this warning"); ``ray.tune.tune`` at WARNING drops its "Wrote the latest version of all
+    result files" line. Everything is put back afterwards."""
+    if verbose:
+        yield
+        return
+    env = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    tune_logger = logging.getLogger("ray.tune.tune")
+    saved_level = tune_logger.level
+    filters = [(logging.getLogger(name), _DropRecords(prefixes)) for name, prefixes in _QUIET_DROPPED.items()]
+    os.environ.update(env)
+    tune_logger.setLevel(logging.WARNING)
+    for logger, f in filters:
+        logger.addFilter(f)
+    try:
+        yield
+    finally:
+        for logger, f in filters:
+            logger.removeFilter(f)
+        tune_logger.setLevel(saved_level)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def is_top1(metric: str) -> bool:
+    """An accuracy (shown in %): ``top1``, ``val_top1_few``, ..."""
+    return "top1" in metric or "top5" in metric
+
+
+def shown_value(metric: str, value: Any) -> str:
+    """A metric for people: accuracies in % (files keep fractions), others as they are."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if is_top1(metric):
+        return f"{100 * float(value):.2f} %"
+    return f"{float(value):.4f}" if isinstance(value, float) else str(value)
+
+
+def trial_line(trial_id: str, config: dict[str, Any], result: dict[str, Any], keys: Sequence[str], metric: str,
+               epochs: int) -> str:
+    """One finished trial for the console: its searched values, epochs (1-based), tuned metric and test top-1."""
+    done = int(result.get(TIME_ATTR, 0) or 0)
+    how = "completed" if done >= epochs else "stopped early"
+    params = " ".join(f"{k}={cell(config.get(k))}" for k in keys)
+    return (f"[sweep] trial {trial_id} {how} after epoch {done}/{epochs}: {metric} {shown_value(metric, result.get(metric))}"
+            f", test top1 {shown_value('top1', result.get('top1'))} | {params}")
+
+
+def error_line(error: BaseException) -> str:
+    """A failed trial's error in one line: the innermost exception's type and last message line."""
+    root = root_error(error)
+    lines = [line.strip() for line in str(root).strip().splitlines() if line.strip()]
+    line = lines[-1] if lines else ""
+    name = type(root).__name__
+    return line if line.startswith(f"{name}:") or not line else f"{name}: {line}"
+
+
+def failure_line(trial_id: str, error: str, path: str) -> str:
+    return f"trial {trial_id} failed: {error}; trial directory {path} (error.txt there holds the traceback)"
+
+
+def _trial_error(trial) -> str:
+    """The one-line error of a failed Tune trial, from the error Tune pickled in its directory."""
+    try:
+        import ray.cloudpickle as pickle
+
+        with open(trial.pickled_error_file, "rb") as f:
+            return error_line(pickle.load(f))
+    except Exception:  # noqa: BLE001 - no pickle (an unpicklable error): the text file's last line
+        try:
+            lines = [line.strip() for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+            return lines[-1]
+        except Exception:  # noqa: BLE001
+            return "(no error message recorded)"
+
+
+def _progress_callback(cfg: DictConfig, space: Space):
+    """A quiet sweep's console (a Tune ``Callback``): a line per finished or failed trial, and every
+    ``HEARTBEAT_S`` seconds how many trials are done and the best so far."""
+    from ray.tune import Callback
+
+    keys, metric, mode, epochs = list(space), str(cfg.tune.metric), str(cfg.tune.mode), int(cfg.train.epochs)
+    sweep_uri = RunDir.of(cfg.run.storage_path, cfg.run.name).uri
+
+    class SweepProgress(Callback):
+        HEARTBEAT_S = 60.0
+
+        def __init__(self) -> None:
+            self.start = self.last = time.monotonic()
+
+        def setup(self, **info) -> None:
+            self.start = self.last = time.monotonic()
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            print(trial_line(trial.trial_id, trial.config, trial.last_result or {}, keys, metric, epochs), flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            path = RunDir(sweep_uri).child(_trial_dirname(trial)).uri
+            print(f"[sweep] {failure_line(trial.trial_id, _trial_error(trial), path)}", flush=True)
+
+        def on_step(self, iteration, trials, **info) -> None:
+            now = time.monotonic()
+            if now - self.last < self.HEARTBEAT_S:
+                return
+            self.last = now
+            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+            running = sum(t.status == "RUNNING" for t in trials)
+            scored = [t for t in trials if (t.last_result or {}).get(metric) is not None]
+            best = ""
+            if scored:
+                top = (max if mode == "max" else min)(scored, key=lambda t: t.last_result[metric])
+                best = f"; best {metric} so far {shown_value(metric, top.last_result[metric])} (trial {top.trial_id})"
+            print(f"[sweep] {int(now - self.start)} s: {done}/{len(trials)} trials done, {running} running{best}",
+                  flush=True)
+
+    return SweepProgress()
+
+
 def check_same_sweep(sweep: RunDir, cfg: DictConfig, space: Space) -> None:
-    """Write ``sweep.yaml`` (config + space); refuse to continue a sweep of another one."""
+    """Write ``sweep.yaml`` (config + space); refuse to continue a sweep of another one (``run.verbose``,
+    only what the console shows, may differ)."""
     spec = {"config": settings(cfg), "space": space}
     if sweep.is_file("sweep.yaml"):
         old = OmegaConf.to_container(OmegaConf.create(sweep.read_text("sweep.yaml")))
         for written in ("layers", "sources"):
             old["config"].pop(written, None)  # type: ignore[index, union-attr]
-        if old != spec:
+        if _without_verbose(old) != _without_verbose(spec):
             raise ConfigError(
                 f"{sweep} holds a sweep of another config or search space; choose another run.name "
                 "or remove that directory"
             )
         print(f"[rayexperts] continuing the sweep in {sweep}", flush=True)
     sweep.write_text("sweep.yaml", OmegaConf.to_yaml(OmegaConf.create({**spec, "config": to_dict(cfg)})))
+
+
+def _without_verbose(spec: Any) -> Any:
+    spec = copy.deepcopy(spec)
+    (spec.get("config") or {}).get("run", {}).pop("verbose", None)
+    return spec
 
 
 def trials_table(results, space: Space, cfg: DictConfig) -> pd.DataFrame:
@@ -376,13 +646,76 @@ def run_sweep(cfg: DictConfig, space: Space) -> dict[str, Any]:
     sweep = RunDir.of(cfg.run.storage_path, cfg.run.name)
     check_same_sweep(sweep, cfg, space)
     cfg = after_prerequisites(cfg)
-    results = build_tuner(cfg, space).fit()
+    tuner = build_tuner(cfg, space)
+    with tune_console(bool(cfg.run.verbose)):
+        results = tuner.fit()
     trials = trials_table(results, space, cfg)
     sweep.write_table("trials.parquet", trials)
     best = best_trial(trials, str(cfg.tune.metric), str(cfg.tune.mode))
     if best is not None:
         sweep.write_text("best.yaml", best_config(best, cfg))
-    return {"path": sweep.uri, "trials": trials, "best": best, "config": cfg}
+    failures = [{"trial_id": Path(r.path).name.removeprefix("tune_"), "error": error_line(r.error),
+                 "path": sweep.child(Path(r.path).name).uri} for r in results if r.error]
+    return {"path": sweep.uri, "trials": trials, "best": best, "config": cfg,
+            "ties": best_ties(trials, best, str(cfg.tune.metric)),
+            "failures": sorted(failures, key=lambda f: f["trial_id"])}
+
+
+def best_ties(trials: pd.DataFrame, best: pd.Series | None, metric: str) -> list[str]:
+    """The trial ids with the best trial's ``metric`` among the trials :func:`best_trial` chose from (the
+    completed ones when it chose a completed one), the best first; just the best when nothing ties."""
+    if best is None:
+        return []
+    pool = trials[(trials["status"] != "error") & trials[metric].notna()]
+    if best["status"] == "completed":
+        pool = pool[pool["status"] == "completed"]
+    tied = pool[np.isclose(pool[metric].astype(float), float(best[metric]), rtol=1e-9, atol=1e-12)]
+    others = [str(t) for t in tied["trial_id"] if str(t) != str(best["trial_id"])]
+    return [str(best["trial_id"]), *others]
+
+
+def trials_for_people(trials: pd.DataFrame, space: Space, metric: str) -> pd.DataFrame:
+    """The trials table as printed: searched keys, epochs done, the tuned metric and test top-1 (accuracies
+    in %, their headers say so); trials.parquet keeps fractions."""
+    shown = ["trial_id", "status", *space, TIME_ATTR, metric, "top1"]
+    table = trials[[c for c in shown if c in trials]].copy()
+    for col, label in ((metric, metric), ("top1", "test top1")):
+        if col in table and is_top1(col):
+            table[col] = [shown_value("", v) if pd.isna(v) else f"{100 * float(v):.2f}" for v in table[col]]
+            table = table.rename(columns={col: f"{label} (%)"})
+    return table
+
+
+def sweep_summary(out: dict[str, Any], space: Space) -> tuple[list[str], int]:
+    """What :func:`main` prints after a sweep (one string per line) and its exit status: the trials table,
+    each failed trial's error and directory, the best trial (ties named) or why there is none."""
+    trials, best, metric = out["trials"], out["best"], str(out["config"].tune.metric)
+    lines = ["", f"sweep directory: {out['path']}", trials_for_people(trials, space, metric).to_string(index=False)]
+    failures = out.get("failures") or []
+    if failures:
+        lines.append("")
+        lines += [failure_line(f["trial_id"], f["error"], f["path"]) for f in failures]
+    if best is None:
+        why = f"all {len(trials)} trials failed" if failures and len(failures) == len(trials) else \
+            "no trial evaluated it"
+        lines.append(f"no trial reported the tuned metric {metric}: {why}")
+        return lines, 1
+    ties = out.get("ties") or [str(best["trial_id"])]
+    lines.append("")
+    if len(ties) > 1:
+        lines.append(f"{len(ties)} trials tie for the best {metric} ({shown_value(metric, best[metric])}): "
+                     f"{', '.join(ties)}; the first is written to best.yaml")
+    lines.append(f"best trial {best['trial_id']}: {metric} = {shown_value(metric, best[metric])} (validation); "
+                 f"test top1 = {shown_value('top1', best.get('top1', math.nan))}")
+    lines.append(f"its config: {out['path']}/best.yaml (python jobs/train.py --config {out['path']}/best.yaml)")
+    return lines, 0
+
+
+def verbose_chosen(config: str | None, overrides: Sequence[str]) -> bool:
+    """Whether the user set ``run.verbose`` (on the command line or in the ``--config`` file or its bases)."""
+    if "run.verbose" in parse_overrides(list(overrides)):
+        return True
+    return bool(config) and "run.verbose" in provenance(file_layers(str(config)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -392,7 +725,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted config keys, e.g. tune.num_samples=16 tune.scheduler=fifo")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = sweep_config(load_config(args.config, args.overrides))
+        cfg = load_config(args.config, args.overrides)
+        if not verbose_chosen(args.config, args.overrides):  # a sweep's trials are quiet unless asked
+            cfg = with_overrides(cfg, {"run.verbose": False}, "sweep: quiet console (run.verbose=true shows all)")
+        cfg = sweep_config(cfg)
         space = load_space(args.space, cfg)
         announce(cfg, "sweep directory")
         out = run_sweep(cfg, space)
@@ -402,14 +738,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrerequisiteFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    best, metric = out["best"], out["config"].tune.metric
-    shown = ["trial_id", "status", *space, metric, "top1"]
-    print(f"\nsweep directory: {out['path']}")
-    print(out["trials"][[c for c in shown if c in out["trials"]]].to_string(index=False))
-    if best is None:
-        print("no trial reported the tuned metric", file=sys.stderr)
-        return 1
-    test = best.get("top1", math.nan)
-    print(f"\nbest trial {best['trial_id']}: {metric} = {best[metric]:.4f} (validation); test top1 = {test:.4f}")
-    print(f"its config: {out['path']}/best.yaml (python jobs/train.py --config {out['path']}/best.yaml)")
-    return 0
+    lines, status = sweep_summary(out, space)
+    print("\n".join(lines), flush=True)
+    return status

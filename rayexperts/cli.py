@@ -1,0 +1,310 @@
+"""The ``rayexperts`` command: ``rayexperts train|cbd|sweep|reproduce|report|config|presets|methods|models|data``.
+
+``jobs/*.py`` are the same commands as scripts (what ``ray job submit -- python jobs/X.py`` runs). Every job
+takes ``--config PRESET_OR_YAML``, dotted ``key=value`` overrides and ``--print-config`` (the resolved config,
+each value with the layer that set it; no Ray started). Errors are one line on stderr with exit status 2 (bad
+input) or 1 (a run failed; its traceback is in the run directory's ``error.log``); Ctrl-C says how to resume.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+RESULTS = ("Results go to run.storage_path/run.name/ (default ./runs/<method>-<data>-<time>/): config.yaml, "
+           "metrics.parquet (0-based epochs, fractions), classes.parquet, checkpoints.")
+RESUME = "Re-run the same command (with the same run.name) to resume from the latest checkpoint; a finished run is " \
+         "not trained again."
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines) + f"\n\n{RESULTS}\n{RESUME}"
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    from rayexperts.config import ConfigError
+    from rayexperts.data.errors import DataError
+    from rayexperts.launch.cluster import ClusterUnreachable
+    from rayexperts.rundir import CheckpointMismatch, StorageError
+
+    return ConfigError, DataError, CheckpointMismatch, StorageError, ClusterUnreachable
+
+
+def _run(job: Callable[[], int], where: str = "") -> int:
+    """Run a job: bad input is one line and status 2, a failed run one line and status 1, Ctrl-C one line."""
+    from rayexperts.launch.ensemble import PrerequisiteFailed
+    from rayexperts.launch.train import RunFailed
+
+    try:
+        return job()
+    except _errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (RunFailed, PrerequisiteFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run the same command again to resume{where} from the latest checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+def _print_config(config: str | None, overrides: Sequence[str]) -> int:
+    from rayexperts.config import explain
+
+    print(explain(config, list(overrides)))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def train(argv: Sequence[str]) -> int:
+    """One training run; a method with runs that must finish first (CBD's teachers, RIDE's experts for its
+    router) trains them first, as ``rayexperts cbd`` does."""
+    from rayexperts.launch.train import parse_cli
+
+    args = parse_cli(argv, "rayexperts train", "One training run of any method: one worker in a Ray actor, "
+                     "several through Ray Train.", _examples(
+                         "rayexperts train                                    # the digits-lt demo (CE, 30 epochs)",
+                         "rayexperts train --config cifar10_lt_if100_ncl data.root=/data/cifar-10-batches-py",
+                         "rayexperts train --config cifar10_lt_if100_ce compat=official seed=1",
+                         "rayexperts train method=mllt train.epochs=5 --print-config"))
+    if args.print_config:
+        return _run(lambda: _print_config(args.config, args.overrides))
+    holder: dict = {}
+
+    def job() -> int:
+        from rayexperts.config import load_config
+        from rayexperts.launch.ensemble import run_ensemble, summary_table
+        from rayexperts.launch.train import announce, final_table, run_training
+        from rayexperts.registry import METHODS
+        from rayexperts.rundir import RunDir
+
+        cfg = load_config(args.config, args.overrides)
+        holder["dir"] = announce(cfg, "run directory")
+        if METHODS.get(cfg.method).prerequisites(cfg):
+            out = run_ensemble(cfg)
+            print(f"\njob directory: {out['path']}")
+            print(summary_table(out["summary"]).to_string())
+            return 0
+        out = run_training(cfg)
+        metrics = RunDir(out["path"]).read_table("metrics.parquet")
+        print(f"\nrun directory: {out['path']}")
+        if metrics is not None:
+            print("test top-1 (%) at the last epoch:")
+            print(final_table(metrics).to_string())
+        return 0
+
+    return _run(job, " (same run.name)")
+
+
+def cbd(argv: Sequence[str]) -> int:
+    """CBD / CBD_ENS: the teachers in parallel, then the class-balanced student (the digits demo by default)."""
+    from rayexperts.launch.train import parse_cli
+
+    args = parse_cli(argv, "rayexperts cbd", "CBD / CBD_ENS: teachers in parallel on Ray, then the class-balanced "
+                     "student. With no arguments: the digits-lt demo (preset cbd_digits).", _examples(
+                         "rayexperts cbd                                      # the digits-lt demo",
+                         "rayexperts cbd --config cbd_cifar100_lt_if100 data.root=/data/cifar-100-python "
+                         "cbd.teacher_gpus=0 scaling.use_gpu=false",
+                         "rayexperts cbd --config cbd_imagenet_lt_r50 compat=official data.root=/data/imagenet "
+                         "run.storage_path=/shared/runs"))
+
+    def config():
+        from rayexperts.launch.ensemble import resolve_job_config
+
+        return resolve_job_config(args.config, args.overrides)
+
+    if args.print_config:
+        from rayexperts.launch.ensemble import DEMO_PRESET
+        from rayexperts.config import parse_overrides
+
+        flat = parse_overrides(list(args.overrides))
+        preset = args.config or (DEMO_PRESET if flat.get("data.name", "digits-lt") == "digits-lt" else None)
+        return _run(lambda: _print_config(preset, [*args.overrides, "method=cbd"]))
+
+    def job() -> int:
+        from rayexperts.launch.ensemble import run_ensemble, summary_table
+        from rayexperts.launch.train import announce
+
+        cfg = config()
+        announce(cfg, "job directory")
+        out = run_ensemble(cfg)
+        print(f"\njob directory: {out['path']}")
+        print("test top-1 (%) per model:")
+        print(summary_table(out["summary"]).to_string())
+        return 0
+
+    return _run(job)
+
+
+def sweep(argv: Sequence[str]) -> int:
+    from rayexperts.launch.tune import main
+
+    return _run(lambda: main(list(argv)))
+
+
+def reproduce(argv: Sequence[str]) -> int:
+    from rayexperts.launch.reproduce import main
+
+    return _run(lambda: main(list(argv)))
+
+
+def report(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="rayexperts report",
+                                     description="Tables and plots for a run, an ensemble job or a sweep, written "
+                                                 "into DIR/report/ (report.md and PNG figures).")
+    parser.add_argument("dir", help="a run directory, an ensemble job directory or a sweep directory")
+    args = parser.parse_args(list(argv))
+
+    def job() -> int:
+        from rayexperts.report import write_report
+
+        try:
+            md = write_report(args.dir)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"report: {md}")
+        return 0
+
+    return _run(job)
+
+
+# ------------------------------------------------------------------------------------------------ information
+
+
+def config(argv: Sequence[str]) -> int:
+    """``rayexperts config [--config X] [key=value ...]``: the resolved config with each value's layer."""
+    from rayexperts.launch.train import parse_cli
+
+    args = parse_cli(argv, "rayexperts config", "The resolved config, each value with the layer that set it "
+                     "(defaults, data set, method, preset, compat=official with its source, command line).")
+    return _run(lambda: _print_config(args.config, args.overrides))
+
+
+def _description(path) -> str:
+    """A preset's one-line description: the first sentence of its leading comment."""
+    text = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text.append(line.lstrip("# ").strip())
+    first = " ".join(text).split(". ")[0]
+    for cut in (" (METHODS", ": ", "; "):
+        first = first.split(cut)[0]
+    return first.rstrip(".:")
+
+
+def presets(argv: Sequence[str]) -> int:
+    import argparse
+
+    from rayexperts.config import PRESET_DIR, list_presets
+
+    parser = argparse.ArgumentParser(prog="rayexperts presets",
+                                     description="Every shipped preset with its one-line description "
+                                                 "(rayexperts train --config NAME; --print-config shows all keys).")
+    parser.add_argument("--official", action="store_true",
+                        help="the table of what compat=official changes per preset, with sources")
+    args = parser.parse_args(list(argv))
+    if args.official:
+        from rayexperts.recipes import markdown
+
+        print(markdown())
+        return 0
+    names = list_presets()
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {_description(PRESET_DIR / f'{name}.yaml')}")
+    return 0
+
+
+def methods(argv: Sequence[str]) -> int:
+    import argparse
+    import importlib
+
+    from rayexperts.registry import METHODS
+
+    argparse.ArgumentParser(prog="rayexperts methods", description="Every registered method (method=NAME) with "
+                            "its paper.").parse_args(list(argv))
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        own = cls.__dict__.get("__doc__") or ""
+        doc = (own or importlib.import_module(cls.__module__).__doc__ or "").strip().splitlines()[0]
+        line = doc.split(":", 1)[-1].strip() if not own else doc
+        line = line.split("; METHODS.md")[0].rstrip(" ,.")
+        print(f"{name:<9} {line + ')' if line.count('(') > line.count(')') else line}")
+    return 0
+
+
+def models(argv: Sequence[str]) -> int:
+    from rayexperts.models.__main__ import main
+
+    return main(list(argv))
+
+
+def data(argv: Sequence[str]) -> int:
+    from rayexperts.data.__main__ import main
+
+    return main(list(argv))
+
+
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
+    "train": (train, "one training run of any method (jobs/train.py)"),
+    "cbd": (cbd, "CBD / CBD_ENS: teachers in parallel, then the student (jobs/cbd_ens.py)"),
+    "sweep": (sweep, "a Ray Tune sweep over a search space (jobs/sweep.py)"),
+    "reproduce": (reproduce, "a published table re-run beside the paper's numbers (jobs/reproduce.py)"),
+    "report": (report, "tables and plots of a run, job or sweep directory (jobs/report.py)"),
+    "config": (config, "the resolved config with each value's layer"),
+    "presets": (presets, "the shipped presets (paper settings and demos)"),
+    "methods": (methods, "the registered methods"),
+    "models": (models, "models summary: parameters and multiply-accumulates of a config's model"),
+    "data": (data, "data describe: a data set's per-class counts and shot groups"),
+}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: rayexperts COMMAND [options] [key=value ...]", "",
+             "Long-tailed recognition with multiple experts on Ray (MLLT, NCL, ECL, CBD, LDAM-DRW, RIDE, SADE, "
+             "BalPoE).", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "rayexperts COMMAND --help for its options and examples.",
+              "Maintainer tools (benchmarks, mutation score): jobs/bench_*.py, jobs/mutation_score.py, "
+              "jobs/gpu_check.py."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        from rayexperts.registry import did_you_mean
+
+        print(f"error: unknown command {command!r}{did_you_mean(command, COMMANDS)}\n\n{usage()}", file=sys.stderr)
+        return 2
+    return COMMANDS[command][0](rest)
+
+
+def run_job(command: str) -> int:
+    """What a ``jobs/`` script does: check the package, then ``rayexperts COMMAND`` with the script's arguments,
+    with the trace marks of :mod:`rayexperts.trace`."""
+    import rayexperts
+
+    rayexperts.check_install_or_exit()  # an upload without the presets stops here, not halfway through a run
+    from rayexperts.trace import mark
+
+    mark("imports done")
+    code = main([command, *sys.argv[1:]])
+    mark("exit")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
