@@ -79,6 +79,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(set(self._builtins) | set(self._entries))
 
+    def builtin_names(self) -> list[str]:
+        """The entries this package ships (without plugins registered at run time)."""
+        return sorted(self._builtins)
+
     def __contains__(self, name: object) -> bool:
         return name in self._builtins or name in self._entries
 

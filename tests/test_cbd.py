@@ -230,7 +230,8 @@ def test_rerun_skips_finished_runs(finished_job, capsys):
     printed = capsys.readouterr().out
     for name in ("teacher0", "teacher1", "student"):
         assert f"[cbd] {name}: finished checkpoint found" in printed
-    assert _checkpoints(job) == before and list(again["summary"]["status"]) == ["skipped"] * 4
+    assert _checkpoints(job) == before and list(again["summary"]["status"]) == ["finished"] * 4
+    assert again["summary"]["reused"].all() and not first["summary"]["reused"].any()  # how they ended, and reuse
     pd.testing.assert_frame_equal(again["summary"][SUMMARY_COLUMNS], first["summary"][SUMMARY_COLUMNS])
 
 
@@ -252,8 +253,9 @@ def test_an_unfinished_teacher_resumes_and_ends_as_if_never_stopped(finished_job
     kept = pd.read_parquet(teacher / "metrics.parquet")
 
     out = run_ensemble(job_config(tmp_path))
-    status = out["summary"].set_index("model")["status"]
-    assert (status["teacher0"], status["teacher1"], status["student"]) == ("finished", "skipped", "finished")
+    summary = out["summary"].set_index("model")
+    assert list(summary.loc[["teacher0", "teacher1", "student"], "status"]) == ["finished"] * 3
+    assert list(summary.loc[["teacher0", "teacher1", "student"], "reused"]) == [False, True, False]
     resumed = pd.read_parquet(teacher / "metrics.parquet")
     pd.testing.assert_frame_equal(resumed[resumed["epoch"] < 9], kept)  # not retrained: same timestamps
     assert resumed["timestamp"].max() > kept["timestamp"].max()
@@ -272,7 +274,7 @@ def test_failing_teacher_is_named_and_others_kept(finished_job):
     assert "teacher0" not in msg and "teacher1" not in msg
     assert "FileNotFoundError" in (job / "teachers" / "teacher2" / "error.log").read_text()
     summary = pd.read_parquet(job / "summary.parquet").set_index("model")
-    assert list(summary["status"]) == ["skipped", "skipped", "failed"]
+    assert list(summary["status"]) == ["finished", "finished", "failed"] and list(summary["reused"]) == [True, True, False]
     assert summary.loc[["teacher0", "teacher1"], "top1"].notna().all() and np.isnan(summary.loc["teacher2", "top1"])
     assert _checkpoints(job) == before
 

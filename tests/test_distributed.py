@@ -147,7 +147,8 @@ def test_resume_is_exact_after_the_driver_is_killed(clean_run, ray_cluster, tmp_
     assert len(metrics_without_time(tmp_path / "runs" / "driver")["epoch"].unique()) < 5
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    resumed = re.findall(r"resuming driver from checkpoint \S+ at epoch (\d)", second.stdout + second.stderr)
+    resumed = re.findall(r"driver: resuming from \S+/runs/driver/checkpoint_\S+: (\d) of 5 epochs done",
+                         second.stdout + second.stderr)
     assert resumed and kill_after < int(resumed[0]) < 5, second.stdout[-2000:]
     pd.testing.assert_frame_equal(metrics_without_time(tmp_path / "runs" / "driver"),
                                   metrics_without_time(clean_run / "runs" / "clean"))

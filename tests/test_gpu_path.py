@@ -175,7 +175,7 @@ def census(run: Run) -> tuple[Census, Census]:
     return train, evaluation
 
 
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("method", METHODS.builtin_names())
 def test_one_step_and_one_evaluation_batch_issue_no_sync(method, tmp_path):
     """Every registered method (methods added later included), digits-lt on the device path with the
     default augmentation: no data-dependent op from rayexperts/ code beyond the named budget."""
@@ -476,7 +476,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     passed = [ln for ln in lines if ln.startswith("PASS")]
     for name in ("A.ce.placement", "A.ncl.eval_view_dtypes", "A.cbd.loss_finite", "E.resume_is_exact"):
         assert any(ln.startswith(f"PASS {name}") for ln in passed), name
-    assert all(any(ln.startswith(f"INFO H.{m}.epoch") for ln in lines) for m in METHODS.names())
+    assert all(any(ln.startswith(f"INFO H.{m}.epoch") for ln in lines) for m in METHODS.builtin_names())
     doc = json.loads((out / "gpu_check.json").read_text())
     assert {"device", "torch", "cpu_smoke", "data", "summary", "parts", "lines"} <= set(doc)
     assert doc["device"] == "cpu" and doc["cpu_smoke"] and doc["data"] == "digits-lt"

@@ -9,6 +9,14 @@ calls :func:`~rayexperts.launch.train.run_training`, whose ``TorchTrainer`` asks
 hold) caps how many trials run at once. The tuned metric is a validation metric only; the best
 trial's test accuracy is reported beside it. A method with runs that must finish first (CBD's
 teachers) has them trained once, before the trials.
+
+An all-discrete space (``choice``/``grid`` keys only, at least one ``choice``) never repeats a trial:
+:func:`plan_trials` grids it when ``tune.num_samples`` covers it, else draws that many distinct points
+(seeded by ``seed``), and says so in one line. The console is quiet unless ``run.verbose=true`` is given
+(command line or config file): trials print no per-epoch lines, Tune's reporter and Ray's checkpoint lines
+are silenced (:func:`tune_console`), and one line per finished or failed trial shows the searched keys,
+epochs, the tuned metric and test top-1 in %. The end prints the trials (top-1 in %), failed trials'
+errors and directories, and ties for the best trial; the files keep fractions.
 """
 
 from __future__ import annotations
@@ -132,7 +140,7 @@ def to_param_space(space: Space) -> dict[str, Any]:
     return {key: makers[kind](args) for key, dist in space.items() for kind, args in dist.items()}
 
 
-POINT_KEY = "_point"  # an all-discrete sweep's index into its list of points: in Tune's config, never a config key
+POINT_KEY = "_point"  # an all-discrete sweep's index into its points: in Tune's trial config, never a config key
 
 
 @dataclass
@@ -183,9 +191,7 @@ def plan_trials(space: Space, num_samples: int, seed: int) -> TrialPlan:
     else:
         note = f"{head} {num_samples} distinct point{'s' * (num_samples != 1)} drawn{per_grid} (seed {seed})"
         note += f": {len(points)} trials" if g > 1 else ""
-    param_space = {POINT_KEY: _grid_search(list(range(len(points))))}
-    param_space.update({key: _point_value(points, key) for key in space})
-    return TrialPlan(param_space, 1, points, note)
+    return TrialPlan(_points_space(points, list(space)), 1, points, note)
 
 
 def _distinct(values: list) -> list:
@@ -210,17 +216,14 @@ def _point_at(index: int, keys: list[str], values: dict[str, list]) -> dict[str,
     return {k: point[k] for k in keys}
 
 
-def _grid_search(values: list) -> Any:
+def _points_space(points: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    """Tune's ``param_space`` for fixed ``points``: a grid over their indices (``POINT_KEY``), each key
+    resolved from its trial's point. Tune's own ``BasicVariantGenerator`` runs it, as any other sweep."""
     from ray import tune
 
-    return tune.grid_search(values)
-
-
-def _point_value(points: list[dict[str, Any]], key: str) -> Any:
-    """A Tune domain resolving to ``key``'s value at the trial's point (``POINT_KEY`` is resolved first)."""
-    from ray import tune
-
-    return tune.sample_from(functools.partial(_value_at_point, points, key))
+    space = {POINT_KEY: tune.grid_search(list(range(len(points))))}
+    space.update({key: tune.sample_from(functools.partial(_value_at_point, points, key)) for key in keys})
+    return space
 
 
 def _value_at_point(points: list[dict[str, Any]], key: str, config: dict[str, Any]) -> Any:
@@ -235,6 +238,8 @@ def sweep_config(cfg: DictConfig) -> DictConfig:
     ``data.val_per_class`` := ``tune.val_per_class`` when it is 0. Checking a checked config changes nothing."""
     if not cfg.data.val_per_class:
         cfg = with_overrides(cfg, {"data.val_per_class": cfg.tune.val_per_class}, "sweep: a validation split")
+    if int(cfg.tune.num_samples) < 1:
+        raise ConfigError(f"tune.num_samples={cfg.tune.num_samples}: a sweep needs at least 1 trial")
     if not str(cfg.tune.metric).startswith("val_"):
         raise ConfigError(
             f"tune.metric={cfg.tune.metric!r} is not a validation metric: sweeps never tune on the test split; "
@@ -499,8 +504,9 @@ def trial_line(trial_id: str, config: dict[str, Any], result: dict[str, Any], ke
     done = int(result.get(TIME_ATTR, 0) or 0)
     how = "completed" if done >= epochs else "stopped early"
     params = " ".join(f"{k}={cell(config.get(k))}" for k in keys)
-    return (f"[sweep] trial {trial_id} {how} after epoch {done}/{epochs}: {metric} {shown_value(metric, result.get(metric))}"
-            f", test top1 {shown_value('top1', result.get('top1'))} | {params}")
+    return (f"[sweep] trial {trial_id} {how} after epoch {done}/{epochs}: "
+            f"{metric} {shown_value(metric, result.get(metric))}, test top1 {shown_value('top1', result.get('top1'))}"
+            f" | {params}")
 
 
 def error_line(error: BaseException) -> str:
