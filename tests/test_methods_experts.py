@@ -197,3 +197,109 @@ def test_balpoe_tau_spread_gives_equidistant_taus():
     assert expert_taus(load_config("cifar100_lt_if100_balpoe").balpoe, 3) == [0.0, 1.0, 2.0]
     out = fake_output(k=4)
     torch.testing.assert_close(m.loss(out, Y).total, L.balpoe_loss(out.logits, Y, COUNTS, (0.0, 2 / 3, 4 / 3, 2.0)))
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def _cifar100_pickles(parent, per_class: int = 12, test_per_class: int = 2):
+    """``parent/cifar-100-python`` in the official format (train, test, meta), tiny."""
+    import pickle
+
+    import numpy as np
+    from data_fixtures import interleaved_labels, tagged_images
+
+    folder = parent / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for name, n, seed in (("train", per_class, 0), ("test", test_per_class, 1)):
+        labels = interleaved_labels(100, n, seed=seed)
+        data = tagged_images(labels).transpose(0, 3, 1, 2).reshape(len(labels), -1)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": labels.tolist()}, f, protocol=2)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, f, protocol=2)
+    return folder
+
+
+def _train(cfg, epochs: int):
+    from rayexperts.engine.run import Run
+
+    run = Run(cfg)
+    stats = {}
+    for epoch in range(epochs):
+        stats = run.train_epoch(epoch)
+    rows, _ = run.result_rows(epochs - 1, run.evaluate(True), stats)
+    return run, stats, {r["view"]: r for r in rows}
+
+
+@pytest.mark.parametrize("method", ["ldam_drw", "ride", "sade", "balpoe"])
+def test_each_new_method_learns_the_digits(method, tmp_path, one_torch_thread):
+    extra = ["train.mixup_alpha=0.2"] if method == "balpoe" else []
+    cfg = load_config(None, [f"method={method}", "train.epochs=4", f"run.storage_path={tmp_path}", "run.name=r",
+                             "run.verbose=false", *extra])
+    run, stats, rows = _train(cfg, 4)
+    view = METHODS.get(method).primary_view
+    assert math.isfinite(stats["loss"]) and rows[view]["top1"] > 0.3, rows[view]  # 10 classes: chance is 0.1
+    if method == "sade":
+        assert rows["tta_aggregate"]["transductive"] and not rows["ensemble"]["transductive"]
+
+
+@pytest.mark.parametrize("preset, compat", [("cifar10_lt_if100_ldam_drw", "official"), ("cifar10_lt_if100_ride", "paper"),
+                                            ("cifar100_lt_if100_sade", "paper"), ("cifar10_lt_if100_balpoe_long", "official")])
+def test_the_cifar_presets_train_end_to_end(preset, compat, tmp_path, one_torch_thread):
+    from data_fixtures import make_cifar10_pickles
+
+    root = _cifar100_pickles(tmp_path) if "cifar100" in preset else make_cifar10_pickles(tmp_path)
+    cfg = load_config(preset, [f"compat={compat}", f"data.root={root}", "data.imbalance_factor=10", "train.epochs=1",
+                               "train.batch_size=32", f"run.storage_path={tmp_path}", "run.name=r", "run.verbose=false"])
+    run, stats, rows = _train(cfg, 1)
+    assert math.isfinite(stats["loss"]) and set(run.views) <= set(rows)
+    assert all(0 <= r["top1"] <= 1 for r in rows.values())
+
+
+def test_a_ride_run_teaches_a_cbd_student(tmp_path, one_torch_thread):
+    """RIDE (a shared trunk) and LDAM-DRW as CBD teachers: every expert's feature is one part of the target."""
+    from rayexperts.methods.cbd import ClassBalancedDistillation
+    from rayexperts.rundir import RunDir, save_checkpoint
+
+    paths = []
+    for method in ("ride", "ldam_drw"):
+        cfg = load_config(None, [f"method={method}", "train.epochs=1", f"run.storage_path={tmp_path}",
+                                 f"run.name={method}", "run.verbose=false"])
+        run, _, _ = _train(cfg, 1)
+        rundir = RunDir.of(str(tmp_path), method)
+        rundir.write_config(cfg)
+        save_checkpoint(tmp_path, model=run.model, optimizer=run.optimizer, epoch=1, ident=run.ident)
+        rundir.put_checkpoint(str(tmp_path), 1, 1)
+        paths.append(rundir.uri)
+    cfg = load_config("cbd_digits", [f"cbd.teacher_runs={paths}", "train.epochs=1", f"run.storage_path={tmp_path}",
+                                     "run.name=student", "run.verbose=false"])
+    student = ClassBalancedDistillation(cfg, run.method.class_counts, 1)
+    ride_dim = 128 * 3 // 4  # digitsnet's last stage at 0.75 width
+    assert student.teacher_feature_dims() == [ride_dim] * 3 + [128]
+    _, stats, rows = _train(cfg, 1)
+    assert math.isfinite(stats["loss_distill"]) and {"teacher0", "teacher1", "teacher_ensemble", "student"} <= set(rows)
+
+
+@pytest.mark.ray
+def test_the_router_is_a_second_stage_that_reports_experts_per_sample(ray_cluster, tmp_path, capsys):
+    """``rayexperts train`` with method=ride_ea trains the RIDE experts first (its prerequisite), then the router
+    on them, frozen; the router's rows report how many experts it ran per sample, overall and per shot group."""
+    import pandas as pd
+    import yaml
+
+    from rayexperts.cli import train
+
+    stage1 = tmp_path / "stage1.yaml"
+    stage1.write_text(yaml.safe_dump({"method": "ride", "data": {"name": "digits-lt"}, "train": {"epochs": 2}}))
+    args = ["method=ride_ea", f"ride_ea.stage1={stage1}", "train.epochs=1", f"run.storage_path={tmp_path}",
+            "run.name=job", "run.verbose=false"]
+    assert train(args) == 0
+    job = tmp_path / "job"
+    experts = pd.read_parquet(job / "experts" / "metrics.parquet")
+    router = pd.read_parquet(job / "router" / "metrics.parquet")
+    assert experts["epoch"].max() == 1 and router["epoch"].max() == 0
+    row = router[router["view"] == "router"].iloc[0]
+    assert 1 <= row["experts_per_sample"] <= 3 and {"experts_per_sample_many", "experts_per_sample_few"} <= set(row.index)
+    summary = pd.read_parquet(job / "summary.parquet").set_index("model")
+    assert {"experts", "router", "ensemble"} <= set(summary.index) and summary["status"].eq("finished").all()
+    frozen = yaml.safe_load((job / "router" / "config.yaml").read_text())
+    assert frozen["ride_ea"]["experts_run"] == str(job / "experts")
