@@ -142,6 +142,16 @@ def cbd(argv: Sequence[str]) -> int:
 def sweep(argv: Sequence[str]) -> int:
     from rayexperts.launch.tune import main
 
+    if "--print-config" in argv:  # the trials' base config, with each value's layer
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="rayexperts sweep")
+        parser.add_argument("--space")
+        parser.add_argument("--config")
+        parser.add_argument("--print-config", action="store_true")
+        parser.add_argument("overrides", nargs="*")
+        args = parser.parse_args(list(argv))
+        return _run(lambda: _print_config(args.config, args.overrides))
     return _run(lambda: main(list(argv)))
 
 

@@ -59,5 +59,17 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m rayexperts.recipes",
+                            description="Print docs/recipes.md: what compat=official changes per preset, with "
+                                        "sources (also: rayexperts presets --official).").parse_args(argv)
     print(markdown(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -303,3 +303,25 @@ def test_the_router_is_a_second_stage_that_reports_experts_per_sample(ray_cluste
     assert {"experts", "router", "ensemble"} <= set(summary.index) and summary["status"].eq("finished").all()
     frozen = yaml.safe_load((job / "router" / "config.yaml").read_text())
     assert frozen["ride_ea"]["experts_run"] == str(job / "experts")
+
+
+def test_test_agnostic_distributions_are_sades_and_evaluated_beside_the_test_split(tmp_path, one_torch_thread):
+    """eval.test_distributions: forward<IF> keeps int(n · IF^(−c/(C−1))) test images of class c (class 0 the head),
+    backward<IF> the reverse (SADE's IMBALANCECIFAR100(train=False, imb_factor, reverse)); each gets its own
+    columns in the metrics rows."""
+    import numpy as np
+
+    from rayexperts.data.imbalance import test_distribution_indices
+
+    labels = np.repeat(np.arange(100), 100)
+    forward = np.bincount(labels[test_distribution_indices(labels, "forward50")], minlength=100)
+    backward = np.bincount(labels[test_distribution_indices(labels, "backward50")], minlength=100)
+    by_hand = [int(100 * (1 / 50) ** (c / 99)) for c in range(100)]
+    assert forward.tolist() == by_hand and backward.tolist() == by_hand[::-1]
+    assert len(test_distribution_indices(labels, "uniform")) == 10_000
+    with pytest.raises(ConfigError, match="forward<IF>, backward<IF>"):
+        load_config(None, ["eval.test_distributions=[sideways5]"])
+    cfg = load_config(None, ["method=sade", "eval.test_distributions=[forward5, backward5]", "train.epochs=1",
+                             f"run.storage_path={tmp_path}", "run.name=r", "run.verbose=false", "eval.test_time=off"])
+    _, _, rows = _train(cfg, 1)
+    assert {"forward5_top1", "backward5_top1_few", "forward5_ece"} <= set(rows["ensemble"])

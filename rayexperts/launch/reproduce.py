@@ -491,6 +491,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--catalog", help="a CSV in the catalogue's format instead of the packaged one")
     p.add_argument("--seeds", type=int, help="runs per setting (default: the paper's count, else 3)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated cost; train nothing")
+    p.add_argument("--print-config", action="store_true",
+                   help="print each setting's resolved config (each value with its layer) and exit; no Ray")
     p.add_argument("--epochs-scale", type=float, help="short protocol: every epoch count times this")
     p.add_argument("--epochs", type=int, help="short protocol: this many epochs")
     p.add_argument("overrides", nargs="*", help="dotted config keys for every run, e.g. data.root=... run.storage_path=...")
@@ -541,6 +543,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not settings:
             raise ConfigError("no selected row has a preset: nothing to train (rows without one are listed above)")
         job_dir = settings[0].configs[0].run.storage_path
+        if args.print_config:
+            from rayexperts.config import explain
+
+            for s in settings:
+                print(f"# {s.label}: the seed-{s.seeds[0]} run's config (before the resources the job picks)")
+                print(explain(s.preset, {**parse_overrides(s.overrides.split()), **user,
+                                         "seed": s.seeds[0]}), end="\n\n")
+            return 0
         if args.dry_run:
             import torch
 
