@@ -11,7 +11,7 @@ device with batched augmentation (``data.cache=device``). ``DIR/throughput.parqu
 batch: sampling, decoding, augmentation of every view, no model) and ``pipeline_share`` (its share of a
 plain step), and, with the ray runner, ``ray1_img_s``,
 ``ray2_img_s``, ``ray_overhead``, ``ray1_fit_s``, ``ray2_fit_s``. Uses CIFAR-10-LT IF 100 from
-../shared/data/cifar10-jpeg.parquet when present, else digits-lt. With ``scaling.use_gpu=true`` on a
+the CIFAR-10 Parquet file of ``--data`` when present, else digits-lt. With ``scaling.use_gpu=true`` on a
 machine with CUDA, the plain runner times CUDA.
 
 ``--augments a,b,c`` times each ``data.augment`` preset alone, single-threaded, on random uint8 images:

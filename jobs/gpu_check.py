@@ -4,7 +4,7 @@
     python jobs/gpu_check.py --cpu-smoke [--out DIR]    # parts A, E and H on the CPU, digits-lt, in seconds
 
 Runs in one process without Ray (``Run`` + ``train_one_epoch`` / ``evaluate``), on CIFAR-10-LT IF 100
-(``--data``: the Parquet file in ``<repo>/../shared/data``) with ResNet-32, else digits-lt. Every part
+(``--data``: a CIFAR-10 Parquet file) with ResNet-32, else digits-lt. Every part
 runs in its own ``try``/``except`` under its own time budget (and the whole under ``--budget`` seconds),
 so one failure or one slow part does not stop the others; after each part ``gpu_check.json`` is
 rewritten in ``--out``. Each line reads ``<PASS|FAIL|INFO> <part>.<name> key=value ...``.

@@ -245,7 +245,7 @@ def methods(argv: Sequence[str]) -> int:
         own = cls.__dict__.get("__doc__") or ""
         doc = (own or importlib.import_module(cls.__module__).__doc__ or "").strip().splitlines()[0]
         line = doc.split(":", 1)[-1].strip() if not own else doc
-        line = line.split("; METHODS.md")[0].rstrip(" ,.")
+        line = line.split("; docs/methods.md")[0].rstrip(" ,.")
         print(f"{name:<9} {line + ')' if line.count('(') > line.count(')') else line}")
     return 0
 

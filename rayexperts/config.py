@@ -221,7 +221,7 @@ class Config:
     method: str = METHODS.default  # a registered method; its options are the section named after it
     seed: int = 0
     # official: every setting where the authors' code differs from the paper's text takes the code's form
-    # (METHODS.md "Checked against the official code"); the method declares which keys that switches.
+    # (docs/methods.md "Checked against the official code"); the method declares which keys that switches.
     compat: Literal["paper", "official"] = "paper"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -420,9 +420,9 @@ class OfficialValue:
     """One recipe item of ``compat=official``: the value the authors' released code uses and where it is."""
 
     value: Any
-    source: str  # repository@commit:path:lines, as METHODS.md "Recipes behind the published numbers" gives it
+    source: str  # repository@commit:path:lines, as docs/methods.md "Recipes behind the published numbers" gives it
     status: str = ""  # A (moves accuracy beyond seed noise), B (small), P (the code differs from the paper's text)
-    item: str = ""  # the recipe item, as METHODS.md's table names it
+    item: str = ""  # the recipe item, as docs/methods.md's table names it
 
     def describe(self) -> str:
         return self.source + (f" ({self.status})" if self.status else "")
@@ -729,7 +729,7 @@ def validate(cfg: DictConfig) -> None:
 
 def parse_test_distribution(name: str) -> tuple[str, float]:
     """``forward50`` → (``forward``, 50.0), ``backward10`` → (``backward``, 10.0), ``uniform`` → (``uniform``, 1.0):
-    SADE's test-agnostic protocol (METHODS.md §3.4); a bad name is a ConfigError naming it."""
+    SADE's test-agnostic protocol (docs/methods.md §3.4); a bad name is a ConfigError naming it."""
     import re
 
     found = re.fullmatch(r"(forward|backward)(\d+(?:\.\d+)?)|uniform", str(name))

@@ -1,5 +1,5 @@
 """Every paper term of MLLT, NCL, ECL and CBD, and the losses of LDAM-DRW, RIDE, SADE and
-BalPoE, as pure functions (docs/METHODS.md).
+BalPoE, as pure functions (docs/methods.md).
 
 Conventions shared by all functions:
 
@@ -152,7 +152,7 @@ def expert_disagreement(expert_logits: Sequence[Tensor]) -> Tensor:
 
 # -- balanced softmax / PC softmax ----------------------------------------------------
 def balanced_logits(logits: Tensor, class_counts: Tensor, tau: float = 1.0) -> Tensor:
-    """Balanced softmax / logit adjustment (METHODS.md "BSCE, BC loss"; NCL eq. 2, ECL eq. 10).
+    """Balanced softmax / logit adjustment (docs/methods.md "BSCE, BC loss"; NCL eq. 2, ECL eq. 10).
 
     Returns ``z_j + τ·log(n_j / Σn)``, i.e. ``z + τ·(log p_s − log p_t)`` for a uniform test
     prior up to a per-row constant. Train with ``CE`` on these logits.
@@ -171,7 +171,7 @@ def balanced_softmax_loss(logits: Tensor, targets: Tensor, class_counts: Tensor,
 
 
 def pc_softmax_logits(logits: Tensor, class_counts: Tensor, test_prior: Tensor | None = None) -> Tensor:
-    """Post-compensated softmax (METHODS.md "PC softmax", MLLT inference), inference only.
+    """Post-compensated softmax (docs/methods.md "PC softmax", MLLT inference), inference only.
 
     ``h_PC[y] = z_y − log p_s(y) + log p_t(y)`` with ``p_s = n / Σn``. ``test_prior`` is a
     ``[C]`` tensor of non-negative weights, normalised to sum to one (uniform if None).
@@ -193,12 +193,12 @@ def pc_softmax_logits(logits: Tensor, class_counts: Tensor, test_prior: Tensor |
 def mutual_learning_loss(
     expert_logits: Sequence[Tensor], teacher: Literal["ensemble", "individual"] = "ensemble"
 ) -> Tensor:
-    """MLLT mutual learning loss (MLLT eq. 3–5; METHODS.md "MLLT"), summed over experts.
+    """MLLT mutual learning loss (MLLT eq. 3–5; docs/methods.md "MLLT"), summed over experts.
 
     ``"ensemble"`` (default): ``Σ_k KL(p̄_{−k} ‖ p_k)`` with ``p̄_{−k} = 1/(K−1) Σ_{l≠k} p_l``
     (mean of the *other* experts' probabilities). ``"individual"``:
     ``Σ_k 1/(K−1) Σ_{l≠k} KL(p_l ‖ p_k)``. ``p = softmax(z)``. The teacher side is detached
-    (METHODS.md; DML [32], which MLLT follows, updates each cohort with the others fixed), so
+    (docs/methods.md; DML [32], which MLLT follows, updates each cohort with the others fixed), so
     the gradient flows only into ``p_k``. Batch mean of the per-sample sum; 0 for K = 1.
     """
     if teacher not in ("ensemble", "individual"):
@@ -303,7 +303,7 @@ def nbod_loss(
     hard set (eq. 4; ``mode="mask"``: the official logit-mask variant). Batch mean; 0 for
     K = 1 or with both parts off.
 
-    ``norm`` (METHODS.md "Checked against the official code", row 1): ``"official"`` (default)
+    ``norm`` (docs/methods.md "Checked against the official code", row 1): ``"official"`` (default)
     Z = K − 1, as the official ``NBOD`` divides the sum over ordered pairs, the form NCL's λ = 0.6
     and its λ sweep were tuned with; ``"paper"`` Z = K(K − 1), eq. 8–9 as printed (K× weaker).
 
@@ -343,7 +343,7 @@ def bkt_weights(ref_logits: Tensor, cls_logits: Tensor, targets: Tensor, *, eps:
     """ECL Balanced Knowledge Transfer weights (ECL eq. 5–6), ``[B]`` float32, no gradient.
 
     ``ŷ^r = softmax(z^r/σ^r)``, ``ŷ^c = softmax(z^c/σ^c)`` with σ the sample's (unbiased) logit
-    std over classes, and ``w = CE(ŷ^c, y) / CE(ŷ^r, y) = log ŷ^c_y / log ŷ^r_y`` (METHODS.md:
+    std over classes, and ``w = CE(ŷ^c, y) / CE(ŷ^r, y) = log ŷ^c_y / log ŷ^r_y`` (docs/methods.md:
     eq. 6's middle expression is printed upside down; the text and right-hand side give this
     direction): a sample whose cls head is less confident than its ref head gets ``w > 1``.
 
@@ -402,7 +402,7 @@ def feature_kd_loss(expert_features: Sequence[Tensor], tau: float = 1.0, detach_
     """ECL feature-level distillation (ECL eq. 8), averaged over ordered expert pairs:
 
     ``Σ_k Σ_{q≠k} τ² KL(softmax(v_i^k/τ) ‖ softmax(v_i^q/τ)) / (K (K−1))``, the feature
-    vector treated as logits. METHODS.md / ECL eq. 8 print no 1/N; like every function here
+    vector treated as logits. docs/methods.md / ECL eq. 8 print no 1/N; like every function here
     this returns the *batch mean* over i (so it is on the same scale as eq. 7).
     ``detach_target`` as in :func:`logit_kd_loss` (default False). 0 for K = 1.
     """
@@ -463,10 +463,10 @@ def cbd_distillation_loss(student_features: Tensor, teacher_features: Tensor | S
     return (1.0 - F.cosine_similarity(student_features, target.to(student_features.dtype), dim=1)).mean()
 
 
-# -- LDAM-DRW, RIDE, SADE, BalPoE (METHODS.md "More multi-expert methods") ----------------
+# -- LDAM-DRW, RIDE, SADE, BalPoE (docs/methods.md "More multi-expert methods") ----------------
 # In RIDE, SADE and BalPoE the network already multiplies its cosine logits by s = 30, so those
 # losses take ``30·cos``; only :func:`ldam_loss` takes bare cosines and applies s itself
-# (METHODS.md, conventions of that part). No function here builds a tensor from Python data:
+# (docs/methods.md, conventions of that part). No function here builds a tensor from Python data:
 # every constant is a Python float combined with an existing tensor.
 def _promote(x: Tensor) -> Tensor:
     """half/bf16 → float32; float32/float64 unchanged."""
@@ -497,7 +497,7 @@ def _check_num_experts(num_experts: int, expected: int, what: str) -> None:
 
 
 def ldam_margins(class_counts: Tensor, max_m: float = 0.5) -> Tensor:
-    """LDAM per-class margins (METHODS.md §1.1): ``m_c = K / n_c^{1/4}`` with ``K`` such that
+    """LDAM per-class margins (docs/methods.md §1.1): ``m_c = K / n_c^{1/4}`` with ``K`` such that
     ``max_c m_c = max_m``, i.e. ``m_c = max_m · (min_j n_j / n_c)^{1/4}``. ``[C]``, float32 for
     integer counts (else the counts' floating dtype)."""
     margins = _float_counts(class_counts).pow(-0.25)
@@ -512,7 +512,7 @@ def ldam_loss(
     s: float = 30.0,
     weight: Tensor | None = None,
 ) -> Tensor:
-    """LDAM loss (METHODS.md §1.1; LDAM-DRW ``LDAMLoss``):
+    """LDAM loss (docs/methods.md §1.1; LDAM-DRW ``LDAMLoss``):
 
     ``L = CE_w( s·(z − m_y·onehot(y)), y )`` with ``z = cos θ`` the bare NormedLinear cosines
     ``[B, C]`` (no s inside the model) and ``m`` = :func:`ldam_margins`. The margin is subtracted
@@ -532,7 +532,7 @@ def ldam_loss(
 
 
 def drw_weights(class_counts: Tensor, beta: float = 0.9999) -> Tensor:
-    """Deferred re-weighting by the effective number of samples (METHODS.md §1.1, §2.1):
+    """Deferred re-weighting by the effective number of samples (docs/methods.md §1.1, §2.1):
 
     ``w_c = (1 − β) / (1 − β^{n_c})``, then ``w ← w / Σw · C`` (``[C]``, sums to C). ``β = 0``
     gives all ones. Computed as ``1 / −expm1(n_c · ln β)`` (``(1 − β)`` cancels in the
@@ -550,7 +550,7 @@ def drw_weights(class_counts: Tensor, beta: float = 0.9999) -> Tensor:
 def diversity_temperatures(
     class_counts: Tensor, reweight_factor: float = 0.05, base_temperature: float = 1.0
 ) -> Tensor:
-    """RIDE's per-class diversity temperature (METHODS.md §2.1, used once re-weighting is on):
+    """RIDE's per-class diversity temperature (docs/methods.md §2.1, used once re-weighting is on):
 
     ``T_c = base_temperature · v_c``, ``v_c = (C·π_c·f + 1 − f) / max_j (C·π_j·f + 1 − f)``,
     ``π = n / Σn``, ``f = reweight_factor``: the head class gets ``T = base_temperature``,
@@ -579,7 +579,7 @@ def ride_loss(
     *,
     mean_logits_ce_when_no_diversity: bool = False,
 ) -> Tensor:
-    """RIDE stage-1 loss (METHODS.md §2.1; RIDE ``RIDELoss``), **summed** over the E experts:
+    """RIDE stage-1 loss (docs/methods.md §2.1; RIDE ``RIDELoss``), **summed** over the E experts:
 
     ``L = Σ_e [ CE_w( z_e − s·m_y·onehot(y), y ) + λ_div · T̄² · KL( softmax(z̄/T) ‖ softmax(z_e/T) ) ]``
 
@@ -636,7 +636,7 @@ def ride_loss(
 
 @torch.no_grad()
 def router_targets(expert_logits: Sequence[Tensor], targets: Tensor) -> Tensor:
-    """Targets of RIDE's expert-assignment router (METHODS.md §2.4; RIDE ``ea_resnet_cifar.py``).
+    """Targets of RIDE's expert-assignment router (docs/methods.md §2.4; RIDE ``ea_resnet_cifar.py``).
 
     ``expert_logits``: E tensors ``[B, C]`` in expert order. ``correct_i = argmax(Σ_{k≤i} z_k) == y``
     (the running ensemble of the first i + 1 experts; argmax ties go to the first class) and
@@ -654,7 +654,7 @@ def router_targets(expert_logits: Sequence[Tensor], targets: Tensor) -> Tensor:
 
 
 def router_loss(router_logits: Tensor, help_targets: Tensor, pos_weight: float = 100.0) -> Tensor:
-    """RIDE router loss (METHODS.md §2.4): the mean over the E − 1 routers of
+    """RIDE router loss (docs/methods.md §2.4): the mean over the E − 1 routers of
     ``BCEWithLogits(pred_i, help_i, pos_weight)``, each a batch mean, i.e. the mean over all
     ``[B, E−1]`` entries of ``pos_weight·h·softplus(−x) + (1 − h)·softplus(x)``.
 
@@ -672,7 +672,7 @@ def router_loss(router_logits: Tensor, help_targets: Tensor, pos_weight: float =
 
 
 def inverse_prior(prior: Tensor) -> Tensor:
-    """SADE's inverse prior by rank (METHODS.md §3.1; SADE ``DiverseExpertLoss.inverse_prior``).
+    """SADE's inverse prior by rank (docs/methods.md §3.1; SADE ``DiverseExpertLoss.inverse_prior``).
 
     ``value, idx0 = sort(π)`` ascending (**stable**), ``rank = argsort(idx0)``,
     ``π_inv[c] = value[C − 1 − rank(c)]``: the class with the k-th largest prior gets the k-th
@@ -688,7 +688,7 @@ def inverse_prior(prior: Tensor) -> Tensor:
 
 
 def sade_loss(expert_logits: Sequence[Tensor], targets: Tensor, class_counts: Tensor, tau: float = 2.0) -> Tensor:
-    """SADE training loss (METHODS.md §3.1; SADE ``DiverseExpertLoss``), the **sum** of three CEs:
+    """SADE training loss (docs/methods.md §3.1; SADE ``DiverseExpertLoss``), the **sum** of three CEs:
 
     ``L = CE(z_1, y) + CE(z_2 + log(π + 1e-9), y) + CE(z_3 + log(π + 1e-9) − τ·log(π_inv + 1e-9), y)``
 
@@ -714,7 +714,7 @@ def sade_loss(expert_logits: Sequence[Tensor], targets: Tensor, class_counts: Te
 def sade_aggregation_loss(
     raw_weights: Tensor, view1_expert_logits: Sequence[Tensor], view2_expert_logits: Sequence[Tensor]
 ) -> Tensor:
-    """SADE test-time self-supervised aggregation objective (METHODS.md §3.4 (b)):
+    """SADE test-time self-supervised aggregation objective (docs/methods.md §3.4 (b)):
 
     ``a = softmax(w)``, ``agg(v) = Σ_k a_k z_k(v)`` (weighted **logits**), and
     ``L = − mean_i cos( softmax(agg(v1_i)), softmax(agg(v2_i)) )`` (CosineSimilarity, eps 1e-6).
@@ -747,7 +747,7 @@ def balpoe_loss(
     class_counts: Tensor,
     taus: Sequence[float] = (0.0, 1.0, 2.0),
 ) -> Tensor:
-    """BalPoE loss (METHODS.md §4.1; BalPoE ``BSExpertLoss``), the **mean** over the E experts:
+    """BalPoE loss (docs/methods.md §4.1; BalPoE ``BSExpertLoss``), the **mean** over the E experts:
 
     ``L = (1/E) Σ_e CE( z_e + τ_e·log(π + 1e-9), y )``, ``π = n / Σn``, ``z_e`` = logits already ×30.
 
@@ -769,7 +769,7 @@ def balpoe_loss(
 
 
 def balpoe_predict_logits(expert_logits: Sequence[Tensor], test_prior: Tensor | None = None) -> Tensor:
-    """BalPoE test-time logits (METHODS.md §4.4): the mean of the **raw** expert logits
+    """BalPoE test-time logits (docs/methods.md §4.4): the mean of the **raw** expert logits
     ``mean_e z_e`` (no training-time ``τ_e·log π``), plus ``log π_test`` when the test prior
     is known (``--posthoc_bias_correction``; no eps). ``test_prior``: ``[C]`` non-negative
     weights (e.g. test counts), normalised to sum to one. Returns ``[B, C]``.

@@ -77,8 +77,8 @@ def _run_report(run: Path, out: Path, prefix: str = "", heading: bool = True) ->
     lines += [
         f"`{cfg['method']}` on `{cfg['data.name']}` (IF {cfg['data.imbalance_factor']}), "
         f"backbone `{cfg['model.backbone']}`, K = {cfg['model.num_experts']}, "
-        f"{df['epoch'].max() + 1} epochs, seed {cfg['seed']}, compat={cfg.get('compat', 'paper')}: one run "
-        "(one seed; `python jobs/report.py` on a folder of seeds gives mean ± sd through `paper_table`).",
+        f"{df['epoch'].max() + 1} epochs, seed {cfg['seed']}, compat={cfg.get('compat', 'paper')}: one run, one "
+        "seed (mean ± sd over seeds: `paper_table(load_runs(FOLDER), seeds=\"seed\")`).",
         "",
         "## Test top-1 (%) and ECE (%), last epoch",
         "",

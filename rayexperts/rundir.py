@@ -1,4 +1,4 @@
-"""The run directory (INTERFACES.md), local path or URI: one object for everything that reads or writes it.
+"""The run directory (docs/results.md), local path or URI: one object for everything that reads or writes it.
 
 ``RunDir.of(storage_path, name)`` is ``<storage_path>/<name>``: its ``config.yaml``, its Parquet
 tables, the checkpoint Ray Train registered last, and the check that a run directory holds a run of

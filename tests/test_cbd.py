@@ -1,4 +1,4 @@
-"""CBD / CBD_ENS (METHODS.md "CBD"): the student's loss and frozen teachers without Ray, then the
+"""CBD / CBD_ENS (docs/methods.md "CBD"): the student's loss and frozen teachers without Ray, then the
 ensemble job on the shared 2-CPU Ray cluster: parallel teachers, resume, a failing teacher."""
 
 from __future__ import annotations

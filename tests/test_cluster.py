@@ -31,7 +31,7 @@ import yaml
 from helpers import CBD_JOB
 from rayexperts.config import load_config, to_dict
 from rayexperts.launch.ensemble import resolve_job_config
-from rayexperts.launch.tune import sweep_config
+from rayexperts.launch.tune import resolve_sweep_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -222,7 +222,7 @@ def test_cbd_job_submitted_with_the_readme_command(head, jobs, cbd_job):
 def test_sweep_job_submitted_with_the_readme_command(head, jobs):
     succeeded(jobs, "sweep")
     sweep_dir = head.storage / "sweep_job"
-    local_sweep = sweep_config(load_config(None, [*SWEEP_ARGS[2:], f"run.storage_path={head.storage}"]))
+    local_sweep = resolve_sweep_config(None, [*SWEEP_ARGS[2:], f"run.storage_path={head.storage}"])
     assert saved_config(sweep_dir / "sweep.yaml")["config"] == to_dict(local_sweep)
     assert len(pd.read_parquet(sweep_dir / "trials.parquet")) == 2 and (sweep_dir / "best.yaml").is_file()
 

@@ -60,7 +60,7 @@ def test_user_layers_beat_defaults():
 DATA_OF = {"cifar10_lt": "cifar10-lt", "cifar100_lt": "cifar100-lt", "imagenet_lt": "imagenet-lt",
            "inat2018": "inat2018", "digits": "digits-lt"}
 BACKBONE_OF = {"r50": "resnet50", "rx50": "resnext50_32x4d"}
-# The paper settings of METHODS.md for CIFAR-LT: (epochs, batch size, lr, schedule, experts).
+# The paper settings of docs/methods.md for CIFAR-LT: (epochs, batch size, lr, schedule, experts).
 CIFAR_RECIPE = {"ce": (200, 128, 0.1, "multistep", 1), "bsce": (200, 128, 0.1, "multistep", 1),
                 "mllt": (200, 128, 0.1, "multistep", 3), "ncl": (400, 64, 0.1, "multistep", 3),
                 "ecl": (200, 64, 0.01, "cosine", 3), "cbd": (200, 128, 0.1, "multistep", 1),
@@ -71,7 +71,7 @@ CIFAR_RECIPE = {"ce": (200, 128, 0.1, "multistep", 1), "bsce": (200, 128, 0.1, "
 
 def test_every_preset_is_the_setting_its_name_says():
     """``<data>_if<N>_<method>``, ``<data>_<r50|rx50>_<method>``, ``cbd_<data...>``: the name's data set,
-    imbalance factor, backbone and method are the config's, and CIFAR-LT presets follow METHODS.md's recipe."""
+    imbalance factor, backbone and method are the config's, and CIFAR-LT presets follow docs/methods.md's recipe."""
     names = list_presets()
     assert len(names) == 65
     methods = sorted(METHODS.names(), key=len, reverse=True)

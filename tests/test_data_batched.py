@@ -270,7 +270,7 @@ def test_per_image_and_batched_pipelines_share_their_definitions():
         B.batch_transform("cifar", "mixup", train=True)
 
 
-# -- no host synchronisation, one parameter copy per pipeline call (GPU.md F2) -------------------------
+# -- no host synchronisation, one parameter copy per pipeline call (GPU finding F2, docs/gpu.md) -------------------------
 
 
 _ATEN = torch.ops.aten
@@ -423,7 +423,7 @@ def test_ship_packs_every_dtype_into_one_buffer_and_unpacks_it(monkeypatch):
 
 
 def test_batch_rng_names_the_cuda_device_explicitly(monkeypatch):
-    """GPU.md F15: a bare "cuda" becomes cuda:<current device> for the pixel generator."""
+    """GPU finding F15 (docs/gpu.md): a bare "cuda" becomes cuda:<current device> for the pixel generator."""
     made = []
 
     class FakeGenerator:

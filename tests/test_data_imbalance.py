@@ -1,4 +1,4 @@
-"""Imbalance profiles and shot groups (METHODS.md, long-tailed CIFAR)."""
+"""Imbalance profiles and shot groups (docs/methods.md, long-tailed CIFAR)."""
 
 from __future__ import annotations
 

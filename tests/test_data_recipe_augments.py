@@ -1,4 +1,4 @@
-"""The augmentations of the authors' recipes (METHODS.md "Recipes behind the published numbers"): timm's
+"""The augmentations of the authors' recipes (docs/methods.md "Recipes behind the published numbers"): timm's
 RandAugment (NCL ImageNet-LT), CBD's SimCLR-style teachers, the official AutoAugment + Cutout CIFAR view
 (NCL, Balanced Softmax), NCL's PIL Gaussian blur on the CIFAR key view, and the AugmentOptions switches. Each
 per-image transform is tested against its batched twin: same parameters give the same pixels (exactly: the

@@ -142,7 +142,7 @@ def test_pad_crop_flip_gives_every_window_of_the_padded_image():
 @pytest.mark.parametrize("kind", list(INPUTS))
 @pytest.mark.parametrize("augment", AUGMENTS)
 def test_every_preset_with_the_official_options(kind, augment):
-    """METHODS.md "Recipes behind the published numbers": fill 128, black Cutout, crop area from 0.05, x/255."""
+    """docs/methods.md "Recipes behind the published numbers": fill 128, black Cutout, crop area from 0.05, x/255."""
     from rayexperts.data.transforms import AugmentOptions
 
     options = AugmentOptions(autoaugment_fill=128, cutout_fill="black", crop_scale_min=0.05, normalize="unit")

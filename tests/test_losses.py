@@ -1,4 +1,4 @@
-"""rayexperts.losses against values computed by hand (plain math) from METHODS.md's formulas."""
+"""rayexperts.losses against values computed by hand (plain math) from docs/methods.md's formulas."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LDAM-DRW, RIDE, SADE and BalPoE losses (rayexperts.losses) against METHODS.md's test vectors
+"""LDAM-DRW, RIDE, SADE and BalPoE losses (rayexperts.losses) against docs/methods.md's test vectors
 (§1.7, §2.8, §3.7, §4.7) and against values computed by hand with numpy from the formulas."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from rayexperts import losses as L
 from rayexperts.data.imbalance import exponential_counts
 
 DTYPES = [(torch.float64, 1e-6), (torch.float32, 1e-4)]
-# METHODS.md prints its vectors to 6 decimals: up to 5e-7 of rounding, so an absolute 1e-6 on top
+# docs/methods.md prints its vectors to 6 decimals: up to 5e-7 of rounding, so an absolute 1e-6 on top
 # of the relative tolerance (float64 1e-6, float32 1e-4)
 VEC_ATOL = 1e-6
 
@@ -66,7 +66,7 @@ def np_drw(n, beta=0.9999) -> np.ndarray:
     return w / w.sum() * len(n)
 
 
-Z = [[[6, 3, -3], [1.5, 9, 0]], [[4.5, 4.5, 1.5], [0, 6, 3]], [[3, 0, 6], [3, 3, 3]]]  # METHODS.md §2.8 _Z
+Z = [[[6, 3, -3], [1.5, 9, 0]], [[4.5, 4.5, 1.5], [0, 6, 3]], [[3, 0, 6], [3, 3, 3]]]  # docs/methods.md §2.8 _Z
 Z2 = [[[5, 3.5, -2], [2, 8, 1]], [[4, 5, 1], [0.5, 5, 3.5]], [[2, 1, 7], [2, 3, 4]]]  # §3.7 _Z2
 N3 = [100, 10, 1]
 
@@ -174,7 +174,7 @@ def test_ldam_margin_is_subtracted_before_scaling():
 
 # == §2 RIDE ==========================================================================
 def np_ride(z, targets, counts, reweighted, lam, f=0.05, base_t=1.0, max_m=0.5, s=30.0, quirk=False):
-    """RIDELoss.forward with plain numpy (METHODS.md §2.1)."""
+    """RIDELoss.forward with plain numpy (docs/methods.md §2.1)."""
     z = np.asarray(z, dtype=np.float64)
     n = np.asarray(counts, dtype=np.float64)
     num_classes = len(n)
@@ -499,7 +499,7 @@ def test_balpoe_vectors(targets, taus, expected, dtype, rel):
 
 @pytest.mark.parametrize("dtype,rel", DTYPES)
 def test_balpoe_mixup_vector(dtype, rel):
-    """METHODS.md §4.7 #4: ``lam·L(y_a) + (1 − lam)·L(y_b)`` (the mixup lives in the method)."""
+    """docs/methods.md §4.7 #4: ``lam·L(y_a) + (1 − lam)·L(y_b)`` (the mixup lives in the method)."""
     z, counts, lam = experts(Z, dtype), torch.tensor(N3), 0.3
     out = lam * L.balpoe_loss(z, y([0, 1]), counts) + (1 - lam) * L.balpoe_loss(z, y([2, 0]), counts)
     close(out, 4.229604, rel, atol=VEC_ATOL)
@@ -587,4 +587,4 @@ def test_new_names_are_public():
         "router_loss", "inverse_prior", "sade_loss", "sade_aggregation_loss", "balpoe_loss", "balpoe_predict_logits",
     ]:
         assert name in L.__all__
-        assert getattr(L, name).__doc__ and "METHODS.md §" in getattr(L, name).__doc__
+        assert getattr(L, name).__doc__ and "docs/methods.md §" in getattr(L, name).__doc__

@@ -1,5 +1,5 @@
 """Each method's loss assembly and the metrics that decide results, against values computed by hand
-from METHODS.md's formulas with plain Python floats (issue 16: mutations that no test caught)."""
+from docs/methods.md's formulas with plain Python floats (issue 16: mutations that no test caught)."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_bsce_loss_is_ce_on_logits_plus_tau_log_prior(tau: float):
 
 @pytest.mark.parametrize("scale", [16.0, 32.0])
 def test_models_are_built_with_the_configured_cosine_scale(scale: float):
-    """METHODS.md "Cosine classifier": z = γ · normalize(W) normalize(v), γ = model.cosine_scale."""
+    """docs/methods.md "Cosine classifier": z = γ · normalize(W) normalize(v), γ = model.cosine_scale."""
     m = method("mllt", f"model.cosine_scale={scale}")
     model = m.build_model().eval()
     torch.manual_seed(0)

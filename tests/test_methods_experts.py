@@ -1,4 +1,4 @@
-"""LDAM-DRW, RIDE (and its router), SADE and BalPoE as methods (METHODS.md §1-4): the loss each method takes
+"""LDAM-DRW, RIDE (and its router), SADE and BalPoE as methods (docs/methods.md §1-4): the loss each method takes
 from its config equals the loss function on the same numbers, the epoch hooks switch at the code's epochs,
 the models have the layouts the papers' code builds, and the views are what the code reports."""
 
@@ -122,7 +122,7 @@ def test_sade_loss_and_views():
 
 
 def test_sade_aggregation_step_is_the_codes_sgd():
-    """One step of the engine's test-time step equals METHODS.md §3.7 vector 5 (lr 0.1, Nesterov, wd 5e-4)."""
+    """One step of the engine's test-time step equals docs/methods.md §3.7 vector 5 (lr 0.1, Nesterov, wd 5e-4)."""
     m, _ = method("cifar100_lt_if100_sade")
     step = m.test_time_steps()["tta_aggregate"]
     z1 = [torch.tensor([[6.0, 3, -3], [1.5, 9, 0]]), torch.tensor([[4.5, 4.5, 1.5], [0, 6, 3]]),

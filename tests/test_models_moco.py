@@ -1,4 +1,4 @@
-"""The MoCo branch (METHODS.md NCL "Self-supervision"; issue 4)."""
+"""The MoCo branch (docs/methods.md NCL "Self-supervision"; issue 4)."""
 
 from __future__ import annotations
 

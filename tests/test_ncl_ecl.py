@@ -1,4 +1,4 @@
-"""NCL and ECL (METHODS.md "NCL", "ECL"; issue 4): each total against the paper's formula assembled
+"""NCL and ECL (docs/methods.md "NCL", "ECL"; issue 4): each total against the paper's formula assembled
 from ``rayexperts.losses``, the ablation switches, the shared hard set, the BKT head pairing, and a
 one-epoch digits-lt run with its MoCo queues."""
 

@@ -1,4 +1,4 @@
-"""Where the published numbers depend on the authors' code (METHODS.md "Checked against the official
+"""Where the published numbers depend on the authors' code (docs/methods.md "Checked against the official
 code"): NBOD's normaliser, the hard set's size, option-A CIFAR ResNets, RIDE's trunk for MLLT, CBD_ENS's
 projection, and ``compat=official``, which switches each of them; ``python -m rayexperts.models summary``."""
 

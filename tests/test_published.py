@@ -22,7 +22,7 @@ from rayexperts.published import CATALOG, COLUMNS, METRICS, OPTIONAL_COLUMNS, ch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SEEDS = SHARED / "seeds"
-METHODS_MD = SHARED / "docs" / "METHODS.md"
+METHODS_MD = SHARED / "docs" / "docs/methods.md"
 PRESETS = REPO / "rayexperts" / "presets"
 
 # Presets being added in this release (LDAM-DRW, RIDE, SADE, BalPoE): the catalogue may name them before their
@@ -184,7 +184,7 @@ def test_overrides_resolve_on_their_presets():
 
 # -- the numbers ----------------------------------------------------------------------------------------------
 
-# (seed file or "METHODS.md", filters naming one row, the text around its number). One row per table.
+# (seed file or "docs/methods.md", filters naming one row, the text around its number). One row per table.
 SPOT_CHECKS = [
     ("000", dict(paper="MLLT", table="Table 1", method="MLLT", backbone="resnet50", variant=""),
      "Ours 57.7 59.5 6.12 (1.4x) PaCo* [6] 57.0 58.2"),
@@ -243,9 +243,9 @@ SPOT_CHECKS = [
      "LWS [71.0 69.8 68.8 69.5 73.9 70.4 67.8 69.7"),
     ("004", dict(paper="CBD", table="Table 8", method="Classifier Re-training", backbone="resnet50", metric="top1_few"),
      "Classifier Re-training 71.7 59.3 53.7"),
-    ("METHODS.md", dict(paper="RIDE", table="MODEL_ZOO", method="RIDE (3 experts)", dataset="cifar100-lt"),
+    ("docs/methods.md", dict(paper="RIDE", table="MODEL_ZOO", method="RIDE (3 experts)", dataset="cifar100-lt"),
      "MODEL_ZOO.md (released checkpoints, with EA): CIFAR-100-LT IF100 ResNet-32, 3 experts **48.6**"),
-    ("METHODS.md", dict(paper="SADE", table="README Results", method="SADE", dataset="imagenet-lt", variant=""),
+    ("docs/methods.md", dict(paper="SADE", table="README Results", method="SADE", dataset="imagenet-lt", variant=""),
      "ImageNet-LT, **ResNeXt-50**: **58.8** (Softmax 48.0, RIDE 56.3)"),
 ]
 
@@ -264,7 +264,7 @@ def test_spot_check(where, filters, snippet):
     (row,) = rows
     assert printed(row["value"], snippet), f"{row['value']} is not printed in {snippet!r}"
     assert len(load(**filters)) == 1
-    if where == "METHODS.md":
+    if where == "docs/methods.md":
         if METHODS_MD.is_file():
             assert norm(snippet) in norm(METHODS_MD.read_text())
         return

@@ -1,4 +1,4 @@
-"""Recipes as the authors ran them (METHODS.md "Recipes behind the published numbers"): ``compat=official``
+"""Recipes as the authors ran them (docs/methods.md "Recipes behind the published numbers"): ``compat=official``
 per preset with its sources, LDAM-DRW's long-tailed subset, the schedules, checkpoint selection."""
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ from rayexperts.recipes import markdown  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The code's column of METHODS.md "Recipes behind the published numbers", transcribed item by item
+# The code's column of docs/methods.md "Recipes behind the published numbers", transcribed item by item
 # (status A, B and P), per setting; every preset of the setting must resolve to it under compat=official.
 NCL_CIFAR = {"data.augment": "autoaugment_cutout", "data.autoaugment_fill": 128, "data.cutout_fill": "black",
              "eval.selection": "best_test", "train.nesterov": True, "train.lr_step": "epoch", "train.warmup_epochs": 5,

@@ -23,14 +23,14 @@ they would not reproduce them.
   colour operation), with one parameter tensor per batch.
 * **timm's RandAugment** (``randaugment_timm``) and **Pillow's Gaussian blur** (the CIFAR MoCo key view
   with ``blur``, SADE's test-time view): Pillow's own arithmetic in torch (its affine resampling in float64, its
-  integer box blur, its float32 blends and filters), grouped by operation as above; METHODS.md "Recipes behind
+  integer box blur, its float32 blends and filters), grouped by operation as above; docs/methods.md "Recipes behind
   the published numbers", NCL. **Pillow's NEAREST rotation** (``standard_rotation``): its 16.16 fixed-point
   affine in int64, exact on any device.
 
 Randomness comes from a :class:`BatchRng` seeded per (seed, rank, epoch): parameters from a CPU
 generator, per-pixel noise from one on the device, so an epoch is the same whatever the device.
 
-No host synchronisation (GPU.md F2): a pipeline call first *plans* (every step draws its per-sample
+No host synchronisation (GPU finding F2, docs/gpu.md): a pipeline call first *plans* (every step draws its per-sample
 parameters on the CPU, from the batch's shape only, and works out on the CPU which images go through
 which operation), then ships all parameters to the device in **one** copy (from pinned memory,
 ``non_blocking``; none on the CPU), then *applies* the steps with no ``.item()``, no boolean-mask
@@ -56,7 +56,7 @@ Plan = dict[str, Any]  # one step's parameters: CPU tensors (shipped to the devi
 
 class BatchRng:
     """Per-sample parameters from a CPU generator; per-pixel noise from a generator on ``device`` (a bare
-    ``"cuda"`` becomes the current CUDA device, explicitly: GPU.md F15)."""
+    ``"cuda"`` becomes the current CUDA device, explicitly: GPU finding F15 (docs/gpu.md))."""
 
     def __init__(self, seed: int, device: torch.device) -> None:
         device = torch.device(device)
@@ -791,7 +791,7 @@ def cutout(size: int) -> Step:
 
 
 # ----------------------------------------------------------------------------- Pillow's arithmetic
-# METHODS.md "Recipes behind the published numbers", NCL: timm's RandAugment and the PIL Gaussian blur of the
+# docs/methods.md "Recipes behind the published numbers", NCL: timm's RandAugment and the PIL Gaussian blur of the
 # key view run on PIL images in the authors' code. These are Pillow's own formulas (Blend.c, Convert.c rgb2l,
 # Filter.c 3x3, ImageOps, Geometry.c affine bilinear/bicubic, BoxBlur.c), on uint8-valued float batches.
 
@@ -1111,7 +1111,7 @@ def timm_matrix(name: str, arg: float, w: int, h: int) -> list[float]:
 
 
 class BatchTimmRandAugment(Step):
-    """timm's ``rand_augment_transform(config, hparams)`` (``rand-n2-m10-mstd0.5``: METHODS.md "Recipes behind
+    """timm's ``rand_augment_transform(config, hparams)`` (``rand-n2-m10-mstd0.5``: docs/methods.md "Recipes behind
     the published numbers", NCL ImageNet-LT train view) on a batch: per image and round an operation drawn
     uniformly from timm's 15 (with replacement), applied with probability ``p``, magnitude ``N(m, mstd)``
     clipped to [0, 10], a fair sign for the signed ones, and (as timm leaves ``interpolation`` unset) a fair

@@ -1,7 +1,7 @@
 """``cifar10-lt`` / ``cifar100-lt`` from the official python pickles or a Parquet file.
 
 Both give the same thing: uint8 images ``[N, 3, 32, 32]`` in memory, class ``i`` of the
-training split keeping its first ``n_i`` images (METHODS.md, long-tailed CIFAR), the
+training split keeping its first ``n_i`` images (docs/methods.md, long-tailed CIFAR), the
 test split balanced, and an optional balanced val split of ``data.val_per_class``
 images per class taken from the training images the LT subset leaves unused.
 """
@@ -65,7 +65,7 @@ def build_cifar(data_cfg, name: str) -> LTDataset:
     if not data_cfg.root and not data_cfg.download:
         raise DataError(
             f"{name}: data.root is not set: pass data.root=<dir>/{folder} (from {_GET}), a Parquet file "
-            "in the layout of ../shared/data/cifar10-jpeg.parquet, or data.download=true"
+            "with columns split, label and image (JPEG or PNG bytes), or data.download=true"
         )
     root = Path(data_cfg.root or Path.home() / ".cache" / "rayexperts" / name).expanduser()
     if root.is_file() or root.suffix == ".parquet":

@@ -1,5 +1,5 @@
 """``build_dataset(cfg.data)``: the data set named by ``data.name`` (``rayexperts.registry.DATASETS``;
-INTERFACES.md names). A data set registers a :class:`~rayexperts.data.lt_dataset.DataSetEntry`:
+docs/results.md names). A data set registers a :class:`~rayexperts.data.lt_dataset.DataSetEntry`:
 its builder and its defaults (a config layer)."""
 
 from __future__ import annotations

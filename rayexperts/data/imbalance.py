@@ -1,4 +1,4 @@
-"""Long-tail profiles and shot groups (METHODS.md, "Shared building blocks").
+"""Long-tail profiles and shot groups (docs/methods.md, "Shared building blocks").
 
 Every profile returns per-class counts; :func:`select_first_n` turns counts into the
 indices of the *first* ``n_i`` images of each class in source order (Cao et al. 2019).
@@ -19,7 +19,7 @@ def _check_factor(imbalance_factor: float) -> None:
 
 
 def exponential_counts(n_max: int, num_classes: int, imbalance_factor: float) -> np.ndarray:
-    """``n_i = floor(n_max * (1/IF)^(i/(C-1)))`` (METHODS.md, long-tailed CIFAR)."""
+    """``n_i = floor(n_max * (1/IF)^(i/(C-1)))`` (docs/methods.md, long-tailed CIFAR)."""
     _check_factor(imbalance_factor)
     if num_classes == 1:
         return np.array([n_max], dtype=np.int64)
@@ -57,7 +57,7 @@ def rank_in_class(labels: np.ndarray) -> np.ndarray:
 
 
 def shuffled_rank_in_class(labels: np.ndarray, seed: int) -> np.ndarray:
-    """Each image's position within its class after LDAM-DRW's shuffle (METHODS.md "Recipes", CE baseline:
+    """Each image's position within its class after LDAM-DRW's shuffle (docs/methods.md "Recipes", CE baseline:
     ``np.random.seed(seed)``, then for each class in order its indices shuffled by ``np.random.shuffle``);
     keeping ``rank < n_i`` keeps the images LDAM-DRW's ``gen_imbalanced_data`` keeps."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -121,14 +121,14 @@ def split_long_tail(
 
 def shot_group(counts: np.ndarray, many_threshold: int = 100, few_threshold: int = 20) -> np.ndarray:
     """Per class ``"many"`` (> many_threshold), ``"few"`` (< few_threshold) or ``"medium"``
-    (METHODS.md, shot groups)."""
+    (docs/methods.md, shot groups)."""
     counts = np.asarray(counts)
     return np.where(counts > many_threshold, "many", np.where(counts < few_threshold, "few", "medium"))
 
 
 def test_distribution_indices(labels: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
     """Indices of a long-tailed test set carved from a balanced test split (SADE's test-agnostic protocol,
-    METHODS.md §3.4: ``IMBALANCECIFAR100(train=False, imb_factor, reverse)``): class ``c`` keeps
+    docs/methods.md §3.4: ``IMBALANCECIFAR100(train=False, imb_factor, reverse)``): class ``c`` keeps
     ``int(n · IF^(−c/(C−1)))`` images (``forward``: class 0 the head, as in training) or
     ``int(n · IF^(−(C−1−c)/(C−1)))`` (``backward``), chosen as LDAM-DRW's code chooses (a per-class shuffle after
     ``np.random.seed(seed)``); ``uniform`` keeps all."""

@@ -1,4 +1,4 @@
-"""Rank-aware epoch samplers: instance, class-balanced and square-root (METHODS.md, samplers).
+"""Rank-aware epoch samplers: instance, class-balanced and square-root (docs/methods.md, samplers).
 
 Every epoch has one *global* list of ``n`` sampled indices, fixed by ``(seed, epoch)`` and
 independent of the number of ranks. Like ``DistributedSampler``, the list is padded by
@@ -23,7 +23,7 @@ SAMPLER_KINDS = ("instance", "class_balanced", "sqrt")
 
 def class_probabilities(counts: np.ndarray, kind: str) -> np.ndarray:
     """Class sampling probabilities: ``∝ n_c`` (instance), ``1/C`` over the classes present
-    (class_balanced, METHODS.md ``p_j = 1/C``), or ``∝ sqrt(n_c)`` (sqrt)."""
+    (class_balanced, docs/methods.md ``p_j = 1/C``), or ``∝ sqrt(n_c)`` (sqrt)."""
     counts = np.asarray(counts, dtype=np.float64)
     if kind not in SAMPLER_KINDS:
         raise ValueError(f"unknown sampler kind {kind!r}: choose one of {', '.join(SAMPLER_KINDS)}")

@@ -7,7 +7,7 @@ noise (σ = 0.01, clipped to [0, 1]) *before* ``Normalize``; Cutout runs last, o
 normalised image (zero = the mean, as in DeVries & Taylor 2017). ``image_size`` sets the
 ImageNet crop only: CIFAR and digits images keep their native 32x32 and 8x8.
 
-:class:`AugmentOptions` holds the recipe switches of METHODS.md "Recipes behind the published numbers"
+:class:`AugmentOptions` holds the recipe switches of docs/methods.md "Recipes behind the published numbers"
 (``data.autoaugment_fill``, ``data.cutout_fill``, ``data.crop_scale_min``, ``data.normalize``); its
 defaults are the presets above, pixel for pixel. ``randaugment_timm`` (NCL ImageNet-LT's train view) runs
 timm's own RandAugment on PIL images, ``data_aug_simclr`` is CBD's data-augmentation teachers as their code
@@ -49,7 +49,7 @@ ROTATION_DEGREES = 15.0  # standard_rotation: RandomRotation(15) (RIDE@ab8be5c d
 
 @dataclass(frozen=True)
 class AugmentOptions:
-    """Recipe switches of the augmentation presets (METHODS.md "Recipes behind the published numbers"); the
+    """Recipe switches of the augmentation presets (docs/methods.md "Recipes behind the published numbers"); the
     defaults give the presets' own pipelines, bit for bit. The engine builds it from the ``data.*`` keys of
     the same names."""
 
@@ -142,7 +142,7 @@ def _like(pil, original):
 
 class TimmRandAugment(torch.nn.Module):
     """timm's RandAugment (``timm.data.auto_augment.rand_augment_transform(config, hparams)``) on a PIL image
-    (a tensor is converted to PIL first; the result stays PIL): METHODS.md "Recipes behind the published
+    (a tensor is converted to PIL first; the result stays PIL): docs/methods.md "Recipes behind the published
     numbers", NCL ImageNet-LT train view.
 
     timm draws from Python's ``random`` and NumPy's global generator; each call here seeds both from torch's
@@ -170,7 +170,7 @@ class TimmRandAugment(torch.nn.Module):
 
 class PILGaussianBlur(torch.nn.Module):
     """``img.filter(ImageFilter.GaussianBlur(radius))`` with ``radius ~ U(sigma)`` (from torch's generator), as
-    MoCo v2's and NCL's ``GaussianBlur`` class: METHODS.md "Recipes behind the published numbers", NCL
+    MoCo v2's and NCL's ``GaussianBlur`` class: docs/methods.md "Recipes behind the published numbers", NCL
     CIFAR MoCo key view. A uint8 CHW tensor goes through PIL and comes back a tensor."""
 
     def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)):
@@ -278,7 +278,7 @@ def build_transform(image_kind: str, augment: str, train: bool, image_size: int 
 
     ``data_aug`` = standard + ColorJitter(0.4, 0.4, 0.4) (not for 1-channel digits) + noise;
     ``data_aug_simclr`` = standard + RandomApply(ColorJitter(0.8, 0.8, 0.8, 0.2), p 0.8) + RandomGrayscale(0.2),
-    no noise (METHODS.md "Recipes behind the published numbers", CBD data-augmentation teachers; digits:
+    no noise (docs/methods.md "Recipes behind the published numbers", CBD data-augmentation teachers; digits:
     standard only); ``randaugment`` = standard + RandAugment; ``randaugment_timm`` = standard +
     ColorJitter(0.4, 0.4, 0.4, 0) + timm's ``rand-n2-m10-mstd0.5`` with NCL's hparams (same section, NCL
     ImageNet-LT train view; digits: no jitter); ``autoaugment_cutout`` = standard + AutoAugment (CIFAR-10
@@ -338,7 +338,7 @@ def moco_transform(image_kind: str, image_size: int = 32, blur: bool = False, *,
     Digits: a random shift (±1 px) and scale (0.8–1.2) only.
 
     ``blur=True`` on CIFAR appends RandomApply(PIL GaussianBlur, radius ~ U[0.1, 2.0], p = 0.5) after these
-    ops, as NCL's CIFAR key view has it (METHODS.md "Recipes behind the published numbers", NCL CIFAR, MoCo
+    ops, as NCL's CIFAR key view has it (docs/methods.md "Recipes behind the published numbers", NCL CIFAR, MoCo
     key view: its flip comes before the colour ops, which commute with it). ImageNet keeps torchvision's
     GaussianBlur(23) either way; digits get no blur. ``options.normalize`` sets the normalisation."""
     v2 = _v2()

@@ -1,5 +1,5 @@
 """Mixup as an engine capability (``train.mixup_alpha``; Zhang et al. 2018, as BalPoE's code applies it,
-METHODS.md §4.1): per batch one ``λ ~ Beta(α, α)`` and a permutation; the mixed images
+docs/methods.md §4.1): per batch one ``λ ~ Beta(α, α)`` and a permutation; the mixed images
 ``λ·x + (1 − λ)·x[perm]`` (normalised tensors) go through the model once, and the method's loss is taken
 against both target sets: ``λ·L(y) + (1 − λ)·L(y[perm])`` (:meth:`rayexperts.methods.base.Method.mixed_step`).
 

@@ -1,4 +1,4 @@
-"""The per-epoch tables of a run directory (INTERFACES.md): ``metrics.parquet``, ``classes.parquet``,
+"""The per-epoch tables of a run directory (docs/results.md): ``metrics.parquet``, ``classes.parquet``,
 ``reliability.parquet``, written by rank 0 through :class:`~rayexperts.rundir.RunDir`."""
 
 from __future__ import annotations

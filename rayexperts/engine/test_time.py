@@ -1,5 +1,5 @@
 """Test-time steps: views that learn on the unlabelled test images before they are evaluated (an engine
-capability; SADE's test-time self-supervised aggregation is one, METHODS.md §3.4).
+capability; SADE's test-time self-supervised aggregation is one, docs/methods.md §3.4).
 
 A method offers them by name from ``Method.test_time_steps()``; each is a :class:`TestTimeStep`. The engine
 freezes the trained model (eval mode, no gradient), feeds the step ``passes`` shuffled passes over the WHOLE

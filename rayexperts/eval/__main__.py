@@ -1,5 +1,5 @@
 """``python -m rayexperts.eval probes RUN_DIR [--probes a,b] [--device cpu]``: representation probes
-of a finished run (METHODS.md "Evaluation every run should be able to report")."""
+of a finished run (docs/methods.md "Evaluation every run should be able to report")."""
 
 from __future__ import annotations
 

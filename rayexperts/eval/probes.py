@@ -1,4 +1,4 @@
-"""Representation probes on the frozen features of a finished run (METHODS.md, MLLT "Feature accuracy").
+"""Representation probes on the frozen features of a finished run (docs/methods.md, MLLT "Feature accuracy").
 
 Every probe maps frozen features (or frozen logits) to test-set scores ``[N, C]``:
 
@@ -149,7 +149,7 @@ def top1_by_group(scores: Tensor, labels: Tensor, groups: np.ndarray) -> dict[st
 
 def _batches(labels: Tensor, batch_size: int, balanced: bool, gen: torch.Generator) -> list[Tensor]:
     """One epoch of index batches (len(labels) draws): a permutation (instance sampling) or, when
-    ``balanced``, a uniform class then a uniform sample of it (METHODS.md "Samplers")."""
+    ``balanced``, a uniform class then a uniform sample of it (docs/methods.md "Samplers")."""
     n = len(labels)
     if balanced:
         order = torch.argsort(labels, stable=True)
@@ -281,7 +281,7 @@ def lws(
 
 @torch.no_grad()
 def feature_distance(features_m: Tensor, features_n: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """ECL eq. 12 (``../shared/seeds/003_*``, "Class-wise Average Feature Distance"), per class i:
+    """ECL eq. 12 (Xu et al., "Class-wise Average Feature Distance"), per class i:
     ``D_i^{m,n} = 1/|A_i| Σ_{t ∈ A_i} ‖v_t^m − v_t^n‖_2`` over the test images ``A_i`` of class i
     (NaN for a class without images). It is the mean of per-image distances between the two
     experts' features of the same image, not the distance between their class means."""

@@ -1,6 +1,6 @@
 """Two-stage jobs (``jobs/cbd_ens.py``): a method's prerequisite runs in parallel, then its own run.
 
-CBD / CBD_ENS (METHODS.md "CBD") is such a method: its prerequisites are the K teachers
+CBD / CBD_ENS (docs/methods.md "CBD") is such a method: its prerequisites are the K teachers
 (``cbd.teachers``), its own run the class-balanced student. Stage 1: every prerequisite trains from its
 own Ray actor (:mod:`rayexperts.launch.actor`: in the actor for one worker, a Ray Train run for more), so
 all K start at once and Ray packs them onto the cluster; torch threads per worker = the CPU share. A finished run
@@ -9,7 +9,7 @@ others: the job waits for all, writes the summary, then raises :class:`Prerequis
 it and its log. Stage 2: the method's own run (:func:`~rayexperts.launch.train.run_training`) on the job's
 ``scaling``.
 
-The job directory (INTERFACES.md) ``run.storage_path/run.name/``: ``config.yaml``, the
+The job directory (docs/results.md) ``run.storage_path/run.name/``: ``config.yaml``, the
 prerequisites' run directories (CBD: ``teachers/teacher<i>/``), the method's (CBD: ``student/``),
 and ``summary.parquet``.
 """

@@ -44,7 +44,7 @@ METRIC_COLUMN = {"top1_all": "top1", "top1_many": "top1_many", "top1_medium": "t
                  "ece": "ece", "error": "top1"}
 METRIC_HEADINGS = {"top1_many": "Many", "top1_medium": "Medium", "top1_few": "Few", "top1_all": "All", "ece": "ECE",
                    "error": "Error"}
-# Training images of the data sets whose split files fix them (METHODS.md "Shared building blocks").
+# Training images of the data sets whose split files fix them (docs/methods.md "Shared building blocks").
 KNOWN_TRAIN_SIZES = {"imagenet-lt": 115_846, "places-lt": 62_500, "inat2018": 437_513}
 SMALL_BACKBONES = ("resnet8", "resnet20", "resnet32", "digitsnet")  # a quarter of a GPU each
 SHORT = "short protocol: not comparable with the paper"
@@ -195,9 +195,9 @@ def train_size(cfg: DictConfig) -> int | None:
     return None
 
 
-def probe(cfg: DictConfig, steps: int = 3) -> float:
-    """Training images per second of ``cfg``'s model on this machine: a short timing probe of its training step
-    on random images of the data set's size (CPU threads: all of this process's)."""
+def probe(cfg: DictConfig, steps: int = 5) -> float:
+    """Training images per second of ``cfg``'s model on this machine's device (its GPU when it has one): the
+    median of a few timed training steps on random images of the data set's size, after two untimed ones."""
     import torch
     import torch.nn.functional as F
 
@@ -209,14 +209,17 @@ def probe(cfg: DictConfig, steps: int = 3) -> float:
     classes = entry.num_classes or 10
     channels = entry.in_channels
     size = {"digits-lt": 8, "cifar10-lt": 32, "cifar100-lt": 32}.get(str(cfg.data.name), int(cfg.data.image_size))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     counts = torch.linspace(100, 2, classes)
     method = METHODS.get(cfg.method)(cfg, counts, channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = method.build_model()
+        model = method.build_model().to(device)
         b = max(2, min(int(cfg.train.batch_size) // int(cfg.scaling.num_workers), 32))
-        images = torch.randn(b, channels, size, size)
-        batch = Batch(images, torch.randint(classes, (b,)), key_images=images if method.uses_key_view else None)
+        images = torch.randn(b, channels, size, size, device=device)
+        targets = torch.randint(classes, (b,)).to(device)
+        batch = Batch(images, targets, key_images=images if method.uses_key_view else None)
+    method.setup(device, torch.contiguous_format)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
     model.train()
     method.on_epoch(0)
@@ -230,11 +233,17 @@ def probe(cfg: DictConfig, steps: int = 3) -> float:
         loss.backward()
         optimizer.step()
 
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
+    def timed() -> float:
+        start = time.perf_counter()
         step()
-    return steps * b / (time.perf_counter() - start)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(2):  # warm-up
+        step()
+    times = sorted(timed() for _ in range(steps))
+    return b / times[len(times) // 2]  # the median step: robust to a busy machine
 
 
 def estimate(settings: list[Setting], cpus: float, gpus: float) -> dict[str, dict[str, Any]]:
@@ -524,7 +533,8 @@ def print_plan(settings: list[Setting], skipped: pd.DataFrame, cost: dict[str, d
     for _, r in skipped.drop_duplicates(["table", "method", "variant", "dataset", "backbone"]).iterrows():
         print(f"no preset: {r['table']} {r['method']}" + (f" ({r['variant']})" if r["variant"] else "")
               + f", {r['dataset']} {r['backbone']}: skipped")
-    print(f"estimated total: {total:.3f} {where}-hours (timing probe of each model on this machine; one run at a time)")
+    print(f"estimated total: {total:.3f} {where}-hours (a timing probe of each model on this machine's {where}: "
+          "the median of 5 training steps; runs one after another, data loading and evaluation not counted)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -724,6 +724,15 @@ def verbose_chosen(config: str | None, overrides: Sequence[str]) -> bool:
     return bool(config) and "run.verbose" in provenance(file_layers(str(config)))
 
 
+def resolve_sweep_config(config: str | None, overrides: Sequence[str]) -> DictConfig:
+    """The sweep's base config as ``jobs/sweep.py`` resolves it: the trials quiet unless ``run.verbose`` was set,
+    a validation split, the checks of :func:`sweep_config`."""
+    cfg = load_config(config, list(overrides))
+    if not verbose_chosen(config, overrides):  # a sweep's trials are quiet unless asked
+        cfg = with_overrides(cfg, {"run.verbose": False}, "sweep: quiet console (run.verbose=true shows all)")
+    return sweep_config(cfg)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jobs/sweep.py", description="A Ray Tune sweep whose trials are training runs.")
     parser.add_argument("--space", required=True, help="a search space YAML (tune_spaces/*.yaml)")
@@ -731,10 +740,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted config keys, e.g. tune.num_samples=16 tune.scheduler=fifo")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        if not verbose_chosen(args.config, args.overrides):  # a sweep's trials are quiet unless asked
-            cfg = with_overrides(cfg, {"run.verbose": False}, "sweep: quiet console (run.verbose=true shows all)")
-        cfg = sweep_config(cfg)
+        cfg = resolve_sweep_config(args.config, args.overrides)
         space = load_space(args.space, cfg)
         announce(cfg, "sweep directory")
         out = run_sweep(cfg, space)

@@ -1,4 +1,4 @@
-"""``balpoe``: Balanced Product of Calibrated Experts (Sanchez Aimar et al., CVPR 2023; METHODS.md §4, as
+"""``balpoe``: Balanced Product of Calibrated Experts (Sanchez Aimar et al., CVPR 2023; docs/methods.md §4, as
 emasa/BalPoE-CalibratedLT@ca607ae computes it).
 
 E experts on RIDE's layout at FULL width (the code's ``reduce_dimension: false``; ``model.expert_width`` 1),
@@ -40,7 +40,7 @@ class BalPoEOptions:
 
 
 def expert_taus(opts, num_experts: int) -> list[float]:
-    """τ per expert: ``balpoe.taus``, or with ``tau_spread`` > 0 equidistant in mean ∓ spread (METHODS.md §4.1)."""
+    """τ per expert: ``balpoe.taus``, or with ``tau_spread`` > 0 equidistant in mean ∓ spread (docs/methods.md §4.1)."""
     spread, mean = float(opts.tau_spread), float(opts.tau_mean)
     if spread <= 0:
         return [float(t) for t in opts.taus]

@@ -72,7 +72,7 @@ class Method:
     Options: ClassVar[type] = NoOptions  # the dataclass of the section cfg.<name>
     defaults: ClassVar[Mapping[str, Any]] = {}  # dotted core keys this method sets (its defaults layer)
     # dotted key -> (value, source[, status, item]): what compat=official switches wherever the method runs
-    # (METHODS.md "Checked against the official code"); recipe items live in each preset's ``official:`` block
+    # (docs/methods.md "Checked against the official code"); recipe items live in each preset's ``official:`` block
     official: ClassVar[Mapping[str, tuple]] = {}
     renamed: ClassVar[Mapping[str, str]] = {}  # removed key -> its new key (in this section, or dotted)
     path_keys: ClassVar[tuple[str, ...]] = ()  # keys holding local paths, made absolute by load_config

@@ -1,4 +1,4 @@
-"""``bsce``: balanced softmax cross-entropy (METHODS.md "Balanced softmax / logit adjustment").
+"""``bsce``: balanced softmax cross-entropy (docs/methods.md "Balanced softmax / logit adjustment").
 
 Trains on ``z + τ·log(n_j/n)``; inference uses the raw logits, already prior-corrected.
 """

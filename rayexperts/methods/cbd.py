@@ -1,4 +1,4 @@
-"""``cbd``: Class-Balanced Distillation, CBD and CBD_ENS (Iscen et al., BMVC 2021; METHODS.md "CBD").
+"""``cbd``: Class-Balanced Distillation, CBD and CBD_ENS (Iscen et al., BMVC 2021; docs/methods.md "CBD").
 
 Stage 1, the teachers (``cbd.teachers``): K runs of other methods trained with instance
 sampling; :meth:`ClassBalancedDistillation.prerequisites` gives their configs, and
@@ -145,7 +145,7 @@ def load_teacher(run: str, class_counts: Tensor, in_channels: int, data_name: st
 class ClassBalancedDistillation(Method):
     Options = CBDOptions
     defaults = {"model.num_experts": 1, "model.classifier": "cosine"}
-    official = {  # METHODS.md "Checked against the official code", row 5
+    official = {  # docs/methods.md "Checked against the official code", row 5
         "cbd.projection": ("mlp", "google-research/google-research:class_balanced_distillation/resnet.py "
                            "(h = Dense-ReLU-l2-normalise; the text: a linear layer)", "P", "projection h"),
         "model.cosine_scale": (20.0, "google-research/google-research:class_balanced_distillation/resnet.py "

@@ -1,5 +1,5 @@
 """The contrastive branch NCL and ECL share: MoCo v2 per expert and ``L_con = Σ_k InfoNCE_k``
-(NCL eq. 11, ECL eq. 9; METHODS.md NCL "Self-supervision")."""
+(NCL eq. 11, ECL eq. 9; docs/methods.md NCL "Self-supervision")."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class MocoOptions:
-    """MoCo v2 settings of the official NCL CIFAR config (METHODS.md)."""
+    """MoCo v2 settings of the official NCL CIFAR config (docs/methods.md)."""
 
     dim: int = 64  # projection (key) dimension
     hidden: int = 0  # hidden width of the projection MLP; 0: the feature dimension

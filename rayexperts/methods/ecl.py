@@ -1,4 +1,4 @@
-"""``ecl``: Towards Effective Collaborative Learning in Long-Tailed Recognition (Xu et al.; METHODS.md "ECL").
+"""``ecl``: Towards Effective Collaborative Learning in Long-Tailed Recognition (Xu et al.; docs/methods.md "ECL").
 
 K independent experts, each with a ``cls`` head ``z^{k,c}`` (distilled) and a ``ref`` head
 ``z^{k,r}`` (BC loss only) on the same feature ``v^k``, plus a MoCo branch per expert:

@@ -1,4 +1,4 @@
-"""``ldam_drw``: LDAM loss with deferred re-weighting (Cao et al., NeurIPS 2019; METHODS.md §1, as
+"""``ldam_drw``: LDAM loss with deferred re-weighting (Cao et al., NeurIPS 2019; docs/methods.md §1, as
 kaidic/LDAM-DRW@2536330 computes it).
 
 One network with a cosine classifier whose scale is NOT inside the model (``model.cosine_scale`` 1: the

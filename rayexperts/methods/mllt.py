@@ -1,4 +1,4 @@
-"""``mllt``: Mutual Learning for Long-Tailed Recognition (Park, Yim, Jun; METHODS.md "MLLT").
+"""``mllt``: Mutual Learning for Long-Tailed Recognition (Park, Yim, Jun; docs/methods.md "MLLT").
 
 A shared trunk (stem + first ``model.shared_stages`` stages) and K experts, each a copy of
 the remaining stages at ``model.expert_width`` × the filters with its own cosine classifier,

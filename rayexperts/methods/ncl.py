@@ -1,4 +1,4 @@
-"""``ncl``: Nested Collaborative Learning (Li et al., CVPR 2022; METHODS.md "NCL").
+"""``ncl``: Nested Collaborative Learning (Li et al., CVPR 2022; docs/methods.md "NCL").
 
 K independent networks (no shared trunk), each trained with the balanced softmax
 ``p_j(x; θ_k) = n_j e^{z^k_j} / Σ_l n_l e^{z^k_l}`` (eq. 2), plus a MoCo branch per expert:
@@ -65,7 +65,7 @@ class NCLOptions:
 class NestedCollaborative(Method):
     Options = NCLOptions
     defaults = {"model.num_experts": 3, "model.classifier": "linear"}
-    official = {  # METHODS.md "Checked against the official code", rows 1-2, and NCL's lib/loss/loss.py
+    official = {  # docs/methods.md "Checked against the official code", rows 1-2, and NCL's lib/loss/loss.py
         "ncl.hard_count": ("official", "Bazinga699/NCL@f64fddb:lib/loss/loss.py (HCM_N = int(beta*C) incl. the target)",
                            "P", "hard set size"),
         "ncl.hard_mode": ("mask", "Bazinga699/NCL@f64fddb:lib/loss/loss.py (balanced logits times the 0/1 mask)", "P",

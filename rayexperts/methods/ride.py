@@ -1,4 +1,4 @@
-"""``ride`` and ``ride_ea``: Routing Diverse Distribution-Aware Experts (Wang et al., ICLR 2021; METHODS.md §2,
+"""``ride`` and ``ride_ea``: Routing Diverse Distribution-Aware Experts (Wang et al., ICLR 2021; docs/methods.md §2,
 as frank-xwang/RIDE-LongTailRecognition@ab8be5c computes it).
 
 Stage 1 (``ride``): a shared trunk (CIFAR: stem + stage 1; ImageNet: stem + stages 1-2) and E experts of the
@@ -12,7 +12,7 @@ summed over experts, z̄ the mean of the expert logits (detached in the KL targe
 epoch, so from 0-indexed epoch ``reweight_epoch``) the DRW weights and per-class temperatures are on (the
 engine's epoch hook). Views: each expert and ``ensemble``, the mean of the expert logits (the code's output).
 
-Stage 2 (``ride_ea``): the expert-assignment router (METHODS.md §2.4) on a finished stage-1 run (the way CBD's
+Stage 2 (``ride_ea``): the expert-assignment router (docs/methods.md §2.4) on a finished stage-1 run (the way CBD's
 student loads its teachers): every stage-1 weight frozen, BatchNorm in eval mode, only the routers trained with
 the class-balanced sampler and BCE(pos_weight). At test time expert 0 always runs; expert i+1 runs for the
 samples whose router i says so (sigmoid > 0.5), and the prediction is the per-sample mean of the experts that
@@ -47,7 +47,7 @@ class RIDEOptions:
     base_temperature: float = 1.0
     max_m: float = 0.5  # LDAM margins
     scale: float = 30.0  # s: the logits are s·cos inside the model, the margin is s·m
-    # The code's quirk (METHODS.md §2.1): with diversity_factor = 0 the CE term uses the mean logits z̄.
+    # The code's quirk (docs/methods.md §2.1): with diversity_factor = 0 the CE term uses the mean logits z̄.
     mean_logits_ce_when_no_diversity: bool = False
 
 
@@ -119,7 +119,7 @@ _SHARED_WITH_STAGE1 = ("data.root", "data.train_split", "data.val_split", "data.
 
 @register_method("ride_ea")
 class RIDERouter(Method):
-    """RIDE's expert-assignment router, trained on a frozen stage-1 RIDE run (METHODS.md §2.4)."""
+    """RIDE's expert-assignment router, trained on a frozen stage-1 RIDE run (docs/methods.md §2.4)."""
 
     Options = RIDEEAOptions
     defaults = {"model.num_experts": 3, "model.expert_width": 0.75, "model.classifier": "normed_linear",
@@ -214,7 +214,7 @@ class RIDERouter(Method):
         return model(batch.images)
 
     def loss(self, out: Any, targets: Tensor) -> LossOutput:
-        """Mean over the E − 1 routers of BCE(router_i, help_i) (METHODS.md §2.4)."""
+        """Mean over the E − 1 routers of BCE(router_i, help_i) (docs/methods.md §2.4)."""
         from rayexperts.losses import router_loss, router_targets
 
         help_targets = router_targets([z.float() for z in out.expert.logits], targets)

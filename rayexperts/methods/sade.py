@@ -1,4 +1,4 @@
-"""``sade``: Self-supervised Aggregation of Diverse Experts (Zhang et al., NeurIPS 2022; METHODS.md §3, as
+"""``sade``: Self-supervised Aggregation of Diverse Experts (Zhang et al., NeurIPS 2022; docs/methods.md §3, as
 Vanint/SADE-AgnosticLT@cba11b8 computes it).
 
 Three experts on RIDE's layout (shared trunk, 0.75 width), NormedLinear at scale 30 inside the model, each
@@ -8,7 +8,7 @@ trained for another test distribution, summed:
 
 π_inv: the prior reversed by rank (a stable sort for tied counts). Views: each expert and ``ensemble``, the
 mean of the logits (the number SADE's README reports), and ``tta_aggregate``: the test-time self-supervised
-aggregation (METHODS.md §3.4), learnt on the UNLABELLED TEST IMAGES — transductive: its rows carry
+aggregation (docs/methods.md §3.4), learnt on the UNLABELLED TEST IMAGES — transductive: its rows carry
 ``transductive=True`` and it is never a run's headline view. It is an engine test-time step
 (:class:`rayexperts.engine.test_time.TestTimeStep`): three raw weights ``w`` (1/3 each) in an SGD of their own
 (lr ``sade.tta_lr``, momentum 0.9, Nesterov, weight decay 5e-4), ``sade.tta_epochs`` passes (5) over the test
@@ -73,7 +73,7 @@ class SADE(Method):
         return LossOutput(loss, {"sade": loss.detach()})
 
     def test_time_steps(self) -> dict[str, Any]:
-        """The transductive view ``tta_aggregate`` (METHODS.md §3.4), learnt by the engine's test-time step."""
+        """The transductive view ``tta_aggregate`` (docs/methods.md §3.4), learnt by the engine's test-time step."""
         if not self.opts.tta:
             return {}
         return {"tta_aggregate": AggregationWeights(self.opts, self.num_experts)}
@@ -84,7 +84,7 @@ class AggregationWeights:
     ``Σ softmax(w)_k z_k``. :meth:`fit` gets an iterable of ``(view1, view2)`` image batches per pass and a
     function giving the frozen model's expert logits."""
 
-    augment = "sade_tta"  # the two views' augmentation (rayexperts.data: the test-time view of METHODS.md §3.4)
+    augment = "sade_tta"  # the two views' augmentation (rayexperts.data: the test-time view of docs/methods.md §3.4)
 
     def __init__(self, opts: Any, num_experts: int) -> None:
         self.opts, self.num_experts = opts, num_experts

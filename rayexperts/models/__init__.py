@@ -1,4 +1,4 @@
-"""Backbones, classifier heads, multi-expert models and the MoCo branch (METHODS.md "Shared building
+"""Backbones, classifier heads, multi-expert models and the MoCo branch (docs/methods.md "Shared building
 blocks"); ``python -m rayexperts.models summary`` prints the model a config builds.
 
 Names are imported on first use (PEP 562): ``import rayexperts.models`` costs no torch import.

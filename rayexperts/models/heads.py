@@ -1,4 +1,4 @@
-"""Classifier heads: ``z = W v + b`` or the cosine classifier of METHODS.md."""
+"""Classifier heads: ``z = W v + b`` or the cosine classifier of docs/methods.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class LinearClassifier(nn.Linear):
 
 
 class CosineClassifier(nn.Module):
-    """``z = γ · normalize(W) normalize(v)`` (METHODS.md "Cosine classifier"); every ``|z_j| ≤ γ``.
+    """``z = γ · normalize(W) normalize(v)`` (docs/methods.md "Cosine classifier"); every ``|z_j| ≤ γ``.
     With ``bias``: ``+ b``, a trainable bias starting at 0 (NCL's ImageNet-LT code)."""
 
     def __init__(self, in_features: int, num_classes: int, scale: float = 16.0, bias: bool = False,
@@ -23,7 +23,7 @@ class CosineClassifier(nn.Module):
         super().__init__()
         self.scale = scale
         # normal: rows drawn from N(0, 1); uniform: LDAM-DRW's / RIDE's NormedLinear, uniform(-1, 1) renormed
-        # to unit norm per class (METHODS.md "More multi-expert methods", conventions)
+        # to unit norm per class (docs/methods.md "More multi-expert methods", conventions)
         w = torch.randn(num_classes, in_features) if init == "normal" else torch.empty(num_classes, in_features).uniform_(-1, 1)
         self.weight = nn.Parameter(F.normalize(w, dim=1))
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None

@@ -1,4 +1,4 @@
-"""MoCo v2 branches on a multi-expert model (METHODS.md NCL "Self-supervision", ECL's CPT).
+"""MoCo v2 branches on a multi-expert model (docs/methods.md NCL "Self-supervision", ECL's CPT).
 
 :class:`MocoBranch`: for one expert, a momentum copy of its encoder and of its MLP projection
 head, and a FIFO queue of ℓ2-normalised keys. :class:`MocoExperts` wraps a

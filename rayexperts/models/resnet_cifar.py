@@ -1,9 +1,9 @@
 """CIFAR ResNets (He et al. 2016, §4.2) and ``digitsnet``, a member of the same family for 8x8 digits.
 
 A 3x3 stem (conv–BN–ReLU, no max-pool) and three stages of basic blocks; ResNet-32 is
-3 stages × 5 blocks at widths 16/32/64 (METHODS.md "Two-stage backbones").
+3 stages × 5 blocks at widths 16/32/64 (docs/methods.md "Two-stage backbones").
 
-Shortcut where a block changes shape (``model.shortcut``): option A (default, METHODS.md "Checked
+Shortcut where a block changes shape (``model.shortcut``): option A (default, docs/methods.md "Checked
 against the official code" row 3), parameter-free: the input subsampled by the stride and its channels
 zero-padded, split evenly before and after, as LDAM-DRW, RIDE, NCL and BalPoE construct their CIFAR
 ResNets (ResNet-32 for 10 classes: 464,154 parameters); option B, a 1x1 conv + BN projection (He et

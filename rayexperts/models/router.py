@@ -1,4 +1,4 @@
-"""RIDE's expert-assignment router (METHODS.md §2.4, RIDE@ab8be5c:model/ldam_drw_resnets/ea_resnet_cifar.py):
+"""RIDE's expert-assignment router (docs/methods.md §2.4, RIDE@ab8be5c:model/ldam_drw_resnets/ea_resnet_cifar.py):
 routers on a frozen multi-expert network that decide, per sample, whether the next expert is worth running.
 
 Router ``i`` (for expert ``i + 1``, ``i = 0 .. E − 2``) sees the ``k`` largest running-mean logits of experts

@@ -1,5 +1,5 @@
 """The catalogue of published numbers: every result table of the four seed papers (MLLT, NCL, ECL, CBD),
-plus the SADE README and RIDE MODEL_ZOO numbers that METHODS.md quotes, one number a row.
+plus the SADE README and RIDE MODEL_ZOO numbers that docs/methods.md quotes, one number a row.
 
     >>> from rayexperts import published
     >>> published.load(paper="NCL", dataset="cifar100-lt", imbalance_factor=100, metric="top1_all")
