@@ -65,7 +65,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import rayexperts  # noqa: E402
 from rayexperts.config import ConfigError, list_presets, load_config, validate, with_overrides  # noqa: E402
-from rayexperts.engine.loop import evaluate, train_one_epoch  # noqa: E402
+from rayexperts.engine.loop import evaluate, train_one_epoch, train_step  # noqa: E402
 from rayexperts.engine.run import Run  # noqa: E402
 from rayexperts.engine.worker import resume  # noqa: E402
 from rayexperts.eval.metrics import EvalAccumulator  # noqa: E402
@@ -273,14 +273,7 @@ def timed(ck: Check, fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def one_step(run: Run, batches) -> Any:
     """One training step as the loop takes it (the batch from ``batches``)."""
-    batch = run.opts.batch(next(batches))
-    with run.opts.autocast():
-        out = run.method.training_step(run.model, batch)
-    run.optimizer.zero_grad(set_to_none=True)
-    out.total.backward()
-    run.optimizer.step()
-    run.method.after_step(run.model)
-    return out
+    return train_step(run.method, run.model, run.optimizer, run.opts.batch(next(batches)), run.opts)
 
 
 def _where() -> str | None:

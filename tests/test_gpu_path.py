@@ -7,7 +7,6 @@ from the device (a host-device sync on a GPU) beyond a fixed, named budget."""
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import subprocess
 import sys
@@ -28,7 +27,8 @@ from rayexperts.config import ConfigError, DataConfig, load_config, to_dict, wit
 from rayexperts.data.device import CachedSplit, PinnedStaging, plan_cache, processes_per_device
 from rayexperts.data.errors import DataError
 from rayexperts.data.sources import ArraySource, ImageSource
-from rayexperts.engine.loop import LoopOptions, evaluate
+from rayexperts.engine.loop import LoopOptions, evaluate, train_step
+from rayexperts.launch.bench import _Steps
 from rayexperts.engine.run import Run
 from rayexperts.eval.metrics import EvalAccumulator
 from rayexperts.registry import METHODS
@@ -103,19 +103,6 @@ class Census(TorchDispatchMode):
         return {f"{op} {path}:{line} ({fn})": n for (op, path, fn, line), n in device.items() if (op, path) in over}
 
 
-class _First:
-    """The first ``n`` batches of a loader, with a length."""
-
-    def __init__(self, loader, n: int) -> None:
-        self.loader, self.n = loader, n
-
-    def __iter__(self):
-        return itertools.islice(iter(self.loader), self.n)
-
-    def __len__(self) -> int:
-        return self.n
-
-
 def with_prerequisites(cfg, root: Path):
     """``cfg`` with the runs it needs first (CBD's teachers), each trained for one epoch in this process:
     a run directory with its config.yaml and a checkpoint, as a real stage 1 leaves it."""
@@ -163,15 +150,9 @@ def census(run: Run) -> tuple[Census, Census]:
     run.start_epoch(0)
     train, evaluation = Census(), Census()
     with train:
-        batch = run.opts.batch(next(iter(run.train_loader)))
-        with run.opts.autocast():
-            out = run.method.training_step(run.model, batch)
-        run.optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
-        run.optimizer.step()
-        run.method.after_step(run.model)
+        train_step(run.method, run.model, run.optimizer, run.opts.batch(next(iter(run.train_loader))), run.opts)
     with evaluation:
-        evaluate(run.method, run.eval_model, _First(run.eval_loaders[""], 1), run.opts)
+        evaluate(run.method, run.eval_model, _Steps(run.eval_loaders[""], 1), run.opts)
     return train, evaluation
 
 
@@ -278,7 +259,7 @@ def test_evaluation_logits_are_float32_under_bf16_autocast(method, monkeypatch):
     with run.opts.autocast():  # the patched autocast does what CUDA's does to the heads
         logits, _, _ = run.method.predict(run.eval_model, batch.images)
     assert logits["expert0"].dtype == torch.bfloat16
-    evaluate(run.method, run.eval_model, _First(run.eval_loaders[""], 2), run.opts)
+    evaluate(run.method, run.eval_model, _Steps(run.eval_loaders[""], 2), run.opts)
     assert set(seen) == set(run.views) and len(seen) >= 4
     assert all(d == {torch.float32} for d in seen.values()), seen
 

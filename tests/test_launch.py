@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rayexperts.config import PRESET_DIR, RAY_JOB_ENV, ConfigError, load_config
+from rayexperts.config import RAY_JOB_ENV, ConfigError, load_config
 from rayexperts.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]

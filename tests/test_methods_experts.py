@@ -204,7 +204,6 @@ def _cifar100_pickles(parent, per_class: int = 12, test_per_class: int = 2):
     """``parent/cifar-100-python`` in the official format (train, test, meta), tiny."""
     import pickle
 
-    import numpy as np
     from data_fixtures import interleaved_labels, tagged_images
 
     folder = parent / "cifar-100-python"

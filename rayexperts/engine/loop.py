@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from rayexperts.engine.mixup import Mixup
 from rayexperts.engine.schedule import set_lr
 from rayexperts.eval.metrics import EvalAccumulator
-from rayexperts.methods.base import Batch, Method, View
+from rayexperts.methods.base import Batch, LossOutput, Method, View
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,24 @@ class LoopOptions:
         return Batch(move(items[0]), move(items[1]))
 
 
+def train_step(method: Method, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, opts: LoopOptions,
+               mixup: Mixup | None = None) -> LossOutput:
+    """One optimizer step on ``batch``: the method's loss (mixed with ``mixup``) under autocast, backward,
+    gradient clipping (``train.grad_clip``), the step, and the method's after-step hook (MoCo's momentum)."""
+    with opts.autocast():
+        if mixup is None:
+            out = method.training_step(model, batch)
+        else:
+            out = method.mixed_step(model, batch, *mixup.draw(batch.targets.shape[0], opts.device))
+    optimizer.zero_grad(set_to_none=True)
+    out.total.backward()
+    if opts.grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+    optimizer.step()
+    method.after_step(model)
+    return out
+
+
 def train_one_epoch(
     method: Method,
     model: nn.Module,
@@ -87,17 +105,7 @@ def train_one_epoch(
         lr = lr_at(epoch, i, steps)
         set_lr(optimizer, lr)
         batch = opts.batch(items)
-        with opts.autocast():
-            if mixup is None:
-                out = method.training_step(model, batch)
-            else:
-                out = method.mixed_step(model, batch, *mixup.draw(batch.targets.shape[0], opts.device))
-        optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
-        if opts.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-        optimizer.step()
-        method.after_step(model)
+        out = train_step(method, model, optimizer, batch, opts, mixup)
         for name, value in {"loss": out.total, **{f"loss_{k}": v for k, v in out.terms.items()}}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
         seen += batch.targets.shape[0]

@@ -219,7 +219,7 @@ def probe(cfg: DictConfig, steps: int = 5) -> float:
         images = torch.randn(b, channels, size, size, device=device)
         targets = torch.randint(classes, (b,)).to(device)
         batch = Batch(images, targets, key_images=images if method.uses_key_view else None)
-    method.setup(device, torch.contiguous_format)
+    method.class_counts = method.class_counts.to(device)  # not setup(): CBD's would load teachers not trained yet
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
     model.train()
     method.on_epoch(0)
@@ -519,13 +519,14 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def print_plan(settings: list[Setting], skipped: pd.DataFrame, cost: dict[str, dict[str, Any]], where: str) -> None:
     print(f"{'run':<48} {'epochs':>6} {'resources':<28} {'est. hours':>10}  rows")
-    total = 0.0
+    total, unknown = 0.0, 0
     for s in settings:
         for cfg in s.configs:
             c = cost.get(cfg.run.name, {})
             res = (f"{cfg.scaling.gpus_per_worker:g} GPU, {cfg.scaling.cpus_per_worker:g} CPU" if cfg.scaling.use_gpu
                    else f"{cfg.scaling.cpus_per_worker:g} CPU (0: a share)")
             hours = c.get("hours", float("nan"))
+            unknown += math.isnan(hours)
             total += 0 if math.isnan(hours) else hours
             runs = f" (+{c['runs'] - 1} first)" if c.get("runs", 1) > 1 else ""
             note = f"  [{c['note']}]" if c.get("note") else ""
@@ -533,7 +534,8 @@ def print_plan(settings: list[Setting], skipped: pd.DataFrame, cost: dict[str, d
     for _, r in skipped.drop_duplicates(["table", "method", "variant", "dataset", "backbone"]).iterrows():
         print(f"no preset: {r['table']} {r['method']}" + (f" ({r['variant']})" if r["variant"] else "")
               + f", {r['dataset']} {r['backbone']}: skipped")
-    print(f"estimated total: {total:.3f} {where}-hours (a timing probe of each model on this machine's {where}: "
+    missing = f" + {unknown} runs not estimated (see their notes)" if unknown else ""
+    print(f"estimated total: {total:.3f} {where}-hours{missing} (a timing probe of each model on this machine's {where}: "
           "the median of 5 training steps; runs one after another, data loading and evaluation not counted)")
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from rayexperts.config import check_gpu_share, compose, flatten, method_layers, settings, to_dict, with_overrides
+from rayexperts.config import check_gpu_share, compose, flatten, method_layers, settings, with_overrides
 from rayexperts.errors import ConfigError
 from rayexperts.methods.base import LossOutput, Method, View, register_method
 from rayexperts.registry import METHODS

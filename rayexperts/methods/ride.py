@@ -31,7 +31,6 @@ from rayexperts.methods.base import LossOutput, Method, View, mean_logits, regis
 from rayexperts.rundir import RunDir
 
 if TYPE_CHECKING:
-    import torch
     from omegaconf import DictConfig
     from torch import Tensor, nn
 
