@@ -138,7 +138,7 @@ class TrainConfig:
     # or once per epoch (epoch e, 0-indexed, trains with the schedule at t = e + 1, lr_epoch_clock=end, or at
     # t = e, start): the authors' per-epoch schedulers. At t: warm-up (t < W) lr*(s + (1-s)*t/W) with
     # s = warmup_start; multistep lr*gamma^#(t >= m); cosine eta_min + (lr - eta_min)*(1 + cos(pi*min(t - W, T)/T))/2
-    # with T = cosine_t_max (0: epochs - W). docs/schedules.md gives every recipe's settings.
+    # with T = cosine_t_max (0: epochs - W). docs/configs.md "Schedules"; --print-config shows a preset's.
     lr_step: Literal["iteration", "epoch"] = "iteration"
     lr_epoch_clock: Literal["end", "start"] = "end"
     warmup_start: float = 0.0

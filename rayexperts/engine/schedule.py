@@ -1,5 +1,5 @@
 """Learning-rate schedules as a function of the schedule's clock ``t`` in epochs (the papers' and the
-authors' code's schedules; docs/schedules.md lists every recipe's settings).
+authors' code's schedules; docs/configs.md "Schedules", and docs/recipes.md for each preset's official one).
 
 ``train.lr_step=iteration``: iteration ``i`` of epoch ``e`` (``steps`` per epoch) trains with ``lr_at(e + (i+1)/steps)``.
 ``train.lr_step=epoch``: every iteration of epoch ``e`` (0-indexed) trains with ``lr_at(e + 1)``
