@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import math
@@ -585,7 +586,7 @@ def _compile_child(ck: Check, method: str, steps: int) -> int:
     from rayexperts.engine.run import compile_mode
 
     eager = make_run(ck, method)
-    eager_s, stats = timed(ck, lambda: train_steps(eager, 0, steps))
+    eager_s, stats = timed(ck, functools.partial(train_steps, eager, 0, steps))
     loss_eager = stats["loss"]
     del eager
     run = make_run(ck, method, "train.compile=on")
@@ -661,7 +662,7 @@ def part_e(ck: Check) -> None:
         for flag in (False, True):
             torch.backends.cudnn.benchmark = flag
             train_steps(run, 1, 5, Repeat(fixed))  # (re)tune
-            t, _ = timed(ck, lambda: train_steps(run, 1, 30, Repeat(fixed)))
+            t, _ = timed(ck, functools.partial(train_steps, run, 1, 30, Repeat(fixed)))
             times[flag] = 1000 * t / 30
     finally:
         torch.backends.cudnn.benchmark = before
@@ -799,10 +800,10 @@ def part_h(ck: Check) -> None:
             train_steps(run, 0, ck.steps(5, 1))  # warm-up
             steps = len(run.train_loader)
             timed_steps = ck.steps(steps, min(steps, 3))  # --cpu-smoke: a few steps, scaled to the epoch
-            seconds, stats = timed(ck, lambda: train_steps(run, 0, timed_steps))
+            seconds, stats = timed(ck, functools.partial(train_steps, run, 0, timed_steps))
             seconds *= steps / timed_steps
             if ck.smoke:  # one batch per evaluation split, scaled to the split
-                eval_s = sum(timed(ck, lambda: evaluate(run.method, run.eval_model, _Steps(loader, 1), run.opts))[0]
+                eval_s = sum(timed(ck, functools.partial(evaluate, run.method, run.eval_model, _Steps(loader, 1), run.opts))[0]
                              * len(loader) for loader in run.eval_loaders.values())
             else:
                 eval_s, _ = timed(ck, run.evaluate)

@@ -26,8 +26,8 @@ def lr_schedule(train_cfg: DictConfig) -> Callable[[float], float]:
     """``lr_at(t)`` for the schedule clock ``t`` in epochs (see the module docstring)."""
     base, epochs, warm = float(train_cfg.lr), int(train_cfg.epochs), int(train_cfg.warmup_epochs)
     milestones, gamma, kind = list(train_cfg.milestones), float(train_cfg.gamma), train_cfg.schedule
-    start, eta = float(train_cfg.get("warmup_start", 0.0)), float(train_cfg.get("eta_min", 0.0))
-    span = float(train_cfg.get("cosine_t_max", 0.0)) or max(epochs - warm, 1)
+    start, eta = float(train_cfg.warmup_start), float(train_cfg.eta_min)  # defaults: config.TrainConfig
+    span = float(train_cfg.cosine_t_max) or max(epochs - warm, 1)
 
     def lr_at(t: float) -> float:
         if warm > 0 and t < warm:
@@ -46,8 +46,8 @@ class StepSchedule:
 
     def __init__(self, train_cfg: DictConfig) -> None:
         self.lr_at = lr_schedule(train_cfg)
-        self.per_epoch = train_cfg.get("lr_step", "iteration") == "epoch"
-        self.offset = 1 if train_cfg.get("lr_epoch_clock", "end") == "end" else 0
+        self.per_epoch = train_cfg.lr_step == "epoch"
+        self.offset = 1 if train_cfg.lr_epoch_clock == "end" else 0
 
     def clock(self, epoch: int, step: int, steps: int) -> float:
         return float(epoch + self.offset) if self.per_epoch else epoch + (step + 1) / steps

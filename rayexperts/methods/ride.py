@@ -68,7 +68,7 @@ class RIDE(Method):
 
     @classmethod
     def validate(cls, cfg: DictConfig) -> None:
-        o, m = cfg[cls.name] if cls.name in cfg else cfg.ride, cfg.model
+        o, m = cfg.ride, cfg.model
         if m.classifier == "linear" or abs(float(m.cosine_scale) - float(o.scale)) > 1e-9:
             raise ConfigError(f"RIDE's logits are s·cos inside the model: model.cosine_scale must equal {cls.name}.scale "
                               f"({o.scale}) with a cosine classifier, got model.classifier={m.classifier} "

@@ -21,6 +21,8 @@ class CosineClassifier(nn.Module):
     def __init__(self, in_features: int, num_classes: int, scale: float = 16.0, bias: bool = False,
                  init: str = "normal") -> None:
         super().__init__()
+        if init not in ("normal", "uniform"):
+            raise ValueError(f"unknown cosine classifier init {init!r}: choose normal or uniform")
         self.scale = scale
         # normal: rows drawn from N(0, 1); uniform: LDAM-DRW's / RIDE's NormedLinear, uniform(-1, 1) renormed
         # to unit norm per class (docs/methods.md "More multi-expert methods", conventions)
