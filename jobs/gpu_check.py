@@ -67,7 +67,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 import rayexperts  # noqa: E402
 from rayexperts.config import ConfigError, list_presets, load_config, validate, with_overrides  # noqa: E402
 from rayexperts.engine.loop import evaluate, train_one_epoch, train_step  # noqa: E402
-from rayexperts.engine.run import Run  # noqa: E402
+from rayexperts.engine.run import Run, local_device  # noqa: E402
 from rayexperts.engine.worker import resume  # noqa: E402
 from rayexperts.eval.metrics import EvalAccumulator  # noqa: E402
 from rayexperts.launch.bench import _Steps, time_pipeline  # noqa: E402
@@ -573,7 +573,7 @@ class _Clock:
 def compile_child(args: argparse.Namespace) -> int:
     """``--child-compile METHOD``: eager vs compiled, 2 x 40 steps; one JSON line on stdout."""
     cuda = torch.cuda.is_available() and not args.force_cpu
-    ck = make_check(args, torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"))
+    ck = make_check(args, local_device(cuda))
     try:
         return _compile_child(ck, args.child_compile, 40)
     finally:
@@ -882,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not cuda:
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    device = local_device(cuda)
     parts = (args.parts or (SMOKE_PARTS if args.cpu_smoke else ORDER)).upper()
     if unknown := sorted(set(parts) - set(PARTS)):
         print(f"error: unknown part(s) {', '.join(unknown)}: choose from {''.join(sorted(PARTS))}", file=sys.stderr)

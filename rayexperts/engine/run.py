@@ -287,6 +287,13 @@ class Run:
         return rows, classes
 
 
+def local_device(use_cuda: bool = True) -> torch.device:
+    """This process's device: the current CUDA device with its explicit index (GPU finding F15) when ``use_cuda``
+    and CUDA is available, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda and torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
 def configure_backends(device: torch.device, deterministic: bool) -> None:
     """GPU finding F12. On CUDA: ``cudnn.benchmark`` for the static training shapes (faster kernels, not bit-stable),
     or with ``train.deterministic`` deterministic kernels (``cudnn.deterministic``, ``use_deterministic_algorithms``

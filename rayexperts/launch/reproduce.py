@@ -201,6 +201,7 @@ def probe(cfg: DictConfig, steps: int = 5) -> float:
     import torch
     import torch.nn.functional as F
 
+    from rayexperts.engine.run import local_device
     from rayexperts.engine.schedule import build_optimizer
     from rayexperts.methods.base import Batch
     from rayexperts.registry import DATASETS
@@ -209,7 +210,7 @@ def probe(cfg: DictConfig, steps: int = 5) -> float:
     classes = entry.num_classes or 10
     channels = entry.in_channels
     size = {"digits-lt": 8, "cifar10-lt": 32, "cifar100-lt": 32}.get(str(cfg.data.name), int(cfg.data.image_size))
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = local_device()
     counts = torch.linspace(100, 2, classes)
     method = METHODS.get(cfg.method)(cfg, counts, channels)
     with torch.random.fork_rng(devices=[]):
