@@ -82,6 +82,15 @@ def test_router_freezes_the_experts_and_keeps_their_batchnorm_in_eval_mode():
     assert not router.training and not router.experts.training
 
 
+def assert_routes_by_hand(router, x, out):
+    """``out`` (the router's output on ``x``) equals :func:`hand_router`'s; its router logits and experts used."""
+    logits, routed, used = hand_router(router, x)
+    torch.testing.assert_close(out.router_logits, logits)
+    torch.testing.assert_close(out.routed_logits, routed)
+    torch.testing.assert_close(out.experts_used, used)
+    return logits, used
+
+
 def test_router_forward_is_rides_routing_by_hand():
     """Router i sees the top-k of the running mean logits of experts 0..i and relu(W_i v_i/|v_i|); expert i + 1 runs
     while every router so far says yes (logit > 0); the prediction is the mean logits of the experts that ran."""
@@ -91,10 +100,7 @@ def test_router_forward_is_rides_routing_by_hand():
         router.decide.bias.fill_(0.1)
     x = torch.randn(64, 6, generator=torch.Generator().manual_seed(2))
     out = router(x)
-    logits, routed, used = hand_router(router, x)
-    torch.testing.assert_close(out.router_logits, logits)
-    torch.testing.assert_close(out.routed_logits, routed)
-    torch.testing.assert_close(out.experts_used, used)
+    logits, used = assert_routes_by_hand(router, x, out)
     assert set(used.tolist()) == {1.0, 2.0, 3.0}  # the case covers every number of experts,
     assert ((logits[:, 0] <= 0) & (logits[:, 1] > 0)).any()  # and router 1 saying yes after router 0 said no
     assert out.router_logits.shape == (64, 2) and len(out.expert.logits) == 3
@@ -123,10 +129,7 @@ def test_router_on_two_experts_by_hand():
     router = ExpertRouter(FakeExperts(num_experts=2, num_classes=5, seed=4), top_choices=2, hidden=3).eval()
     x = torch.randn(32, 6, generator=torch.Generator().manual_seed(5))
     out = router(x)
-    logits, routed, used = hand_router(router, x)
-    torch.testing.assert_close(out.router_logits, logits)
-    torch.testing.assert_close(out.routed_logits, routed)
-    torch.testing.assert_close(out.experts_used, used)
+    assert_routes_by_hand(router, x, out)
 
 
 def test_a_router_logit_of_zero_does_not_run_the_next_expert():
