@@ -1,6 +1,6 @@
 """One prepared check of the GPU path (GPU findings F2-F15): PASS / FAIL / INFO lines and ``gpu_check.json``.
 
-    python jobs/gpu_check.py [--out runs/gpu_check] [--data PARQUET] [--budget 480] [--parts ACBEFHDG]
+    python jobs/gpu_check.py [--out runs/gpu_check] [--data PARQUET] [--budget 480] [--parts ACBEFHDG] [--rows 540]
     python jobs/gpu_check.py --cpu-smoke [--out DIR]    # parts A, E and H on the CPU, digits-lt, in seconds
 
 Runs in one process without Ray (``Run`` + ``train_one_epoch`` / ``evaluate``), on CIFAR-10-LT IF 100
@@ -870,6 +870,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check")
     p.add_argument("--parts", default=None, help=f"which parts, in order (default {ORDER}; --cpu-smoke: {SMOKE_PARTS})")
     p.add_argument("--cpu-smoke", action="store_true", help="parts A, E and H on the CPU with digits-lt, tiny sizes")
+    p.add_argument("--rows", type=float, default=0.0, help="then train the CIFAR-10-LT paper rows for this many seconds "
+                   "(jobs/gpu_rows.py, into OUT/rows; CUDA only)")
     p.add_argument("--force-cpu", action="store_true", help=argparse.SUPPRESS)  # development: any part on the CPU
     p.add_argument("--child-compile", default=None, help=argparse.SUPPRESS)  # part D's child process
     args = p.parse_args(argv)
@@ -898,7 +900,14 @@ def main(argv: list[str] | None = None) -> int:
         ck.write()
     finally:
         shutil.rmtree(ck.tmp, ignore_errors=True)
-    return 1 if s["FAIL"] else 0
+    status = 1 if s["FAIL"] else 0
+    if args.rows > 0 and cuda:  # the paper rows after the checks, in child processes (rayexperts/launch/rows.py)
+        from rayexperts.launch.rows import main as train_rows
+
+        torch.cuda.empty_cache()
+        status = max(status, train_rows(["--out", str(Path(args.out) / "rows"), "--data", args.data,
+                                         "--budget", str(args.rows)]))
+    return status
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """A published table re-run as one Ray job, beside the paper's numbers.
 
-    python jobs/reproduce.py (--paper P [--table T] | --catalog CSV) [--seeds N] [--dry-run] [--epochs-scale F]
-        [key=value ...]
+    python jobs/reproduce.py (--paper P [--table T] | --catalog CSV) [--data-root DATASET=PATH ...] [--seeds N]
+        [--dry-run] [--epochs-scale F] [key=value ...]
 """
 
 import sys

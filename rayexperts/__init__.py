@@ -15,6 +15,16 @@ REQUIRED = ("config.py", "registry.py", "rundir.py", "losses.py", "data", "model
             "launch", "presets")
 
 
+def __getattr__(name: str):
+    """``rayexperts.load`` (:func:`rayexperts.inference.load.load`), imported on first use: ``import rayexperts``
+    imports neither torch nor Ray."""
+    if name == "load":  # by name: the layers below (engine, launch) import this package, never inference
+        import importlib
+
+        return importlib.import_module("rayexperts.inference.load").load
+    raise AttributeError(f"module 'rayexperts' has no attribute {name!r}")
+
+
 class IncompletePackage(RuntimeError):
     """The imported rayexperts lacks files it needs (typically an upload whose excludes removed them)."""
 

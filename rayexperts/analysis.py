@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from rayexperts.config import flatten
+from rayexperts.config import flatten, is_result_key
 from rayexperts.eval.tables import SHOT_COLUMNS, shot_table
 from rayexperts.rundir import FAILED_MARK
 
@@ -31,6 +32,7 @@ class Sweep:
     keys: list[str]
     metric: str
     mode: str
+    scheduler: str = ""  # tune.scheduler (asha, fifo, pbt)
 
 
 @dataclass
@@ -119,7 +121,8 @@ def load_sweep(path: str | Path) -> Sweep:
     trials = pd.read_parquet(root / "trials.parquet")
     metrics = load_runs(root, trials=True) if find_runs(root, trials=True) else pd.DataFrame(columns=["run"])
     tune = spec["config"]["tune"]
-    return Sweep(trials, metrics, list(spec["space"]), str(tune["metric"]), str(tune["mode"]))
+    return Sweep(trials, metrics, list(spec["space"]), str(tune["metric"]), str(tune["mode"]),
+                 str(tune.get("scheduler", "")))
 
 
 def load_ensemble(path: str | Path) -> Ensemble:
@@ -136,9 +139,15 @@ def _model_name(run: str) -> str:
     return run.rsplit("/", 1)[-1]
 
 
+def config_rows(trials: pd.DataFrame) -> pd.DataFrame:
+    """A sweep's rows per configuration (``kind=config``: the mean of its seeds), without the per-seed rows."""
+    return trials[trials["kind"] == "config"] if "kind" in trials else trials
+
+
 def best_trial(trials: pd.DataFrame, metric: str, mode: str) -> pd.Series | None:
-    """The best trial on ``metric`` (a validation metric), among the trials that ran every epoch
-    when there are any; None when no trial reported it."""
+    """The best trial (configuration: :func:`config_rows`, the mean of its seeds) on ``metric`` (a validation
+    metric), among the trials that ran every epoch when there are any; None when no trial reported it."""
+    trials = config_rows(trials)
     if metric not in trials:
         return None
     ok = trials[(trials["status"] != "error") & trials[metric].notna()]
@@ -149,6 +158,19 @@ def best_trial(trials: pd.DataFrame, metric: str, mode: str) -> pd.Series | None
     return ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
 
 
+def tied_trials(trials: pd.DataFrame, best: pd.Series | None, metric: str) -> list[str]:
+    """The trial ids with the best trial's ``metric`` among the configurations :func:`best_trial` chose from (the
+    completed ones when it chose a completed one), the best first; just the best when nothing ties."""
+    if best is None:
+        return []
+    trials = config_rows(trials)
+    pool = trials[(trials["status"] != "error") & trials[metric].notna()]
+    if best["status"] == "completed":
+        pool = pool[pool["status"] == "completed"]
+    tied = pool[np.isclose(pool[metric].astype(float), float(best[metric]), rtol=1e-9, atol=1e-12)]
+    return [str(best["trial_id"]), *(str(t) for t in tied["trial_id"] if str(t) != str(best["trial_id"]))]
+
+
 def last_epoch(df: pd.DataFrame) -> pd.DataFrame:
     """The rows of each run's last evaluated epoch."""
     last = df.groupby("run")["epoch"].transform("max")
@@ -156,9 +178,6 @@ def last_epoch(df: pd.DataFrame) -> pd.DataFrame:
 
 
 SELECTIONS = {"last": "last", "best_test": "best_test (selected on the test set)", "best_val": "best_val"}
-# Config columns that may differ between the runs of one table row: where they ran and what the loader recorded.
-_NOT_SETTINGS = ("seed", "run.name", "run.storage_path", "layers", "sources", "run.verbose", "run.dashboard",
-                 "run.tensorboard", "run.ray_log_level", "run.mlflow_tracking_uri", "run.mlflow_experiment")
 
 
 def select_epochs(df: pd.DataFrame, selection: str = "last") -> pd.DataFrame:
@@ -190,17 +209,23 @@ def config_columns(df: pd.DataFrame) -> list[str]:
 
 
 def _check_same_settings(rows: pd.DataFrame, by: list[str], seeds: str | None) -> None:
-    """The runs of one table row must agree on every setting but the seed: else an error naming the keys."""
-    keys = [c for c in config_columns(rows) if c not in (*by, *_NOT_SETTINGS, seeds or "seed")
-            and not c.startswith("sources")]
+    """The runs of one table row must agree on every key that can change a result (:func:`rayexperts.config.
+    is_result_key`) but the seed: else an error naming the keys that differ."""
+    keys = [c for c in config_columns(rows) if c not in (*by, seeds or "seed") and is_result_key(c)]
     for group, g in rows.groupby(by, sort=False, dropna=False):
         per_run = g.drop_duplicates("run")
         differ = [k for k in keys if per_run[k].astype(str).nunique() > 1]
         if differ:
-            shown = ", ".join(f"{k} ({', '.join(sorted(per_run[k].astype(str).unique())[:3])})" for k in differ[:5])
+            shown = ", ".join(f"{k} ({_values(per_run[k])})" for k in differ[:5])
             more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
             raise ValueError(f"the runs of row {group} differ in {shown}{more}: a row averages repeats of one "
                              "config; add those keys to by=(...) or filter the runs")
+
+
+def _values(column: pd.Series, show: int = 3) -> str:
+    """The distinct values of ``column``, the first ``show`` of them, with an ellipsis when some are left out."""
+    values = sorted(column.astype(str).unique())
+    return ", ".join(values[:show]) + (", …" if len(values) > show else "")
 
 
 def paper_table(
@@ -217,7 +242,8 @@ def paper_table(
     Without ``seeds`` every group must hold one run. With ``seeds`` (a column, e.g. ``"seed"``)
     a group's runs are repeats over seeds: cells are ``"mean ± std"`` (sample std) and a
     ``seeds`` column counts them. The runs of a group must agree on every config key but the
-    seed (and where they ran): otherwise a ValueError names the keys that differ. A view learnt on the
+    seed (keys that cannot change a result, :data:`rayexperts.config.NOT_RESULT_KEYS`, may differ): otherwise a
+    ValueError names the keys that differ. A view learnt on the
     unlabelled test images (SADE's ``tta_aggregate``) is marked in a ``transductive`` column.
     """
     by = list(by)
@@ -256,7 +282,8 @@ def published(**filters: Any) -> pd.DataFrame:
     """The packaged catalogue of published numbers (``rayexperts/published/results.csv``): every result table
     of MLLT, NCL, ECL and CBD, values in percent as printed, one row per number, with the checkpoint selection
     the paper reported (``selection``) and, where one exists, the ``preset`` and ``overrides`` that train the
-    row's setting. ``filters`` are column=value (a list: any of them), e.g.
+    row's setting, with what that preset runs differently (``protocol_note``) and whether a cell was reconstructed
+    from garbled text (``inferred``, a bool; docs/results.md). ``filters`` are column=value (a list: any of them), e.g.
     ``published(paper="NCL", table="Table 2", metric="top1_all")``."""
     from rayexperts.published import load
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from rayexperts.errors import ConfigError
-from rayexperts.registry import BACKBONES, DATASETS, METHODS, did_you_mean
+from rayexperts.registry import BACKBONES, DATASETS, METHODS, did_you_mean, load_plugins
 
 PRESET_DIR = Path(__file__).parent / "presets"
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Ray job supervisor for a submitted job's driver
@@ -38,7 +38,7 @@ RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Ray job supervisor for
 __all__ = [
     "Config", "ConfigError", "Layer", "OfficialValue", "PRESET_DIR", "absolute_path_or_uri", "compose", "default_layers", "flatten",
     "from_dict", "is_uri", "list_presets", "load_config", "method_official", "official_values", "config_layers", "explain", "provenance", "parse_overrides", "preset_path", "settings", "to_dict", "to_yaml",
-    "valid_keys", "check_gpu_share", "with_overrides",
+    "valid_keys", "check_gpu_share", "with_overrides", "NOT_RESULT_KEYS", "is_result_key", "result_settings",
 ]
 
 Layer = tuple[str, Mapping[str, Any]]  # (where it comes from, nested or dotted keys)
@@ -78,6 +78,14 @@ class DataConfig:
     cutout_fill: Literal["mean", "black"] = "mean"
     crop_scale_min: float = 0.08  # RandomResizedCrop: the smallest area kept (CBD's code: Inception crop 0.05)
     normalize: Literal["mean_std", "unit"] = "mean_std"  # (x/255 - mean)/std, or x/255 only (CBD's code)
+    # the normalisation's mean and std, one per channel; empty: a timm backbone's own (its pretrained config,
+    # when its channels match the images'), else the data set's (docs/pretrained.md "Preprocessing")
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    # ImageNet-like test view: resize to image_size / crop_pct with this interpolation, centre-crop image_size;
+    # 0 / auto: a timm backbone's own (its pretrained config), else 224/256 and bilinear
+    crop_pct: float = 0.0
+    interpolation: Literal["auto", "bilinear", "bicubic"] = "auto"
     # The CIFAR long-tailed subset: the first n_i images of each class (first), or LDAM-DRW's code (shuffled:
     # np.random.seed(lt_subset_seed), then each class's indices shuffled in class order, the first n_i kept).
     lt_subset: Literal["first", "shuffled"] = "first"
@@ -96,6 +104,10 @@ class DataConfig:
     many_threshold: int = 100  # many-shot: more than this many training images
     few_threshold: int = 20  # few-shot: fewer than this many
     test_batch_size: int = 128  # on CPU, 512 evaluated ResNet-8 3x slower than 128 (cache-bound)
+    # The epoch's last, partial training batch: dropped (true: floor(N/B) steps), or trained on (false: ceil(N/B)
+    # steps, as loaders with PyTorch's default do; the workers split it, each loss weighted by its share, and a
+    # worker with no image of it steps on an empty batch). docs/configs.md "The last partial batch".
+    drop_last: bool = True
     seed: int = 0  # fixes the digits-lt held-out split
 
 
@@ -115,8 +127,23 @@ class ModelConfig:
     cosine_scale: float = 16.0
     cosine_bias: bool = False  # a trainable bias (init 0) on the cosine classifier (NCL's ImageNet-LT code)
     zero_init_residual: bool = False  # the last BN of every residual block starts at gamma = 0 (CBD's code)
-    weights: Optional[str] = None  # local file of backbone weights
-    allow_download: bool = False  # let torchvision fetch ImageNet weights at run time
+    # linear classifier weights: PyTorch's nn.Linear default (U(±1/sqrt(d))) or kaiming_normal_ (LDAM-DRW's
+    # _weights_init, std sqrt(2/d)); the bias keeps PyTorch's default either way
+    head_init: Literal["default", "kaiming_normal"] = "default"
+    weights: Optional[str] = None  # local file of backbone weights: .safetensors, .pth/.pt/.bin (docs/pretrained.md)
+    weights_strict: bool = True  # model.weights must fit the backbone exactly (false: missing/unexpected keys reported)
+    allow_download: bool = False  # let torchvision fetch ImageNet weights (timm: with model.pretrained) at run time
+    pretrained: bool = False  # timm/<name>: its pretrained weights from timm's hub (needs model.allow_download=true)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # timm/<name>: timm.create_model kwargs (img_size, ...)
+    # Fine-tuning of the backbone (docs/pretrained.md "Fine-tuning modes"): full, linear (frozen backbone), bias
+    # (BitFit), lora (on the nn.Linear layers named by lora_targets), adaptformer (a parallel MLP adapter per block)
+    finetune: Literal["full", "linear", "bias", "lora", "adaptformer"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 8.0
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])  # timm ViT attention's qkv and proj
+    adapter_width: int = 64
+    adapter_scale: float = 0.1
+    grad_checkpointing: bool = False  # timm/<name>: recompute activations in the backward pass (less memory)
     sync_bn: Optional[bool] = None  # None: on when num_workers > 1 on GPU
     # channels_last memory format: auto is on (measured faster on CPU and on CUDA for these ResNets)
     channels_last: Literal["auto", "on", "off"] = "auto"
@@ -127,6 +154,8 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 64  # global: split evenly over scaling.num_workers
     lr: float = 0.1  # for the global batch; no automatic rescaling
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw: torch's AdamW (betas 0.9, 0.999) with train.weight_decay
+    backbone_lr_scale: float = 1.0  # the lr of the pretrained backbone's parameters: train.lr × this
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
@@ -185,7 +214,7 @@ class ScalingConfig:
 @dataclass
 class RunConfig:
     storage_path: str = "./runs"
-    name: str = ""  # empty: <method>-<data>-<timestamp>
+    name: str = ""  # empty: <method>-<data>-<8-hex hash of the keys that can change the result>; a sweep: its time
     checkpoint_every: int = 1
     num_to_keep: int = 2
     max_failures: int = 0
@@ -199,14 +228,27 @@ class RunConfig:
     # else off, about 1.5 s less start-up on 2 cores.
     dashboard: Literal["auto", "on", "off"] = "auto"
     tensorboard: bool = True  # event files in <run dir>/tensorboard/ (tensorboard --logdir runs/)
+    # false: a one-worker run trains in this process, with the code a run's Ray actor runs (same loop, checkpoints,
+    # run directory, resume, results), and nothing imports Ray: a machine without Ray, or pdb. Several workers,
+    # run.max_failures, CBD's teachers in parallel, sweeps and reproduce need Ray and are refused.
+    ray: bool = True
     mlflow_tracking_uri: str = ""  # e.g. file:///shared/mlruns or http://host:5000: log config and metrics there
     mlflow_experiment: str = "rayexperts"
+    # modules (importable on the path) that register methods, data sets or backbones, imported before the config
+    # is resolved, in the driver and every worker; installed packages add theirs through the entry-point group
+    # rayexperts.plugins (docs/development.md "Plugins")
+    plugins: list[str] = field(default_factory=list)
 
 
 @dataclass
 class TuneConfig:
     num_samples: int = 8
-    scheduler: Literal["asha", "fifo"] = "asha"
+    # random: Tune's sampling (an all-discrete space never repeats a point); grid: every point of an all-discrete
+    # space once; optuna: Optuna's TPE (pip install 'rayexperts[optuna]'), seeded with seed
+    search: Literal["random", "grid", "optuna"] = "random"
+    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
+    seeds_per_config: int = 1  # each configuration trained with this many seeds (seed, seed+1, ...); tuned on the mean
+    perturbation_interval: int = 2  # PBT: epochs between exploit/explore steps (each key of the space perturbed)
     metric: str = "val_top1"
     mode: Literal["max", "min"] = "max"
     view: str = ""  # empty: the method's primary view
@@ -238,6 +280,24 @@ class Config:
 
 CORE_SECTIONS = ("data", "model", "train", "eval", "scaling", "run", "tune")
 _WRITTEN_BY_LOADER = ("layers", "sources")
+# The keys that cannot change a run's numbers (docs/configs.md "Keys that change a result"): where it runs and
+# writes (run.*, data.root, the CPU / GPU share of a worker), how a sweep searches (tune.*), what the loader
+# records. Every other key can change a result. One list for paper_table's refusal to average runs, reproduce's
+# run names, the default run.name and resume's checks. A prefix ending in "." covers its whole section.
+NOT_RESULT_KEYS = ("run.", "tune.", "layers", "sources", "data.root", "data.download", "model.allow_download",
+                   "scaling.cpus_per_worker", "scaling.gpus_per_worker")
+
+
+def is_result_key(key: str) -> bool:
+    """Whether config key ``key`` (dotted) can change a run's numbers (:data:`NOT_RESULT_KEYS`)."""
+    return not any(key.startswith(k) if k.endswith(".") else key == k or key.startswith(k + ".")
+                   for k in NOT_RESULT_KEYS)
+
+
+def result_settings(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """The dotted keys of ``cfg`` (a config or a flat or nested mapping) that can change a result, sorted."""
+    flat = flatten(cfg)
+    return {k: flat[k] for k in sorted(flat) if is_result_key(k)}
 
 
 # ---------------------------------------------------------------------------- schema and keys
@@ -504,14 +564,19 @@ def _yaml_switches(cfg: DictConfig, flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_FREE_DICTS = ("model.timm_kwargs.",)  # dict keys whose entries are any names (timm.create_model's kwargs)
+
+
 def _merge(cfg: DictConfig, layer: Mapping[str, Any], source: str, keys: set[str], method: str) -> DictConfig:
     flat = _flatten(layer)
     for key in flat:
         if key.split(".")[0] in _WRITTEN_BY_LOADER:
             raise ConfigError(f"'{key}' in {source}: it is written by the config loader, not set")
-        if key not in keys:
+        if key not in keys and not key.startswith(_FREE_DICTS):
             raise unknown_key_error(key, source, sorted(keys), method)
     flat = _yaml_switches(cfg, flat)
+    if "model" in cfg and "timm_kwargs" in cfg.model:
+        OmegaConf.set_struct(cfg.model.timm_kwargs, False)  # its entries are timm's, not this schema's
     try:
         return OmegaConf.merge(cfg, _nest(flat))  # type: ignore[return-value]
     except ConfigKeyError as e:
@@ -546,6 +611,16 @@ def _registry_message(registry, name: str) -> str:
     return ""
 
 
+def _plugin_modules(value: Any, where: str) -> list[str]:
+    """``run.plugins`` as module names; anything else is a :class:`ConfigError` naming where it was set."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple, ListConfig)) or not all(isinstance(m, str) and m for m in value):
+        raise ConfigError(f"run.plugins={value!r} ({where}) must be a list of module names, e.g. "
+                          "run.plugins=[my_package.methods]")
+    return [str(m) for m in value]
+
+
 def config_layers(
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] | Mapping[str, Any] | None = None,
@@ -557,6 +632,7 @@ def config_layers(
         flat = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(list(overrides))
         if flat:
             command.append((f"command line ({', '.join(flat)})", _nest(flat)))
+    load_plugins(_plugin_modules(*_setting([*user, *command], "run.plugins", [])))
     method, where = _setting([*user, *command], "method", Config.method)
     data_name, data_where = _setting([*user, *command], "data.name", DataConfig.name)
     compat, _ = _setting([*user, *command], "compat", Config.compat)
@@ -662,6 +738,8 @@ def absolute_paths(cfg: DictConfig) -> DictConfig:
         if value and not is_uri(str(value)) and Path(str(value)).expanduser().is_file():
             cfg.data[key] = absolute_path_or_uri(str(value))
     cfg.run.storage_path = absolute_path_or_uri(str(cfg.run.storage_path))
+    if cfg.model.weights:  # read by the Ray workers, whose working directory is not the user's
+        cfg.model.weights = absolute_path_or_uri(str(cfg.model.weights))
     for key in getattr(METHODS.get(cfg.method), "path_keys", ()):
         value = OmegaConf.select(cfg, key)
         new = [absolute_path_or_uri(str(v)) for v in value] if isinstance(value, ListConfig) else (
@@ -683,12 +761,17 @@ _RANGES = (
     ("train.grad_clip", lambda v: v >= 0, ">= 0 (0: off)"),
     ("train.mixup_alpha", lambda v: v >= 0, ">= 0 (0: off)"),
     ("data.crop_scale_min", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("data.crop_pct", lambda v: 0 <= v <= 1, "in (0, 1] (0: the model's, else 224/256)"),
     ("data.autoaugment_fill", lambda v: 0 <= v <= 255, "in [0, 255]"),
     ("data.test_batch_size", lambda v: v >= 1, ">= 1"),
     ("data.num_workers", lambda v: v >= 0, ">= 0"),
     ("data.val_per_class", lambda v: v >= 0, ">= 0"),
     ("model.cosine_scale", lambda v: v > 0, "> 0"),
     ("model.expert_width", lambda v: v > 0, "> 0"),
+    ("model.lora_rank", lambda v: v >= 1, ">= 1"),
+    ("model.lora_alpha", lambda v: v > 0, "> 0"),
+    ("model.adapter_width", lambda v: v >= 1, ">= 1"),
+    ("train.backbone_lr_scale", lambda v: v >= 0, ">= 0"),
     ("eval.every", lambda v: v >= 1, ">= 1"),
     ("run.checkpoint_every", lambda v: v >= 1, ">= 1"),
     ("run.num_to_keep", lambda v: v >= 1, ">= 1"),
@@ -701,6 +784,8 @@ _RANGES = (
 def validate(cfg: DictConfig) -> None:
     """Value checks that the types alone cannot express (the method adds its own)."""
     for registry, value in ((DATASETS, cfg.data.name), (BACKBONES, cfg.model.backbone)):
+        if registry is BACKBONES and str(value).startswith("timm/"):
+            continue  # any timm model (docs/pretrained.md); an unknown one is refused when the model is built
         if value not in registry:
             raise ConfigError(_registry_message(registry, str(value)))
     for key in ["train.epochs", "train.batch_size", "scaling.num_workers", "model.num_experts"]:
@@ -717,11 +802,29 @@ def validate(cfg: DictConfig) -> None:
             f"'train.batch_size'={cfg.train.batch_size} (global) must be divisible by "
             f"'scaling.num_workers'={cfg.scaling.num_workers}"
         )
+    if len(cfg.data.mean) != len(cfg.data.std) or any(v <= 0 for v in cfg.data.std):
+        raise ConfigError(f"data.mean={list(cfg.data.mean)} and data.std={list(cfg.data.std)} must be given together, "
+                          "one value per channel, std > 0")
+    if cfg.model.grad_checkpointing and not str(cfg.model.backbone).startswith("timm/"):
+        raise ConfigError(f"model.grad_checkpointing=true needs a timm backbone (model.backbone=timm/<name>), not "
+                          f"{cfg.model.backbone}")
+    if cfg.model.pretrained and not cfg.model.allow_download and not cfg.model.weights:
+        hub = "timm's hub" if str(cfg.model.backbone).startswith("timm/") else "torchvision"
+        raise ConfigError(f"model.pretrained=true: the weights of {cfg.model.backbone} come from {hub}, which needs "
+                          "model.allow_download=true; or give a local file: model.weights=PATH")
+    if cfg.model.head_init != "default" and cfg.model.classifier != "linear":
+        raise ConfigError(f"model.head_init={cfg.model.head_init} applies to the linear classifier, not "
+                          f"model.classifier={cfg.model.classifier}")
     for name in cfg.eval.test_distributions:
         parse_test_distribution(name)
     if len(set(cfg.eval.test_distributions)) != len(cfg.eval.test_distributions):
         raise ConfigError(f"eval.test_distributions lists a distribution twice: {list(cfg.eval.test_distributions)}")
     check_gpu_share("scaling", bool(cfg.scaling.use_gpu), float(cfg.scaling.gpus_per_worker), int(cfg.scaling.num_workers))
+    if not cfg.run.ray:  # in-process training: one worker, no Ray to restart it
+        for key, fallback, why in (("scaling.num_workers", 1, "Ray Train"), ("run.max_failures", 0, "Ray's restarts")):
+            if OmegaConf.select(cfg, key) != fallback:
+                raise ConfigError(f"run.ray=false with {key}={OmegaConf.select(cfg, key)}: that needs Ray ({why}); "
+                                  f"set run.ray=true, or {key}={fallback}")
     method = METHODS.get(cfg.method)
     method.check_engine_options(cfg)
     method.validate(cfg)
@@ -760,6 +863,7 @@ def to_dict(cfg: DictConfig) -> dict[str, Any]:
 def from_dict(d: Mapping[str, Any], source: str = "config dict") -> DictConfig:
     """Rebuild a typed config from a resolved dict (the worker's copy, or a config.yaml)."""
     d = dict(d)
+    load_plugins(_plugin_modules((d.get("run") or {}).get("plugins") or [], source))
     layers = list(d.pop("layers", None) or [])
     sources = dict(d.pop("sources", None) or {})
     cfg = compose([(source, d)], resolve_paths=False)

@@ -8,7 +8,6 @@ metric against each searched key. Figures use matplotlib's Agg canvas: no displa
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,12 @@ from matplotlib.ticker import MaxNLocator
 
 from rayexperts.eval.tables import shot_table
 from rayexperts.methods import METHODS
+from rayexperts.rundir import RunDir
 
 from rayexperts.analysis import (
     SELECTIONS,
     best_trial,
+    config_rows,
     load_classes,
     load_ensemble,
     load_runs,
@@ -32,6 +33,7 @@ from rayexperts.analysis import (
     paper_table,
     read_config,
     select_epochs,
+    tied_trials,
 )
 
 MAX_VIEWS = 4
@@ -71,7 +73,7 @@ def write_report(path: str | Path) -> Path:
 def _run_report(run: Path, out: Path, prefix: str = "", heading: bool = True) -> list[str]:
     cfg = read_config(run)
     df = load_runs(run)
-    views = _views(df["view"].unique().tolist(), _primary_view(cfg))
+    views = _views(df["view"].unique().tolist(), _primary_view(cfg, run))
     lines = [f"# Run {run.name}", ""] if heading else []
     selection = str(cfg.get("eval.selection", "last"))
     lines += [
@@ -141,19 +143,41 @@ def _ensemble_report(root: Path, out: Path) -> list[str]:
 
 
 def _sweep_report(root: Path, out: Path) -> list[str]:
+    """A sweep: its configurations ranked (accuracies in %, mean ± sd when several seeds each), the best ones,
+    ties and failed trials named, the tuned metric against each searched key, the best configuration's run."""
     sw = load_sweep(root)
-    t = sw.trials.sort_values(sw.metric, ascending=sw.mode == "min", na_position="last")
-    shown = [c for c in ["trial_id", "status", *sw.keys, "epochs_done", sw.metric, "top1"] if c in t]
+    configs = config_rows(sw.trials)
+    seeds = "n_seeds" in configs and bool((configs["n_seeds"] > 1).any())
+    t = configs.sort_values(sw.metric, ascending=sw.mode == "min", na_position="last")
+    each = "the mean ± sd of each configuration's seeds (`n_seeds`); " if seeds else ""
     lines = [f"# Sweep {root.name}", "",
-             f"Tuned on `{sw.metric}` ({sw.mode}), a validation-split metric; `top1` is test accuracy, "
-             "reported only.", "", "## Trials", "", markdown(t[shown], index=False), ""]
+             f"Tuned on `{sw.metric}` ({sw.mode}), a validation-split metric; `top1` is test accuracy, reported only. "
+             f"Accuracies in %, {each}trials.parquet keeps fractions{' and one row per seed' if seeds else ''}.", ""]
+    if sw.scheduler == "pbt":
+        lines += ["Population-based training: a trial's values are its last ones (each trial's `result.json` has the "
+                  "values of every epoch).", ""]
     best = best_trial(sw.trials, sw.metric, sw.mode)
     if best is not None:
-        lines += ["## Best trial", "",
-                  f"`{best['trial_id']}`: {sw.metric} = {best[sw.metric]:.4f} (validation), "
-                  f"test top1 = {best.get('top1', math.nan):.4f}. Its full config: `best.yaml` "
-                  "(`python jobs/train.py --config best.yaml`).", ""]
-    lines += ["## Tuned metric against each searched key", ""]
+        top = t[(t["status"] != "error") & t[sw.metric].notna()].head(5)
+        lines += ["## Best configurations", "", markdown(_sweep_table(top, sw, seeds), index=False), ""]
+        n = int(best.get("n_seeds", 1) or 1)
+        how = f"selected on validation, mean of {n} seeds" if n > 1 else "selected on validation, one seed"
+        lines += [f"Best: `{best['trial_id']}`, {sw.metric} = {_pct(best, sw.metric)} (validation), test top1 = "
+                  f"{_pct(best, 'top1')} ({how}). Its full config: `best.yaml` (`python jobs/train.py --config "
+                  "best.yaml`).", ""]
+        ties = tied_trials(sw.trials, best, sw.metric)
+        if len(ties) > 1:
+            lines += [f"{len(ties)} configurations tie for the best {sw.metric}: {', '.join(f'`{x}`' for x in ties)}; "
+                      "the first is in best.yaml.", ""]
+    failed = t[t["status"] == "error"]
+    if not failed.empty:
+        lines += ["## Failed trials", ""]
+        for _, row in failed.iterrows():
+            why = str(row.get("error") or "").strip() or "no error recorded"
+            lines.append(f"- `{row['trial_id']}`: {why} (its directory `{row['run']}`, error.txt there)")
+        lines.append("")
+    lines += ["## All configurations", "", markdown(_sweep_table(t, sw, seeds), index=False), ""]
+    lines += [f"## {sw.metric} against each searched key", ""]
     for key in sw.keys:
         name = f"sweep_{key}.png"
         _save(_key_figure(sw.trials, key, sw.metric), out / name)
@@ -161,17 +185,45 @@ def _sweep_report(root: Path, out: Path) -> list[str]:
     if not sw.metrics.empty and sw.metric in sw.metrics:
         _save(_trial_curves_figure(sw.metrics, sw.metric), out / "trial_curves.png")
         lines += [f"`{sw.metric}` per epoch of every trial (early-stopped trials end early): ![](trial_curves.png)", ""]
-    if best is not None and (root / str(best["run"]) / "metrics.parquet").is_file():
-        lines += ["# Best trial's run", ""] + _run_report(root / str(best["run"]), out, "best_", heading=False)
+    run = None if best is None else root / str(best["run"])
+    if run is not None and not (run / "metrics.parquet").is_file():
+        run = run / "seed_0"  # several seeds: the first seed's run
+    if run is not None and (run / "metrics.parquet").is_file():
+        lines += [f"# Best configuration's run ({run.relative_to(root).as_posix()})", ""]
+        lines += _run_report(run, out, "best_", heading=False)
     return lines
+
+
+def _pct(row: pd.Series, col: str) -> str:
+    """``row[col]`` in %, ``± sd`` from ``row[col_sd]`` when the row is the mean of several seeds."""
+    value, sd = row.get(col), row.get(f"{col}_sd")
+    if value is None or pd.isna(value):
+        return "-"
+    spread = f" ± {100 * float(sd):.2f}" if sd is not None and not pd.isna(sd) else ""
+    return f"{100 * float(value):.2f}{spread} %"
+
+
+def _sweep_table(t: pd.DataFrame, sw: Any, seeds: bool) -> pd.DataFrame:
+    """Configurations for people: searched keys, status, epochs, the tuned metric and test top-1 in %."""
+    shown = [c for c in ["trial_id", "status", *sw.keys, "epochs_done"] if c in t]
+    table = t[shown].copy()
+    for col, label in ((sw.metric, sw.metric), ("top1", "test top1")):
+        if col in t:
+            table[f"{label} (%)"] = [_pct(row, col).removesuffix(" %") for _, row in t.iterrows()]
+    if seeds:
+        table["n_seeds"] = t["n_seeds"]
+    return table
 
 
 # ------------------------------------------------------------------------------ figures
 
 
-def _primary_view(cfg: dict[str, Any]) -> str | None:
+def _primary_view(cfg: dict[str, Any], run: Path | None = None) -> str | None:
+    """The method's headline view for the run in ``run`` (its typed config.yaml), else the method's default."""
     try:
-        return METHODS.get(str(cfg["method"])).primary_view
+        method = METHODS.get(str(cfg["method"]))
+        typed = RunDir(str(run)).config() if run is not None else None
+        return method.primary_view_for(typed) if typed is not None else method.primary_view
     except (ValueError, KeyError):
         return None
 
@@ -258,10 +310,15 @@ def _curves_figure(metrics: pd.DataFrame, views: list[str]) -> Figure:
 
 
 def _key_figure(trials: pd.DataFrame, key: str, metric: str) -> Figure:
+    """The tuned metric (%) of each configuration against ``key``, by status; several seeds: the mean with an
+    error bar of one sd, each seed a small grey dot."""
     fig = Figure(figsize=(5, 3.6))
     ax = fig.add_subplot()
-    values = trials[key]
+    configs = config_rows(trials)
+    seeds = trials[trials["kind"] == "seed"] if "kind" in trials else trials.iloc[:0]
+    values = configs[key]
     numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    cats: list[str] = []
     if numeric:
         x = values.astype(float).to_numpy()
         positive = np.all(x > 0)
@@ -271,10 +328,18 @@ def _key_figure(trials: pd.DataFrame, key: str, metric: str) -> Figure:
         cats = sorted(values.astype(str).unique())
         x = values.astype(str).map({c: i for i, c in enumerate(cats)}).to_numpy().astype(float)
         ax.set_xticks(range(len(cats)), cats, rotation=20, fontsize=7)
+    if not seeds.empty and metric in seeds:
+        sx = seeds[key].astype(float) if numeric else seeds[key].astype(str).map({c: i for i, c in enumerate(cats)})
+        ax.scatter(sx, seeds[metric] * 100, s=8, color="#9aa5b1", label="a seed")
+    sd = configs.get(f"{metric}_sd")
     for status, marker in (("completed", "o"), ("stopped", "x"), ("error", "s")):
-        sel = (trials["status"] == status).to_numpy()
+        sel = (configs["status"] == status).to_numpy()
         if sel.any():
-            ax.scatter(x[sel], trials.loc[sel, metric] * 100, marker=marker, label=status)
+            y = configs.loc[sel, metric] * 100
+            if sd is not None and sd[sel].notna().any():
+                ax.errorbar(x[sel], y, yerr=sd[sel].fillna(0) * 100, fmt=marker, capsize=3, label=f"{status} (mean ± sd)")
+            else:
+                ax.scatter(x[sel], y, marker=marker, label=status)
     ax.set(xlabel=key, ylabel=f"{metric} (%)", title=f"{metric} vs {key}")
     ax.legend(fontsize=8)
     return fig

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 
-from rayexperts.config import absolute_path_or_uri, from_dict, is_uri
+from rayexperts.config import absolute_path_or_uri, from_dict, is_uri, result_settings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -46,11 +46,12 @@ class ScheduleChanged(CheckpointMismatch):
     """A run directory with checkpoints was trained with another schedule than the one asked for now."""
 
 
-# What a checkpointed run's schedule is: changing any of them on resume is refused unless run.allow_extend=true.
+# What a checkpointed run's schedule is: changing any of them on resume is refused unless run.allow_extend=true
+# (each is a key that can change a result: rayexperts.config.is_result_key).
 SCHEDULE_KEYS = ("train.epochs", "train.batch_size", "train.lr", "train.momentum", "train.nesterov",
                  "train.weight_decay", "train.schedule", "train.milestones", "train.gamma", "train.warmup_epochs",
                  "train.warmup_start", "train.lr_step", "train.lr_epoch_clock", "train.cosine_t_max", "train.eta_min",
-                 "train.mixup_alpha")
+                 "train.mixup_alpha", "train.optimizer", "train.backbone_lr_scale")
 FAILED_MARK = "FAILED"  # a run that failed before its first evaluation: analysis.load_runs skips the directory
 
 
@@ -60,6 +61,12 @@ def identity(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
 
     ident: dict[str, Any] = {k: OmegaConf.select(cfg, k) for k in IDENTITY_KEYS}
     ident["num_classes"] = int(num_classes)
+    weights = OmegaConf.select(cfg, "model.weights")
+    if weights and Path(str(weights)).expanduser().is_file():  # the pretrained weights a run needs, by content
+        import hashlib
+
+        with open(Path(str(weights)).expanduser(), "rb") as f:
+            ident["model.weights_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     return ident
 
 
@@ -81,6 +88,38 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _left_out(model: nn.Module) -> set[str]:
+    """The state-dict keys of parameters a fine-tuning mode froze in a pretrained model (``frozen_by_finetune``
+    of each ``MultiExpertNet`` inside ``model``): the weights file has them, so checkpoints leave them out."""
+    out: set[str] = set()
+    for prefix, module in model.named_modules():
+        out |= {f"{prefix}.{n}" if prefix else n for n in getattr(module, "frozen_by_finetune", ())}
+    return out
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint keeps of ``model``: its state dict, without the frozen pretrained parameters of a
+    fine-tuning run (the trainable part and every buffer, BatchNorm statistics included; docs/pretrained.md)."""
+    model = unwrap(model)
+    skip = _left_out(model)
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load a checkpoint's model state (:func:`model_state`) into a model built from the same config (its frozen
+    pretrained parameters loaded from ``model.weights``); anything else missing or unexpected is an error."""
+    model = unwrap(model)
+    skip = _left_out(model)
+    if not skip:
+        model.load_state_dict(state)
+        return
+    missing = [k for k in model.state_dict() if k not in state and k not in skip]
+    unexpected = [k for k in state if k not in model.state_dict()]
+    if missing or unexpected:
+        model.load_state_dict(state)  # raises, naming them
+    model.load_state_dict(state, strict=False)
+
+
 def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                     ident: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
     """Model (incl. MoCo queues, which are buffers), optimizer and the next epoch.
@@ -92,7 +131,7 @@ def save_checkpoint(directory: str | Path, *, model: nn.Module, optimizer: torch
     import torch
 
     path = Path(directory) / CHECKPOINT_FILE
-    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+    state = {"model": model_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "identity": ident, "extra": extra or {}}
     torch.save(state, path)
     return path
@@ -325,18 +364,26 @@ class RunDir:
 
     def check_schedule(self, cfg: DictConfig) -> None:
         """Refuse to resume a checkpointed run with another schedule (:data:`SCHEDULE_KEYS`): its epochs so far
-        followed the old one. ``run.allow_extend=true`` trains on with the new schedule (recorded in config.yaml)."""
+        followed the old one. ``run.allow_extend=true`` trains on with the new schedule (recorded in config.yaml).
+        Any other key that can change a result (:func:`rayexperts.config.result_settings`) and changed is named in
+        a note; keys that cannot (paths, resources, ``run.*``, ``tune.*``) are not compared."""
         from omegaconf import OmegaConf
 
         if not self.is_file("config.yaml") or self.latest_checkpoint() is None:
             return
-        old = OmegaConf.create(self.read_text("config.yaml"))
-        diffs = [f"{k}={OmegaConf.select(old, k)!r} there, {OmegaConf.select(cfg, k)!r} now" for k in SCHEDULE_KEYS
-                 if OmegaConf.select(old, k) is not None and OmegaConf.select(old, k) != OmegaConf.select(cfg, k)]
+        old = result_settings(OmegaConf.to_container(OmegaConf.create(self.read_text("config.yaml"))))
+        new = result_settings(cfg)
+        changed = [k for k in sorted(set(old) & set(new)) if str(old[k]) != str(new[k])]  # keys both versions know
+        diffs = [f"{k}={old[k]!r} there, {new[k]!r} now" for k in changed if k in SCHEDULE_KEYS]
         if diffs and not bool(OmegaConf.select(cfg, "run.allow_extend")):
             raise ScheduleChanged(f"run directory {self.uri} was trained with another schedule ({'; '.join(diffs)}): "
                                   "resuming would mix two schedules. Set run.allow_extend=true to train on with the "
                                   "new one, or choose another run.name")
+        others = [f"{k}={old[k]!r} there, {new[k]!r} now" for k in changed if k not in SCHEDULE_KEYS]
+        if others:
+            shown = "; ".join(others[:5]) + ("; …" if len(others) > 5 else "")
+            print(f"[rayexperts] note: resuming {self.uri} with changed settings ({shown}): its epochs so far were "
+                  "trained with the old ones", flush=True)
 
     def mark_failed(self, error: str) -> None:
         """Mark a run that failed before its first evaluation (no metrics yet): ``FAILED`` beside ``error.log``."""

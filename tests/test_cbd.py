@@ -272,7 +272,7 @@ def test_failing_teacher_is_named_and_others_kept(finished_job):
     msg = str(err.value)
     assert re.search(r"teacher2 failed .*weights\.pt.*teachers/teacher2/error\.log", msg), msg
     assert "teacher0" not in msg and "teacher1" not in msg
-    assert "FileNotFoundError" in (job / "teachers" / "teacher2" / "error.log").read_text()
+    assert "WeightsError" in (job / "teachers" / "teacher2" / "error.log").read_text()
     summary = pd.read_parquet(job / "summary.parquet").set_index("model")
     assert list(summary["status"]) == ["finished", "finished", "failed"] and list(summary["reused"]) == [True, True, False]
     assert summary.loc[["teacher0", "teacher1"], "top1"].notna().all() and np.isnan(summary.loc["teacher2", "top1"])

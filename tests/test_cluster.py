@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import CBD_JOB
+from helpers import CBD_JOB, PLUGIN_MODULE, PLUGIN_PACKAGE, write_plugin_package
 from rayexperts.config import load_config, to_dict
 from rayexperts.launch.ensemble import resolve_job_config
 from rayexperts.launch.tune import resolve_sweep_config
@@ -73,13 +73,16 @@ class Head:
     env: dict[str, str]
     storage: Path
 
-    def submit(self, entrypoint: list[str], extra_excludes: tuple[str, ...] = ()) -> subprocess.Popen:
+    def submit(self, entrypoint: list[str], extra_excludes: tuple[str, ...] = (),
+               runtime_env: dict | None = None) -> subprocess.Popen:
+        """The README's command; ``extra_excludes`` and ``runtime_env`` (e.g. ``py_modules``) added to its
+        runtime environment."""
         options = readme_submit_options()
-        if extra_excludes:
+        if extra_excludes or runtime_env:
             i = options.index("--runtime-env-json") + 1
             spec = json.loads(options[i])
             spec["excludes"] = [*spec["excludes"], *extra_excludes]
-            options[i] = json.dumps(spec)
+            options[i] = json.dumps({**spec, **(runtime_env or {})})
         cmd = [str(BIN / "ray"), "job", "submit", *options, "--", *entrypoint]
         return subprocess.Popen(cmd, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
@@ -148,9 +151,11 @@ def local_run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def jobs(head) -> dict[str, tuple[int, str]]:
-    """The three jobs and one upload without the presets, submitted at once: name -> (exit status, log)."""
+def jobs(head, tmp_path_factory) -> dict[str, tuple[int, str]]:
+    """The three jobs, one upload without the presets and a plugin method's run, submitted at once:
+    name -> (exit status, log)."""
     storage = head.storage
+    plugin = write_plugin_package(tmp_path_factory.mktemp("plugin")) / "src" / PLUGIN_MODULE.split(".")[0]
     started = time.time()
     procs = {
         "train": head.submit(["python", "jobs/train.py", *TRAIN_ARGS, f"run.storage_path={storage}"]),
@@ -158,15 +163,21 @@ def jobs(head) -> dict[str, tuple[int, str]]:
         "sweep": head.submit(["python", "jobs/sweep.py", *SWEEP_ARGS, f"run.storage_path={storage}"]),
         "no_presets": head.submit(["python", "jobs/train.py", f"run.storage_path={storage}", "run.name=never"],
                                   extra_excludes=("/rayexperts/presets/",)),
+        "plugin": head.submit(["python", "jobs/train.py", *PLUGIN_ARGS, f"run.storage_path={storage}"],
+                              runtime_env={"py_modules": [str(plugin)]}),
     }
     with ThreadPoolExecutor(len(procs)) as pool:  # read every log while all run: no pipe fills up
         logs = dict(zip(procs, pool.map(finish, procs.values())))
     done = {name: (proc.returncode, logs[name]) for name, proc in procs.items()}
-    print(f"\nsubmitted (4 jobs at once): {time.time() - started:.0f} s")
+    print(f"\nsubmitted ({len(procs)} jobs at once): {time.time() - started:.0f} s")
     return done
 
 
 TRAIN_ARGS = ["method=mllt", "train.epochs=2", "run.name=train_job", "scaling.cpus_per_worker=1"]
+# A method from a package outside the repository, not installed: the runtime environment's py_modules carries
+# it to the job's driver and workers, and run.plugins imports it there (docs/development.md "Plugins").
+PLUGIN_ARGS = ["method=plugdemo", f"run.plugins=[{PLUGIN_MODULE}]", "train.epochs=1", "run.name=plugin_job",
+               "scaling.cpus_per_worker=1"]
 SWEEP_ARGS = ["--space", "tune_spaces/mllt.yaml", "method=mllt", "train.epochs=1", "tune.num_samples=2",
               "scaling.cpus_per_worker=1", "run.name=sweep_job"]
 
@@ -233,3 +244,14 @@ def test_an_upload_without_the_presets_stops_with_a_clear_error(head, jobs):
     assert re.search(r"error: the rayexperts package imported from \S+ is incomplete: rayexperts/presets missing", out)
     assert "anchor patterns" in out
     assert not (head.storage / "never").exists()
+
+
+def test_a_plugin_package_is_carried_by_py_modules(head, jobs):
+    """A plugin method trains on the cluster when the package is not installed there: ``py_modules`` uploads
+    it, ``run.plugins`` imports it in the job's driver and in the run's actor."""
+    assert subprocess.run([sys.executable, "-m", "pip", "show", PLUGIN_PACKAGE], capture_output=True).returncode != 0
+    log = succeeded(jobs, "plugin")
+    run = head.storage / "plugin_job"
+    assert saved_config(run / "config.yaml")["run"]["plugins"] == [PLUGIN_MODULE]
+    assert sorted(pd.read_parquet(run / "metrics.parquet")["view"].unique()) == ["ensemble", "expert0", "expert1"]
+    assert re.findall(r"plugin_job \| epoch (\d)/1", log) == ["1"]

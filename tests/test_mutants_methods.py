@@ -14,6 +14,7 @@ import torch
 from rayexperts.config import load_config
 from rayexperts.launch.ensemble import resolve_job_config
 from rayexperts.models import ModelOutput
+from rayexperts.registry import METHODS
 import torch.nn.functional as F
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -308,12 +309,9 @@ def test_balpoe_test_prior_is_checked_against_the_classes_and_moved_to_the_devic
 
 # ------------------------------------------------------------------------------------ every method
 
-@pytest.mark.parametrize("name", ["ce", "bsce", "mllt", "ncl", "ecl", "cbd", "ldam_drw", "ride", "ride_ea", "sade",
-                                  "balpoe"])
+@pytest.mark.parametrize("name", METHODS.builtin_names())
 def test_a_method_built_without_in_channels_takes_rgb_images(name):
     """``METHODS.get(name)(cfg, counts)`` is a method for 3-channel (RGB) images."""
-    from rayexperts.methods import METHODS
-
     cfg = load_config(None, [f"method={name}"])
     assert METHODS.get(name)(cfg, COUNTS10).in_channels == 3
 

@@ -158,7 +158,7 @@ def test_the_main_rows_point_at_their_own_presets():
         assert len(rows), (paper, method)
         assert rows.preset.str.contains(part).all(), (paper, method)
     for name in ("cifar100_lt_if100_mllt", "cifar100_lt_if100_ncl", "cifar100_lt_if100_ecl", "imagenet_lt_r50_ncl",
-                 "inat2018_r50_ecl", "cbd_imagenet_lt_r50", "cifar100_lt_if100_bsce", "cifar10_lt_if100_ce"):
+                 "inat2018_r50_ecl", "cbd_imagenet_lt_r50", "imagenet_lt_r50_bsce", "cifar10_lt_if100_ce"):
         assert name in set(df.preset), name
 
 

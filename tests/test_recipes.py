@@ -214,7 +214,8 @@ NCL_IMAGENET = {"train.batch_size": 256, "train.lr": 0.2, "data.augment": "randa
                 "model.cosine_scale": 16.0, "model.cosine_bias": True}
 CE_LDAM_DRW = {"train.weight_decay": 2e-4, "train.lr_step": "epoch", "train.lr_epoch_clock": "end",
                "train.warmup_epochs": 5, "train.milestones": [161, 181], "train.gamma": 0.01,
-               "eval.selection": "best_test", "data.lt_subset": "shuffled", "data.lt_subset_seed": 0}
+               "eval.selection": "best_test", "data.lt_subset": "shuffled", "data.lt_subset_seed": 0,
+               "model.head_init": "kaiming_normal"}
 BSCE = {"train.batch_size": 512, "train.schedule": "cosine", "train.lr": 0.1, "train.warmup_start": 0.5,
         "train.lr_step": "epoch", "data.augment": "autoaugment_cutout", "data.autoaugment_fill": 128,
         "data.cutout_fill": "black", "eval.selection": "best_test", "data.lt_subset": "shuffled"}

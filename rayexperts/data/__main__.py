@@ -1,5 +1,7 @@
 """``python -m rayexperts.data describe NAME [key=value ...]``: per-class train counts,
-shot groups and split sizes of a data set. Bad input prints ``error: ...`` and exits 2."""
+shot groups and split sizes of a data set; ``python -m rayexperts.data export-cifar10 OUT data.root=FILE.parquet``:
+the Parquet file as the official ``cifar-10-batches-py`` pickles under ``OUT`` (docs/compare.md).
+Bad input prints ``error: ...`` and exits 2."""
 
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ from rayexperts.data.errors import DataError
 if TYPE_CHECKING:
     from rayexperts.data.lt_dataset import LTDataset
 
-USAGE = "usage: python -m rayexperts.data describe NAME [key=value ...]"
+USAGE = (
+    "usage: python -m rayexperts.data describe NAME [key=value ...]\n"
+    "       python -m rayexperts.data export-cifar10 OUT_DIR data.root=FILE.parquet [key=value ...]"
+)
 HELP = f"""{USAGE}
 
 Per-class training counts, shot groups (many > 100, medium 20-100, few < 20 training images) and split sizes
@@ -22,9 +27,15 @@ data sets: digits-lt (embedded), cifar10-lt, cifar100-lt (data.root: the python 
 file; data.download=true fetches the pickles), imagenet-lt, places-lt, inat2018 (data.root: the image folder,
 and the published split files under it or data.train_split=...), imagefolder, parquet.
 
+export-cifar10 writes OUT_DIR/cifar-10-batches-py (data_batch_1..5, test_batch, batches.meta: the official
+python format, as torchvision.datasets.CIFAR10 reads it) from a CIFAR-10 Parquet file, every row, decoded as
+training decodes it, rows in the file's order (within a class by index_in_class): for running another code base
+on the same pixels (docs/compare.md).
+
 examples:
   python -m rayexperts.data describe digits-lt
-  python -m rayexperts.data describe cifar10-lt data.root=/data/cifar10-jpeg.parquet data.imbalance_factor=100"""
+  python -m rayexperts.data describe cifar10-lt data.root=/data/cifar10-jpeg.parquet data.imbalance_factor=100
+  python -m rayexperts.data export-cifar10 /tmp/ldam/data data.root=/data/cifar10-jpeg.parquet"""
 
 
 def describe(ds: LTDataset, many_threshold: int = 100, few_threshold: int = 20) -> str:
@@ -54,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args) or args == ["help"]:
         print(HELP)
         return 0
-    if len(args) < 2 or args[0] != "describe":
-        print(f"error: expected 'describe NAME'\n{USAGE}", file=sys.stderr)
+    if len(args) < 2 or args[0] not in ("describe", "export-cifar10"):
+        print(f"error: expected 'describe NAME' or 'export-cifar10 OUT_DIR'\n{USAGE}", file=sys.stderr)
         return 2
+    if args[0] == "export-cifar10":
+        return export_cifar10_main(args[1], args[2:])
     try:
         cfg = load_config(None, [f"data.name={args[1]}", *args[2:]])
         from rayexperts.data.datasets import build_dataset  # torch: only once the config is valid
@@ -66,6 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(describe(ds, cfg.data.many_threshold, cfg.data.few_threshold))
+    return 0
+
+
+def export_cifar10_main(out_dir: str, keys: list[str]) -> int:
+    """``export-cifar10 OUT_DIR data.root=FILE.parquet [key=value ...]`` (the ``data.*`` column names apply)."""
+    try:
+        cfg = load_config(None, ["data.name=cifar10-lt", *keys])
+        if not cfg.data.root or not str(cfg.data.root).endswith(".parquet"):
+            raise DataError(f"export-cifar10 reads a Parquet file: pass data.root=<file>.parquet (got {cfg.data.root!r})")
+        from rayexperts.data.cifar_export import export_cifar10  # torch: only once the config is valid
+
+        folder = export_cifar10(cfg.data, out_dir)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}")
     return 0
 
 

@@ -75,12 +75,15 @@ class CachePlan:
 DEVICE_SHARE = 0.5
 
 
-def processes_per_device(gpus_per_worker: float, use_gpu: bool = True) -> int:
-    """How many processes share one GPU (GPU finding F6): ``floor(1 / scaling.gpus_per_worker)`` for a
+def processes_per_device(gpus_per_worker: float, use_gpu: bool = True, runs_per_process: int = 1) -> int:
+    """How many caches share one GPU (GPU finding F6): ``floor(1 / scaling.gpus_per_worker)`` processes for a
     fraction (Tune trials, CBD teachers, one-worker runs packed onto one GPU), else one (each Ray Train
-    worker has a GPU of its own)."""
+    worker has a GPU of its own), times ``runs_per_process`` (a sweep trial's ``tune.seeds_per_config`` runs,
+    each with its own cache)."""
     g = float(gpus_per_worker)
-    return max(1, math.floor(1 / g + 1e-9)) if use_gpu and 0 < g < 1 else 1
+    if not use_gpu:
+        return 1
+    return (max(1, math.floor(1 / g + 1e-9)) if 0 < g < 1 else 1) * max(1, int(runs_per_process))
 
 
 def _mb(x: float) -> str:
@@ -244,7 +247,7 @@ class CachedSplit:
 
 class DeviceLoader(EpochDraws):
     """Batches of a cached split, augmented on the device: the training split in the order of an
-    :class:`EpochSampler` (``drop_last``), or an evaluation shard in order. Yields ``(x, y)``, or
+    :class:`EpochSampler` (its ``drop_last``), or an evaluation shard in order. Yields ``(x, y)``, or
     ``(x_query, x_key, y)`` with a ``key`` pipeline (both views from the same images)."""
 
     def __init__(self, split: CachedSplit, batch_size: int, transform: BatchPipeline, *,
@@ -257,9 +260,12 @@ class DeviceLoader(EpochDraws):
         self.seed = 0
 
     def __len__(self) -> int:
-        if self.sampler is not None:
+        """This rank's batches of the epoch (without ``drop_last`` the last may be partial; a rank with no
+        image of the last global batch has one fewer: the training loop steps on an empty batch then)."""
+        if self.sampler is not None and self.sampler.drop_last:
             return len(self.sampler) // self.batch_size
-        return math.ceil(len(self.indices) / self.batch_size)  # type: ignore[arg-type]
+        n = len(self.sampler) if self.sampler is not None else len(self.indices)  # type: ignore[arg-type]
+        return math.ceil(n / self.batch_size)
 
     def index_batches(self) -> Iterator[Tensor]:
         """The split's indices of each batch of this epoch (the sampler's order, or the shard's)."""

@@ -19,6 +19,7 @@ from rayexperts.data.batched import BatchPipeline, BatchRng, RandomResizedCrop
 from rayexperts.data.errors import DataError
 from rayexperts.data.samplers import EpochDraws
 from rayexperts.data.sources import ImageSource
+from rayexperts.data.transforms import AugmentOptions, eval_resize_side
 
 DECODE_MODES = ("auto", "workers", "device")
 
@@ -74,12 +75,14 @@ class EncodedLoader(EpochDraws):
 
     def __init__(self, source: ImageSource, batch_size: int, transform: BatchPipeline, device: torch.device, *,
                  image_size: int, train: bool, sampler: Sampler | None = None, indices: list[int] | None = None,
-                 key: BatchPipeline | None = None, num_workers: int = 0) -> None:
+                 key: BatchPipeline | None = None, num_workers: int = 0, options: AugmentOptions | None = None) -> None:
         self.source, self.transform, self.key, self.device = source, transform, key, device
+        self.options = options or AugmentOptions()  # the test view's crop_pct and interpolation
         self.image_size, self.train, self.batch_size = image_size, train, batch_size
         self.sampler = sampler
         self.loader = DataLoader(EncodedImages(source), batch_size=batch_size, sampler=sampler if train else indices,
-                                 num_workers=num_workers, collate_fn=_collate, drop_last=train,
+                                 num_workers=num_workers, collate_fn=_collate,
+                                 drop_last=train and bool(getattr(sampler, "drop_last", True)),
                                  persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
         self.seed = 0
 
@@ -95,9 +98,10 @@ class EncodedLoader(EpochDraws):
             crop = steps.pop(0)
             batch = torch.stack([crop.one(img, rng) for img in images])
         else:
-            short = round(self.image_size * 256 / 224)
-            batch = torch.stack([TF.center_crop(TF.resize(img, short, antialias=True), [self.image_size] * 2)
-                                 for img in images])
+            short = eval_resize_side(self.image_size, self.options)
+            mode = getattr(TF.InterpolationMode, self.options.interpolation.upper())
+            batch = torch.stack([TF.center_crop(TF.resize(img, short, interpolation=mode, antialias=True),
+                                                [self.image_size] * 2) for img in images])
         return batch, BatchPipeline(steps, pipeline.norm, pipeline.after)
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:

@@ -7,6 +7,12 @@ equal-length, disjoint shares that together cover the whole list. Class-balanced
 square-root sampling draw with replacement through ``torch.multinomial`` on per-image
 weights ``p_c / n_c`` (the ``WeightedRandomSampler`` logic): class ``c`` with probability
 ``p_c``, then one of its images uniformly.
+
+With ``drop_last=False`` (``data.drop_last``) the list is not padded: rank ``r`` takes positions
+``r::num_replicas`` of it, so global step ``s`` trains on positions ``[s·B, (s+1)·B)`` (``B`` the global
+batch) and the last one on the ``N mod B`` images left, split over the ranks (a rank may get none):
+:meth:`EpochSampler.steps` and :meth:`EpochSampler.global_batch` give the loop its step count and
+each rank's loss weight (docs/configs.md "The last partial batch").
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ def class_probabilities(counts: np.ndarray, kind: str) -> np.ndarray:
 class EpochSampler(Sampler[int]):
     """This rank's share of the epoch's sampled indices; call :meth:`set_epoch` every epoch."""
 
-    def __init__(self, labels: np.ndarray, kind: str = "instance", num_replicas: int = 1, rank: int = 0, seed: int = 0):
+    def __init__(self, labels: np.ndarray, kind: str = "instance", num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 drop_last: bool = True):
         self.labels = np.asarray(labels, dtype=np.int64)
         if not len(self.labels):
             raise ValueError("EpochSampler needs at least one label")
@@ -45,8 +52,11 @@ class EpochSampler(Sampler[int]):
         counts = np.bincount(self.labels)
         probs = class_probabilities(counts, kind)
         self.kind, self.num_replicas, self.rank, self.seed = kind, num_replicas, rank, seed
+        self.drop_last = drop_last
         self.weights = torch.from_numpy(probs[self.labels] / counts[self.labels])  # p_c / n_c per image
-        self.num_samples = math.ceil(len(self.labels) / num_replicas)
+        n = len(self.labels)
+        # padded to a multiple of the ranks (drop_last), or this rank's positions of the unpadded list
+        self.num_samples = math.ceil(n / num_replicas) if drop_last else max(0, math.ceil((n - rank) / num_replicas))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -62,11 +72,34 @@ class EpochSampler(Sampler[int]):
         return torch.multinomial(self.weights, n, replacement=True, generator=g).numpy()
 
     def __iter__(self) -> Iterator[int]:
-        padded = np.resize(self.epoch_indices(self.epoch), self.num_samples * self.num_replicas)
-        return iter(padded[self.rank :: self.num_replicas].tolist())
+        order = self.epoch_indices(self.epoch)
+        if self.drop_last:
+            order = np.resize(order, self.num_samples * self.num_replicas)
+        return iter(order[self.rank :: self.num_replicas].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def steps(self, batch_size: int) -> int:
+        """Optimizer steps per epoch, the same on every rank, at ``batch_size`` images per rank: the full
+        batches of this rank's share (``drop_last``), or ``ceil(N / (batch_size · ranks))``."""
+        if self.drop_last:
+            return self.num_samples // batch_size
+        return math.ceil(len(self.labels) / (batch_size * self.num_replicas))
+
+    def global_batch(self, step: int, batch_size: int) -> int:
+        """Images in global step ``step`` over all ranks (``batch_size`` per rank): the full global batch,
+        or what is left for the last step without ``drop_last``."""
+        full = batch_size * self.num_replicas
+        return full if self.drop_last else min(full, len(self.labels) - step * full)
+
+    def loss_weight(self, step: int, batch_size: int, images: int) -> float:
+        """The factor on this rank's mean loss that makes the ranks' averaged gradients (DDP's mean) the
+        gradient of the mean over the global batch: ``images · ranks / global_batch`` (1 for a full batch,
+        0 for a rank with no image of the last one)."""
+        if images == batch_size and self.global_batch(step, batch_size) == batch_size * self.num_replicas:
+            return 1.0
+        return images * self.num_replicas / self.global_batch(step, batch_size)
 
 
 class EpochDraws:

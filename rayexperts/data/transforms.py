@@ -57,8 +57,21 @@ class AugmentOptions:
     cutout_fill: str = "mean"  # "mean": zero on the normalised image; "black": 0 on the [0, 1] image (PaCo/NCL/BSCE)
     crop_scale_min: float = 0.08  # RandomResizedCrop's smallest area, ImageNet-family crops (CBD: 0.05)
     normalize: str = "mean_std"  # "mean_std": (x/255 - mean)/std; "unit": x/255 only (CBD's code)
+    # the normalisation's mean and std in place of the data set's (data.mean / data.std, or a pretrained timm
+    # model's own: docs/pretrained.md "Preprocessing"); None: the data set's
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    # ImageNet-like test view: resize the short side to image_size / crop_pct (224/256: Resize(size·256/224)),
+    # with this interpolation, then centre-crop image_size (data.crop_pct, data.interpolation; docs/pretrained.md)
+    crop_pct: float = 224 / 256
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
+        if not 0 < self.crop_pct <= 1 or self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"data.crop_pct {self.crop_pct} must be in (0, 1] and data.interpolation "
+                             f"{self.interpolation!r} bilinear or bicubic")
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
+            raise ValueError(f"data.mean {self.mean} and data.std {self.std} must be given together, one per channel")
         if self.cutout_fill not in ("mean", "black"):
             raise ValueError(f"unknown data.cutout_fill {self.cutout_fill!r}: choose mean or black")
         if self.normalize not in ("mean_std", "unit"):
@@ -70,11 +83,21 @@ class AugmentOptions:
 
 
 def mean_std(image_kind: str, options: AugmentOptions | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The (mean, std) that the normalisation uses: the data set's, or (0, 1) for ``normalize="unit"``."""
+    """The (mean, std) that the normalisation uses: ``options.mean``/``options.std`` when set, else the data set's;
+    (0, 1) for ``normalize="unit"``."""
     mean, std = MEAN_STD[image_kind]
     if options is not None and options.normalize == "unit":
         return (0.0,) * len(mean), (1.0,) * len(std)
+    if options is not None and options.mean is not None:
+        if len(options.mean) != len(mean):
+            raise ValueError(f"data.mean/data.std have {len(options.mean)} channels, the {image_kind} images {len(mean)}")
+        return tuple(options.mean), tuple(options.std)  # type: ignore[arg-type]
     return mean, std
+
+
+def eval_resize_side(image_size: int, options: AugmentOptions | None = None) -> int:
+    """The short side an ImageNet-like test image is resized to before the centre crop: ``image_size / crop_pct``."""
+    return round(image_size / (options or AugmentOptions()).crop_pct)
 
 
 def timm_hparams(image_kind: str, image_size: int) -> dict:
@@ -301,7 +324,8 @@ def build_transform(image_kind: str, augment: str, train: bool, image_size: int 
     if augment not in AUGMENTS:
         raise ValueError(f"unknown data.augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
     if not train or augment == "none":
-        resize = [v2.Resize(round(image_size * 256 / 224)), v2.CenterCrop(image_size)]
+        mode = getattr(v2.InterpolationMode, options.interpolation.upper())
+        resize = [v2.Resize(eval_resize_side(image_size, options), interpolation=mode), v2.CenterCrop(image_size)]
         return v2.Compose((resize if image_kind == "imagenet" else []) + _to_normalised(image_kind, options=options))
     if augment == "sade_tta":
         return v2.Compose(_sade_tta(image_kind, image_size) + _to_normalised(image_kind, options=options))

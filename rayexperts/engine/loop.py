@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from rayexperts.data.samplers import EpochSampler
 from rayexperts.engine.mixup import Mixup
 from rayexperts.engine.schedule import set_lr
 from rayexperts.eval.metrics import EvalAccumulator
@@ -64,16 +65,17 @@ class LoopOptions:
 
 
 def train_step(method: Method, model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, opts: LoopOptions,
-               mixup: Mixup | None = None) -> LossOutput:
-    """One optimizer step on ``batch``: the method's loss (mixed with ``mixup``) under autocast, backward,
-    gradient clipping (``train.grad_clip``), the step, and the method's after-step hook (MoCo's momentum)."""
+               mixup: Mixup | None = None, weight: float = 1.0) -> LossOutput:
+    """One optimizer step on ``batch``: the method's loss (mixed with ``mixup``) under autocast, backward of
+    ``weight`` × the loss (a worker's share of a partial batch: :meth:`EpochSampler.loss_weight`), gradient
+    clipping (``train.grad_clip``), the step, and the method's after-step hook (MoCo's momentum)."""
     with opts.autocast():
         if mixup is None:
             out = method.training_step(model, batch)
         else:
             out = method.mixed_step(model, batch, *mixup.draw(batch.targets.shape[0], opts.device))
     optimizer.zero_grad(set_to_none=True)
-    out.total.backward()
+    (out.total if weight == 1.0 else out.total * weight).backward()
     if opts.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
     optimizer.step()
@@ -97,25 +99,40 @@ def train_one_epoch(
     each batch is mixed (:mod:`rayexperts.engine.mixup`); ``progress(step, steps, images_per_sec)`` is called
     at most every ``progress_every_s`` seconds (a long epoch shows where it is)."""
     model.train()
-    steps = len(loader)  # type: ignore[arg-type]
+    sampler = getattr(loader, "sampler", None)
+    sampler = sampler if isinstance(sampler, EpochSampler) else None
+    per_rank = int(getattr(loader, "batch_size", 0) or 0)
+    # every rank takes the same number of steps (the DDP all-reduce, SyncBN): the sampler's count
+    steps = sampler.steps(per_rank) if sampler is not None else len(loader)  # type: ignore[arg-type]
     sums: dict[str, Tensor] = {}
-    seen, lr = 0, 0.0
+    seen, counted, lr = 0, 0, 0.0
+    batches, last = iter(loader), None
     start = shown = time.perf_counter()
-    for i, items in enumerate(loader):
+    for i in range(steps):
+        items = next(batches, None)
+        if items is None:  # no image of the epoch's last, partial batch fell to this rank: an empty batch
+            if last is None:
+                break
+            items = tuple(t[:0] for t in last)
+        last = items
         lr = lr_at(epoch, i, steps)
         set_lr(optimizer, lr)
         batch = opts.batch(items)
-        out = train_step(method, model, optimizer, batch, opts, mixup)
-        for name, value in {"loss": out.total, **{f"loss_{k}": v for k, v in out.terms.items()}}.items():
-            sums[name] = sums.get(name, 0.0) + value.detach().float()
-        seen += batch.targets.shape[0]
+        n = batch.targets.shape[0]
+        weight = sampler.loss_weight(i, per_rank, n) if sampler is not None else 1.0
+        out = train_step(method, model, optimizer, batch, opts, mixup, weight)
+        if n:  # an empty batch's mean loss is 0/0
+            counted += 1
+            for name, value in {"loss": out.total, **{f"loss_{k}": v for k, v in out.terms.items()}}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
+        seen += n
         if progress is not None and time.perf_counter() - shown >= progress_every_s:
             shown = time.perf_counter()
             progress(i + 1, steps, seen / (shown - start))
     if opts.device.type == "cuda":  # GPU finding F11: time the work, not its queueing
         torch.cuda.synchronize(opts.device)
     elapsed = time.perf_counter() - start
-    metrics = {k: float(v) / max(steps, 1) for k, v in sums.items()}
+    metrics = {k: float(v) / max(counted, 1) for k, v in sums.items()}
     metrics.update(lr=lr, images_per_sec=seen / max(elapsed, 1e-9), train_seconds=elapsed)
     return metrics
 

@@ -25,6 +25,8 @@ from rayexperts.engine.mixup import Mixup
 from rayexperts.engine.schedule import StepSchedule, build_optimizer
 from rayexperts.eval.metrics import EvalAccumulator
 from rayexperts.methods import METHODS, Method
+from rayexperts.models.backbones import timm_data_config
+from rayexperts.models.finetune import optimizer_groups, parameter_counts
 from rayexperts.rundir import identity, unwrap
 
 
@@ -55,7 +57,19 @@ class Run:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = self.eval_model = model.to(self.device, memory_format=self.opts.memory_format)
         self.method.setup(self.device, self.opts.memory_format)
-        self.optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
+        self.optimizer = build_optimizer(optimizer_groups(model, float(cfg.train.backbone_lr_scale)), cfg.train)
+        if rank == 0 and cfg.run.verbose:
+            trainable, frozen = parameter_counts(model)
+            print(f"{cfg.run.name} | parameters: {trainable} trainable, {frozen} frozen "
+                  f"(model.finetune={cfg.model.finetune})", flush=True)
+        self.model_data = timm_data_config(model)  # a timm backbone's own preprocessing (docs/pretrained.md)
+        if self.model_data and rank == 0 and cfg.run.verbose:
+            md = self.model_data
+            print(f"{cfg.run.name} | {cfg.model.backbone} preprocessing: input {'x'.join(map(str, md['input_size']))}, "
+                  f"mean {tuple(round(v, 4) for v in md['mean'])}, std {tuple(round(v, 4) for v in md['std'])}, "
+                  f"{md['interpolation']}, crop_pct {md['crop_pct']}; used here: data.image_size={cfg.data.image_size}, "
+                  f"mean/std {'data.mean/data.std' if cfg.data.mean else 'the model’s' if self._model_mean_std() else 'the data set’s'}",
+                  flush=True)
         self.lr_at = StepSchedule(cfg.train)
         self.views = self.method.view_names()
         self.ident = identity(cfg, self.data.num_classes)
@@ -66,9 +80,11 @@ class Run:
     def _build_loaders(self) -> None:
         cfg, kind, size = self.cfg, self.data.image_kind, int(self.cfg.data.image_size)
         sampler_kind = cfg.data.sampler if cfg.data.sampler != "auto" else self.method.sampler
-        self.sampler = EpochSampler(self.data.train.labels, sampler_kind, self.world, self.rank, cfg.seed)
+        self.sampler = EpochSampler(self.data.train.labels, sampler_kind, self.world, self.rank, cfg.seed,
+                                    drop_last=bool(cfg.data.drop_last))
         # GPU finding F6: every process on this GPU holds its own cache (a fractional share packs several).
-        sharing = processes_per_device(float(cfg.scaling.gpus_per_worker), bool(cfg.scaling.use_gpu))
+        sharing = processes_per_device(float(cfg.scaling.gpus_per_worker), bool(cfg.scaling.use_gpu),
+                                       int(cfg.tune.seeds_per_config))  # a sweep trial trains its seeds in one process
         self.cache = plan_cache(self.data, str(cfg.data.cache), float(cfg.data.cache_limit_mb), device=self.device,
                                 sharing=sharing)
         if self.rank == 0 and cfg.run.verbose:
@@ -134,8 +150,21 @@ class Run:
 
     def augment_options(self) -> AugmentOptions:
         d = self.cfg.data
+        mean_std = (tuple(d.mean), tuple(d.std)) if d.mean else self._model_mean_std() or (None, None)
+        md = getattr(self, "model_data", None) or {}  # a timm backbone's own test crop and interpolation
+        crop = float(d.crop_pct) or float(md.get("crop_pct", 224 / 256))
+        mode = str(d.interpolation) if d.interpolation != "auto" else str(md.get("interpolation", "bilinear"))
         return AugmentOptions(autoaugment_fill=int(d.autoaugment_fill), cutout_fill=str(d.cutout_fill),
-                              crop_scale_min=float(d.crop_scale_min), normalize=str(d.normalize))
+                              crop_scale_min=float(d.crop_scale_min), normalize=str(d.normalize),
+                              mean=mean_std[0], std=mean_std[1], crop_pct=crop,
+                              interpolation=mode if mode in ("bilinear", "bicubic") else "bilinear")
+
+    def _model_mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """A timm backbone's own mean and std, where it has one value per channel of these images."""
+        md = getattr(self, "model_data", None)
+        if not md or len(md["mean"]) != self.data.in_channels:
+            return None
+        return tuple(float(v) for v in md["mean"]), tuple(float(v) for v in md["std"])
 
     def _build_device_loaders(self, kind: str, size: int, on_device: bool) -> None:
         """Each split decoded once into a uint8 tensor (on the device or in host memory); batches are
@@ -159,7 +188,8 @@ class Run:
                                           image_size=size, train=True, sampler=self.sampler, key=key, num_workers=nw)
         self.eval_loaders = {
             prefix: EncodedLoader(source, int(cfg.data.test_batch_size), test_t, self.device, image_size=size,
-                                  train=False, indices=list(range(self.rank, len(source), self.world)), num_workers=nw)
+                                  train=False, indices=list(range(self.rank, len(source), self.world)), num_workers=nw,
+                                  options=self.augment_options())
             for prefix, source in self.eval_sources().items()
         }
 
@@ -177,7 +207,7 @@ class Run:
             sampler=self.sampler,
             num_workers=nw,
             pin_memory=pin,
-            drop_last=True,
+            drop_last=self.sampler.drop_last,
             persistent_workers=nw > 0,
         )
         self.eval_loaders = {prefix: self._eval_loader(source, test_t) for prefix, source in self.eval_sources().items()}
@@ -217,15 +247,17 @@ class Run:
         return _mean_over_workers(stats, sum_keys=("images_per_sec",))
 
     def _progress(self, epoch: int):
-        """Rank 0's line inside a long epoch (``run.verbose``): where it is, images/s and the epoch's ETA."""
+        """Rank 0's line inside a long epoch (``run.verbose``): where it is, images/s, the epoch's ETA and the
+        whole run's (the epochs left at this rate; evaluation not counted)."""
         if self.rank != 0 or not self.cfg.run.verbose:
             return None
         epochs, name = int(self.cfg.train.epochs), self.cfg.run.name
 
         def say(step: int, steps: int, rate: float) -> None:
-            left = (steps - step) * int(self.cfg.train.batch_size) // self.world / max(rate, 1e-9)
-            print(f"{name} | epoch {epoch + 1}/{epochs} | step {step}/{steps} | {rate:.0f} img/s | epoch ETA {left:.0f} s",
-                  flush=True)
+            per_step = int(self.cfg.train.batch_size) // self.world / max(rate, 1e-9)
+            left, whole = time_left(step, steps, epoch, epochs, per_step)
+            print(f"{name} | epoch {epoch + 1}/{epochs} | step {step}/{steps} | {rate:.0f} img/s | "
+                  f"epoch ETA {left:.0f} s | run ETA {duration(whole)}", flush=True)
 
         return say
 
@@ -253,7 +285,7 @@ class Run:
         rows = []
         test = accs[""]
         transductive = [v for v in test.views if v not in self.views]  # learnt on the test images
-        primary = self.method.primary_view
+        primary = self.method.primary_view_for(self.cfg)
         for view in [*self.views, *transductive]:
             row: dict[str, Any] = {"epoch": epoch, "view": view, "transductive": view in transductive}
             for prefix, acc in accs.items():
@@ -327,6 +359,20 @@ def sync_buffers(model: nn.Module) -> None:
     if is_distributed():
         for buf in unwrap(model).buffers():
             dist.broadcast(buf, src=0)
+
+
+def time_left(step: int, steps: int, epoch: int, epochs: int, seconds_per_step: float) -> tuple[float, float]:
+    """(seconds left in epoch ``epoch``, 0-based, after ``step`` of its ``steps``; seconds left in the run: that
+    and every later epoch's ``steps``), at ``seconds_per_step``."""
+    epoch_left = (steps - step) * seconds_per_step
+    return epoch_left, epoch_left + (epochs - epoch - 1) * steps * seconds_per_step
+
+
+def duration(seconds: float) -> str:
+    """A time left for people: ``45 s``, ``12.5 min``, ``3.2 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _mean_over_workers(stats: dict[str, float], sum_keys: tuple[str, ...] = ()) -> dict[str, float]:

@@ -56,8 +56,12 @@ class StepSchedule:
         return self.lr_at(self.clock(epoch, step, steps))
 
 
-def build_optimizer(params, train_cfg: DictConfig) -> torch.optim.SGD:
-    """SGD with momentum, optional Nesterov and weight decay (all four papers use SGD)."""
+def build_optimizer(params, train_cfg: DictConfig) -> torch.optim.Optimizer:
+    """SGD with momentum, optional Nesterov and weight decay (all four papers use SGD), or AdamW
+    (``train.optimizer=adamw``: betas (0.9, 0.999), decoupled ``train.weight_decay``). ``params``: parameters or
+    groups (``models.finetune.optimizer_groups``: frozen parameters left out, ``lr_scale`` per group)."""
+    if str(train_cfg.get("optimizer", "sgd")) == "adamw":
+        return torch.optim.AdamW(params, lr=float(train_cfg.lr), weight_decay=float(train_cfg.weight_decay))
     return torch.optim.SGD(
         params,
         lr=float(train_cfg.lr),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,10 @@ import torch
 from rayexperts import registry
 from rayexperts.config import from_dict
 from rayexperts.engine.results import ResultWriter
-from rayexperts.engine.run import Run
+from rayexperts.engine.run import Run, duration
 from rayexperts.engine.track import Trackers
 from rayexperts.eval.metrics import EvalAccumulator
-from rayexperts.rundir import RunDir, load_checkpoint, save_checkpoint, unwrap
+from rayexperts.rundir import RunDir, load_checkpoint, load_model_state, save_checkpoint, unwrap
 from rayexperts.trace import mark
 
 
@@ -35,9 +36,10 @@ def reliability_table(epoch: int, acc: EvalAccumulator, views: list[str]) -> pd.
 
 
 def progress_line(epoch: int, epochs: int, rows: list[dict[str, Any]], primary: str,
-                  also: tuple[str, ...] = ()) -> str:
-    """``epoch 3/30 | loss … | lr … | img/s | <view> top-1 %`` for the primary view, the views in ``also`` (a
-    two-stage method's comparison: CBD's teacher_ensemble) and the first others, four views in all."""
+                  also: tuple[str, ...] = (), eta: float | None = None) -> str:
+    """``epoch 3/30 | loss … | lr … | img/s | <view> top-1 % | run ETA …`` for the primary view, the views in
+    ``also`` (a two-stage method's comparison: CBD's teacher_ensemble) and the first others, four views in all;
+    ``eta``: the seconds the run's remaining epochs should take (none after the last)."""
     r0 = rows[0]
     parts = [f"epoch {epoch + 1}/{epochs}", f"loss {r0.get('loss', math.nan):.4f}", f"lr {r0.get('lr', 0):.4g}"]
     parts.append(f"{r0.get('images_per_sec', 0):.0f} img/s")
@@ -48,6 +50,8 @@ def progress_line(epoch: int, epochs: int, rows: list[dict[str, Any]], primary: 
               for r in shown]
     if "val_top1" in r0:
         parts += [f"val {100 * next(r['val_top1'] for r in rows if r['view'] == primary):.2f}%"]
+    if eta is not None and epoch + 1 < epochs:
+        parts.append(f"run ETA {duration(eta)}")
     return " | ".join(parts)
 
 
@@ -85,7 +89,7 @@ def resume(run: Run, checkpoint: Any, label: str = "") -> int:
     else:
         with checkpoint.as_directory() as d:
             state, where = load_checkpoint(d, run.ident), checkpoint.path
-    unwrap(run.model).load_state_dict(state["model"])
+    load_model_state(run.model, state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     epoch = int(state["epoch"])
     if run.rank == 0:
@@ -110,8 +114,8 @@ def run_epochs(run: Run, reporter: Reporter) -> None:
     trackers = Trackers(cfg, rundir, start_epoch) if rank == 0 else None
     epochs = int(cfg.train.epochs)
     every_eval, every_ckpt = int(cfg.eval.every), int(cfg.run.checkpoint_every)
-    primary = run.method.primary_view
-    finished = False
+    primary = run.method.primary_view_for(cfg)
+    finished, started = False, time.time()
     try:
         for epoch in range(start_epoch, epochs):
             mark(f"epoch start {cfg.run.name} {epoch}")
@@ -127,7 +131,8 @@ def run_epochs(run: Run, reporter: Reporter) -> None:
                     trackers.log(epoch, rows, stats)
                     if cfg.run.verbose:
                         also = run.method.summary_views()
-                        print(f"{cfg.run.name} | {progress_line(epoch, epochs, rows, primary, also)}", flush=True)
+                        eta = (time.time() - started) / (epoch + 1 - start_epoch) * (epochs - epoch - 1)
+                        print(f"{cfg.run.name} | {progress_line(epoch, epochs, rows, primary, also, eta)}", flush=True)
                 metrics = reported_metrics(epoch, stats, rows, primary)
             checkpoint = None
             if (last or (epoch + 1) % every_ckpt == 0) and rank == 0:
@@ -157,7 +162,7 @@ def _set_ray_train_log_level(level: str) -> None:
 
 def _prepare(loop_config: dict[str, Any]):
     """The driver's plugins registered, the config rebuilt, the worker's CPU share of torch threads."""
-    registry.add_plugins(loop_config.get("plugins") or {})
+    registry.load_plugins(shipped=loop_config.get("plugins"))
     cfg = from_dict(loop_config["config"])
     threads = int(loop_config.get("threads") or 0)
     if threads > 0:

@@ -37,7 +37,7 @@ from rayexperts.eval.tables import GROUPS
 from rayexperts.methods import METHODS, Method
 from rayexperts.models import find_experts
 from rayexperts.models.heads import CosineClassifier
-from rayexperts.rundir import RunDir, identity
+from rayexperts.rundir import RunDir, identity, load_model_state
 
 PROBES = ("feature_accuracy", "ncm", "crt", "tau_norm", "lws", "feature_distance")
 COLUMNS = [
@@ -321,7 +321,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> LoadedRun:
     state = rundir.load_checkpoint(identity(cfg, data.num_classes))
     if state is None:
         raise ProbeError(f"no checkpoint_*/checkpoint.pt under run directory {path}: nothing to probe")
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"])
     dev = torch.device(device)
     model.to(dev).eval()
     method.setup(dev, torch.contiguous_format)

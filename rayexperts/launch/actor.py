@@ -4,7 +4,8 @@ A one-worker run needs no distributed training: it trains inside one Ray actor t
 CPUs/GPUs (no Ray Train controller and worker group to start, about 15 s less on 2 cores), checkpoints
 into its run directory and resumes from the newest one there; ``run.max_failures`` restarts the actor.
 A multi-worker run is a Ray Train run launched from the actor, which then holds nothing. ``jobs/train.py``
-trains one such actor; ``jobs/cbd_ens.py`` trains its K teachers as K actors at once.
+trains one such actor; ``jobs/cbd_ens.py`` trains its K teachers as K actors at once. With ``run.ray=false``
+the driver calls the same :meth:`RunActor.train` itself (:func:`train_in_process`): no Ray.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 from rayexperts import registry
 from rayexperts.config import from_dict, to_dict
 from rayexperts.launch.cluster import ship_plugins
-from rayexperts.launch.trainer import fit_trainer, uses_ray_train, worker_resources
+from rayexperts.launch.trainer import fit_trainer, local_cpus, uses_ray_train, worker_resources
 from rayexperts.rundir import RunDir
 from rayexperts.trace import mark
 
@@ -36,7 +37,7 @@ class RunActor:
     def train(self, cfg_dict: dict[str, Any], plugins: dict[str, Any], threads: int) -> str:
         """Train; on failure the traceback goes to ``<run dir>/error.log`` before re-raising."""
         mark(f"actor start {self.name}")
-        registry.add_plugins(plugins)
+        registry.load_plugins(shipped=plugins)
         cfg = from_dict(cfg_dict)
         rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
         try:
@@ -51,6 +52,22 @@ class RunActor:
             raise
         rundir.delete("error.log")
         return rundir.uri
+
+
+def train_in_process(cfg: DictConfig) -> str:
+    """``run.ray=false``: :meth:`RunActor.train` called in this process instead of in a Ray actor: the same
+    plugins (what :func:`~rayexperts.launch.cluster.ship_plugins` sends an actor, without pickling), config,
+    torch threads (this machine's CPUs, or ``scaling.cpus_per_worker``), loop, checkpoints and run directory,
+    and no Ray imported. The caller has checked the run directory and written ``config.yaml``; the process's
+    torch thread count is restored afterwards."""
+    import torch
+
+    _cpus, _gpus, threads = worker_resources(cfg, total_cpus=local_cpus())
+    before = torch.get_num_threads()
+    try:
+        return RunActor(str(cfg.run.name)).train(to_dict(cfg), registry.ship(), threads)  # ship_plugins() unpickled
+    finally:
+        torch.set_num_threads(before)
 
 
 def start_run(cfg: DictConfig) -> tuple[Any, Any]:

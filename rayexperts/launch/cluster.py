@@ -132,14 +132,15 @@ def start_local_ray(num_cpus: int | None = None, *, dashboard: bool) -> None:
     ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, dashboard_port=port, include_dashboard=dashboard)
 
 
-def ship_plugins() -> dict[str, dict[str, Any]]:
-    """The registries' plugins (methods, data sets, backbones registered outside the package), ready to
-    send to Ray workers: a plugin's module may not be importable there (a test file, a user's script),
-    so its module is pickled by value."""
+def ship_plugins() -> dict[str, Any]:
+    """This process's plugins, ready to send to Ray workers (:func:`rayexperts.registry.ship`; each worker
+    registers them with :func:`rayexperts.registry.load_plugins`). The entries a script registered itself
+    may come from a module the workers cannot import (a test file, ``__main__``): those modules are pickled
+    by value."""
     from ray import cloudpickle
 
-    found = registry.plugins()
-    for entries in found.values():
+    found = registry.ship()
+    for entries in found["entries"].values():
         for obj in entries.values():
             module = sys.modules.get(getattr(obj, "__module__", "") or "")
             if module is not None and module.__name__ != "__main__" and not module.__name__.startswith("rayexperts."):

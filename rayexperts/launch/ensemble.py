@@ -29,7 +29,7 @@ from rayexperts.eval.tables import SHOT_COLUMNS, shot_table
 from rayexperts.launch.cluster import dashboard_wanted, ensure_ray
 from rayexperts.launch.actor import start_run
 from rayexperts.launch.trainer import uses_ray_train
-from rayexperts.launch.train import default_run_name, preflight, run_training
+from rayexperts.launch.train import default_run_name, needs_ray, preflight, run_training
 from rayexperts.methods import METHODS
 from rayexperts.rundir import IDENTITY_KEYS, RunDir
 
@@ -183,6 +183,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     first = method.prerequisites(cfg)  # config errors before Ray starts
     if not first:
         raise ConfigError(f"method={cfg.method} has no runs to train first (CBD's teachers): use jobs/train.py")
+    needs_ray(cfg, f"method={cfg.method} (its first runs train in parallel as Ray actors)")
     preflight(cfg)
     job = RunDir.of(cfg.run.storage_path, cfg.run.name)
     job.write_config(cfg)

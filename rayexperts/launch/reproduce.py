@@ -36,7 +36,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from rayexperts.config import ConfigError, load_config, parse_overrides, with_overrides
+from rayexperts.config import ConfigError, is_result_key, load_config, parse_overrides, with_overrides
 from rayexperts.registry import METHODS
 
 # catalogue metric -> metrics.parquet column (top-1 and ECE as fractions; ``error`` = 1 − top-1)
@@ -128,6 +128,34 @@ def short_protocol(cfg: DictConfig, scale: float | None, epochs: int | None) -> 
     return out
 
 
+def run_protocol(cfg: DictConfig, row: Any, seeds: int) -> dict[str, Any]:
+    """What a setting's runs do about a catalogue row, in the row's terms (:func:`rayexperts.published.
+    disagreements`): epochs, checkpoint selection, ``seeds`` runs averaged, the view read, ``data.augment``."""
+    view = str(row.get("view", "") or "") or METHODS.get(cfg.method).primary_view_for(cfg)
+    return {"epochs": int(cfg.train.epochs), "selection": str(cfg.eval.selection), "seeds": int(seeds), "view": view,
+            "augment": str(cfg.data.augment)}
+
+
+def protocol_lines(setting: Setting) -> list[str]:
+    """Per catalogue row of ``setting``: the protocol the row states, what will run, and the row's
+    ``protocol_note`` and ``inferred`` mark (``--dry-run``; docs/reproduce.md)."""
+    from rayexperts.published import disagreements, stated_protocol
+
+    lines = []
+    for _, row in setting.rows.iterrows():
+        r = run_protocol(setting.configs[0], row, len(setting.configs))
+        stated = stated_protocol(row)
+        differ = disagreements(row, r)
+        says = ", ".join(f"{k} {v}" for k, v in stated.items()) or "nothing"
+        will = ", ".join(f"{k} {v}" + (" (differs)" if k in differ else "") for k, v in r.items())
+        what = " ".join(x for x in (row["table"], row["method"], f"({row['variant']})" if row["variant"] else "",
+                                    row["metric"], f"{float(row['value']):g}") if x)
+        mark = " [inferred]" if row.get("inferred", False) else ""
+        note = f"\n      note: {row['protocol_note']}" if str(row.get("protocol_note", "") or "") else ""
+        lines.append(f"  - {what}{mark}\n      row states: {says}\n      will run: {will}{note}")
+    return lines
+
+
 def plan(rows: pd.DataFrame, args: argparse.Namespace, user: dict[str, Any]) -> tuple[list[Setting], pd.DataFrame, str]:
     """(the settings to train, the rows skipped for having no preset, the job name)."""
     with_preset = rows[rows["preset"].astype(str).str.strip() != ""]
@@ -135,15 +163,21 @@ def plan(rows: pd.DataFrame, args: argparse.Namespace, user: dict[str, Any]) -> 
     job = str(user.pop("run.name", "") or "reproduce-" + _slug(
         Path(args.catalog).stem if args.catalog else " ".join(filter(None, (args.paper, args.table)))))
     storage = user.pop("run.storage_path", "./runs")
+    roots = data_roots(getattr(args, "data_root", None) or [])
+    check_roots(with_preset, roots, "data.root" in user)
     settings = []
     for (preset, overrides), group in with_preset.groupby(["preset", "overrides"], sort=False):
         setting = Setting(str(preset), str(overrides), group)
         base = load_config(setting.preset, {**parse_overrides(setting.overrides.split()), **user})
+        if str(base.data.name) in roots:
+            base = load_config(setting.preset, {**parse_overrides(setting.overrides.split()), **user,
+                                                "data.root": roots[str(base.data.name)]})
         extra = short_protocol(base, args.epochs_scale, args.epochs) if (args.epochs_scale or args.epochs) else {}
         stated = pd.to_numeric(group["seeds"], errors="coerce").max()
         count = int(args.seeds or (stated if pd.notna(stated) else 3))
-        digest = hashlib.sha1(json.dumps([setting.overrides, sorted(user.items(), key=str), extra], sort_keys=True,
-                                         default=str).encode()).hexdigest()[:8]
+        changing = {k: v for k, v in user.items() if is_result_key(k)}  # data.root, resources: the same runs
+        digest = hashlib.sha1(json.dumps([setting.overrides, sorted(changing.items(), key=str), extra],
+                                         sort_keys=True, default=str).encode()).hexdigest()[:8]
         name = f"{setting.preset}-{digest}"
         for i in range(count):
             seed = int(base.seed) + i
@@ -155,6 +189,58 @@ def plan(rows: pd.DataFrame, args: argparse.Namespace, user: dict[str, Any]) -> 
             setting.seeds.append(seed)
         settings.append(setting)
     return settings, skipped, job
+
+
+def data_roots(items: Sequence[str]) -> dict[str, str]:
+    """``--data-root DATASET=PATH`` options as {data set: path}."""
+    from rayexperts.registry import DATASETS
+
+    roots: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--data-root {item}: give DATASET=PATH, e.g. "
+                              "--data-root cifar10-lt=/data/cifar-10-batches-py")
+        if name not in DATASETS.names():
+            raise ConfigError(f"--data-root {item}: unknown data set {name!r} (choose one of "
+                              f"{', '.join(DATASETS.names())})")
+        roots[name] = path
+    return roots
+
+
+def check_roots(rows: pd.DataFrame, roots: dict[str, str], one_root: bool) -> None:
+    """Before any config is resolved: one ``data.root`` serves one data set, so rows (with a preset) of several
+    need ``--dataset`` or one ``--data-root`` per data set; a ``--data-root`` for a data set no row trains on is a
+    mistake. The catalogue's ``dataset`` is the preset's ``data.name``."""
+    if roots and one_root:
+        raise ConfigError("give either data.root=PATH (one data set) or --data-root DATASET=PATH (one per data set), "
+                          "not both")
+    used = rows.drop_duplicates(["preset", "overrides"]).groupby("dataset").size().to_dict()
+    if one_root and len(used) > 1:
+        names = sorted(used)
+        raise ConfigError(
+            f"the selected rows train on {len(used)} data sets ({', '.join(f'{n}: {used[n]} settings' for n in names)})"
+            f" and data.root names one folder: pick one with --dataset ({' or '.join(names)}), or give one root per "
+            f"data set with --data-root {names[0]}=PATH --data-root {names[1]}=PATH")
+    unused = sorted(set(roots) - set(used))
+    if unused:
+        raise ConfigError(f"--data-root {unused[0]}=...: no selected row trains on {unused[0]} "
+                          f"(they train on {', '.join(sorted(used)) or 'nothing'})")
+
+
+def check_data(settings: list[Setting]) -> None:
+    """Every run's data and storage, checked in the driver before Ray starts (:func:`rayexperts.launch.train.
+    preflight`): a wrong ``data.root`` is one line and exit status 2, not failed runs."""
+    from rayexperts.launch.train import preflight
+
+    seen = set()
+    for s in settings:
+        for cfg in [c for cfg, first in zip(s.configs, s.first) for c in (*first, cfg)]:
+            key = json.dumps([OmegaConf.to_container(cfg.data), cfg.run.storage_path, cfg.run.mlflow_tracking_uri],
+                             sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                preflight(cfg)
 
 
 # ------------------------------------------------------------------------------------------------ resources, cost
@@ -340,7 +426,7 @@ def _result_text(path: str) -> str:
     cfg = rundir.config()
     if metrics is None or metrics.empty or cfg is None:
         return ""
-    view = METHODS.get(cfg.method).primary_view
+    view = METHODS.get(cfg.method).primary_view_for(cfg)
     last = metrics[(metrics["epoch"] == metrics["epoch"].max()) & (metrics["view"] == view)]
     if last.empty:
         return ""
@@ -378,7 +464,7 @@ def results(settings: list[Setting], protocol: str) -> pd.DataFrame:
         paths = [main_dir(cfg, first)[1] for cfg, first in zip(s.configs, s.first)]
         runs = [(p, RunDir(p).read_table("metrics.parquet")) for p in paths]
         for _, row in s.rows.iterrows():
-            view = row.get("view", "") or METHODS.get(s.configs[0].method).primary_view
+            view = row.get("view", "") or METHODS.get(s.configs[0].method).primary_view_for(s.configs[0])
             selections = list(dict.fromkeys([row["selection"] or "last", "last"]))
             for selection in selections:
                 values = [v for p, m in runs if m is not None and (v := _run_values(p, view, row["metric"], selection))
@@ -398,17 +484,19 @@ def results(settings: list[Setting], protocol: str) -> pd.DataFrame:
                     "gpu_hours": sum(walls) * share * int(cfg.scaling.num_workers) / 3600,
                     "cpu_hours": sum(walls) * cpus * int(cfg.scaling.num_workers) / 3600,
                     "protocol": protocol, "preset": s.preset, "overrides": s.overrides,
-                    "transductive": view == "tta_aggregate",
+                    "transductive": view == "tta_aggregate", "inferred": bool(row.get("inferred", False)),
+                    "protocol_note": str(row.get("protocol_note", "") or ""),
                 })
     return pd.DataFrame(out)
 
 
 def _cell(r: pd.Series) -> str:
     if not r["n_seeds"]:
-        return f"– (paper {r['paper_value']:g})"
+        return f"– (paper {r['paper_value']:g}" + (" [inferred])" if r.get("inferred", False) else ")")
     sd = "" if math.isnan(r["ours_sd"]) else f" ± {r['ours_sd']:.2f}"
     label = " [best_test]" if r["selection"] == "best_test" else ""
-    return f"{r['ours_mean']:.2f}{sd}{label} (paper {r['paper_value']:g}, Δ {r['delta']:+.2f})"
+    mark = " [inferred]" if r.get("inferred", False) else ""
+    return f"{r['ours_mean']:.2f}{sd}{label} (paper {r['paper_value']:g}{mark}, Δ {r['delta']:+.2f})"
 
 
 def markdown_report(df: pd.DataFrame, skipped: pd.DataFrame, title: str, protocol: str) -> str:
@@ -435,6 +523,13 @@ def markdown_report(df: pd.DataFrame, skipped: pd.DataFrame, title: str, protoco
             heading = SELECTION_LABEL.get(selection, selection)
             lines += [f"## Checkpoint: {heading}" + (f" ({SHORT})" if protocol == "short" else ""), "",
                       markdown(table.fillna("")), ""]
+    notes = df[df["protocol_note"] != ""] if "protocol_note" in df else df.iloc[:0]
+    if not notes.empty:
+        lines += ["## What the presets run differently from the paper", ""]
+        lines += [f"- {r['table']}: {r['method']}" + (f" ({r['variant']})" if r["variant"] else "")
+                  + f", {r['dataset']} {r['backbone']}: {r['protocol_note']}"
+                  for _, r in notes.drop_duplicates(["table", "method", "variant", "dataset", "backbone"]).iterrows()]
+        lines.append("")
     if not skipped.empty:
         listed = skipped.drop_duplicates(["table", "method", "variant", "dataset", "backbone"])
         lines += ["## Rows without a preset (not trained)", ""]
@@ -487,11 +582,14 @@ def write_report(settings: list[Setting], skipped: pd.DataFrame, job_dir: str, t
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="jobs/reproduce.py",
+        prog="rayexperts reproduce",
         description="A published table re-run as one Ray job, beside the paper's numbers.",
-        epilog="examples:\n  python jobs/reproduce.py --paper NCL --table 'Table 1' --dataset cifar100-lt --dry-run "
-               "data.root=/data/cifar-100-python\n  python jobs/reproduce.py --catalog my_rows.csv --seeds 2 "
-               "--epochs-scale 0.05\nResults: run.storage_path/<job>/ (default ./runs/reproduce-<paper>-<table>/): "
+        epilog="examples:\n  rayexperts reproduce --paper NCL --table 'Table 1' --dataset cifar100-lt --dry-run "
+               "data.root=/data/cifar-100-python\n  rayexperts reproduce --paper NCL --table 'Table 1' "
+               "--data-root cifar10-lt=/data/cifar-10-batches-py --data-root cifar100-lt=/data/cifar-100-python\n"
+               "  rayexperts reproduce --catalog my_rows.csv --seeds 2 --epochs-scale 0.05\n"
+               "(python jobs/reproduce.py takes the same arguments.)\n"
+               "Results: run.storage_path/<job>/ (default ./runs/reproduce-<paper>-<table>/): "
                "reproduce.parquet, reproduce.md, reproduce.png; re-issue the same command to resume.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paper", help="MLLT, NCL, ECL, CBD, SADE, RIDE (the catalogue's paper column)")
@@ -499,6 +597,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--dataset", help="e.g. cifar100-lt")
     p.add_argument("--method", help="a catalogue method, e.g. NCL")
     p.add_argument("--catalog", help="a CSV in the catalogue's format instead of the packaged one")
+    p.add_argument("--data-root", action="append", metavar="DATASET=PATH",
+                   help="the data of one data set (repeat it for a table over several, e.g. --data-root "
+                        "cifar10-lt=/data/cifar-10-batches-py); data.root=PATH serves a plan over one data set")
     p.add_argument("--seeds", type=int, help="runs per setting (default: the paper's count, else 3)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated cost; train nothing")
     p.add_argument("--print-config", action="store_true",
@@ -524,23 +625,26 @@ def print_plan(settings: list[Setting], skipped: pd.DataFrame, cost: dict[str, d
     for s in settings:
         for cfg in s.configs:
             c = cost.get(cfg.run.name, {})
-            res = (f"{cfg.scaling.gpus_per_worker:g} GPU, {cfg.scaling.cpus_per_worker:g} CPU" if cfg.scaling.use_gpu
-                   else f"{cfg.scaling.cpus_per_worker:g} CPU (0: a share)")
+            cpus = f"{cfg.scaling.cpus_per_worker:g} CPU" if cfg.scaling.cpus_per_worker else "a share of the CPUs"
+            res = f"{cfg.scaling.gpus_per_worker:g} GPU, {cpus}" if cfg.scaling.use_gpu else cpus
             hours = c.get("hours", float("nan"))
             unknown += math.isnan(hours)
             total += 0 if math.isnan(hours) else hours
             runs = f" (+{c['runs'] - 1} first)" if c.get("runs", 1) > 1 else ""
             note = f"  [{c['note']}]" if c.get("note") else ""
             print(f"{cfg.run.name:<48} {cfg.train.epochs:>6} {res:<28} {hours:>10.3f}  {s.label}{runs}{note}")
+        for line in protocol_lines(s):
+            print(line)
     for _, r in skipped.drop_duplicates(["table", "method", "variant", "dataset", "backbone"]).iterrows():
         print(f"no preset: {r['table']} {r['method']}" + (f" ({r['variant']})" if r["variant"] else "")
-              + f", {r['dataset']} {r['backbone']}: skipped")
+              + f", {r['dataset']} {r['backbone']}: skipped" + (" [inferred]" if r.get("inferred", False) else ""))
     missing = f" + {unknown} runs not estimated (see their notes)" if unknown else ""
     print(f"estimated total: {total:.3f} {where}-hours{missing} (a timing probe of each model on this machine's {where}: "
           "the median of 5 training steps; runs one after another, data loading and evaluation not counted)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from rayexperts.data.errors import DataError
     from rayexperts.launch.cluster import ClusterUnreachable
     from rayexperts.launch.ensemble import PrerequisiteFailed
     from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
@@ -561,7 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             for s in settings:
                 print(f"# {s.label}: the seed-{s.seeds[0]} run's config (before the resources the job picks)")
-                print(explain(s.preset, {**parse_overrides(s.overrides.split()), **user,
+                root = {"data.root": s.configs[0].data.root} if args.data_root and s.configs[0].data.root else {}
+                print(explain(s.preset, {**parse_overrides(s.overrides.split()), **user, **root,
                                          "seed": s.seeds[0]}), end="\n\n")
             return 0
         if args.dry_run:
@@ -575,11 +680,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for c in s.configs]
             print_plan(settings, skipped, estimate(settings, os.cpu_count() or 1, 0), where)
             return 0
+        from rayexperts.launch.train import needs_ray
+
+        needs_ray(settings[0].configs[0], "rayexperts reproduce (its runs train as Ray actors)")
         RunDir(job_dir).check_writable()
+        check_data(settings)
         print(f"[reproduce] {title}: {sum(len(s.configs) for s in settings)} runs in {job_dir}", flush=True)
         execute(settings, user)
         md = write_report(settings, skipped, job_dir, title, protocol)
-    except (ConfigError, CheckpointMismatch, StorageError, ClusterUnreachable) as e:
+    except (ConfigError, DataError, CheckpointMismatch, StorageError, ClusterUnreachable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except PrerequisiteFailed as e:

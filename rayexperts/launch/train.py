@@ -1,5 +1,5 @@
 """One training run of any method (``jobs/train.py``): one worker in a Ray actor, several through Ray Train's
-``TorchTrainer``."""
+``TorchTrainer``; with ``run.ray=false`` one worker in this process, without Ray."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
-from rayexperts.config import ConfigError
+from rayexperts.config import ConfigError, result_settings
 from rayexperts.data.errors import DataError
 from rayexperts.eval.tables import shot_table
-from rayexperts.launch.actor import start_run
+from rayexperts.launch.actor import start_run, train_in_process
 from rayexperts.launch.trainer import fit_trainer, uses_ray_train
 from rayexperts.launch.cluster import dashboard_wanted, ensure_ray
 from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
@@ -24,7 +24,20 @@ from rayexperts.trace import mark
 
 
 def default_run_name(cfg: DictConfig) -> str:
-    return f"{cfg.method}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``<method>-<data>-<hash>``: the hash (8 hex digits) covers every key that can change the result
+    (:func:`rayexperts.config.result_settings`), so the same command names the same run (and resumes it), a
+    changed setting another, and paths, resources and ``tune.*`` change nothing."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha1(json.dumps(result_settings(cfg), sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{cfg.method}-{cfg.data.name}-{digest}"
+
+
+def timestamped_run_name(cfg: DictConfig, prefix: str = "") -> str:
+    """``<prefix><method>-<data>-<date>-<time>``: a fresh name each time (a sweep's default: re-running a sweep
+    continues it only with the same ``run.name``)."""
+    return f"{prefix}{cfg.method}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def announce(cfg: DictConfig, what: str) -> RunDir:
@@ -50,14 +63,28 @@ PROJECT_ERRORS = (ConfigError, DataError, CheckpointMismatch, StorageError)
 
 def preflight(cfg: DictConfig) -> None:
     """Everything about ``cfg`` that can be checked in the driver, before Ray starts and before anything is
-    written: the data set's ``data.root`` and split files, MLflow, the storage."""
+    written: the data set's ``data.root`` and split files, ``model.weights``, MLflow, the storage."""
     from rayexperts.registry import DATASETS
 
     DATASETS.get(str(cfg.data.name)).check(cfg.data, str(cfg.data.name))
+    if cfg.model.weights or cfg.model.finetune != "full" or str(cfg.model.backbone).startswith("timm/"):
+        from rayexperts.models.backbones import check_backbone  # docs/pretrained.md: imports torch, hence only here
+
+        check_backbone(cfg.model, int(DATASETS.get(str(cfg.data.name)).in_channels))
+    if cfg.run.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+        raise ConfigError("run.tensorboard=true, but tensorboardX is not installed: pip install tensorboardX, or set "
+                          "run.tensorboard=false")
     if cfg.run.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
         raise ConfigError(f"run.mlflow_tracking_uri={cfg.run.mlflow_tracking_uri!r} is set, but mlflow is not "
                           "installed: pip install 'rayexperts[mlflow]'")
     RunDir(cfg.run.storage_path).check_writable()
+
+
+def needs_ray(cfg: DictConfig, what: str) -> None:
+    """Refuse ``what`` (a job that needs Ray) for a config with ``run.ray=false``, in one line naming the key."""
+    if not cfg.run.ray:
+        raise ConfigError(f"run.ray=false: {what} needs Ray; set run.ray=true (without Ray: one run of one worker, "
+                          "rayexperts train)")
 
 
 def root_error(error: BaseException) -> BaseException:
@@ -95,8 +122,10 @@ def run_failure(error: BaseException, rundir: RunDir, cfg: DictConfig) -> BaseEx
 
 def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Train ``cfg``: one worker in one Ray actor (:mod:`rayexperts.launch.actor`), several through Ray
-    Train (also one, when Ray Train ``callbacks`` are given); returns the run directory. A finished run is not
-    trained again (nor Ray started); a checkpointed run resumes with the schedule it was trained with."""
+    Train (also one, when Ray Train ``callbacks`` are given), or with ``run.ray=false`` one worker in this
+    process by the actor's own code (:func:`~rayexperts.launch.actor.train_in_process`, no Ray imported);
+    returns the run directory. A finished run is not trained again (nor Ray started); a checkpointed run
+    resumes with the schedule it was trained with."""
     if not cfg.run.name:
         cfg.run.name = default_run_name(cfg)
     preflight(cfg)
@@ -108,8 +137,11 @@ def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, An
             print(f"[rayexperts] {cfg.run.name}: already finished ({cfg.train.epochs}/{cfg.train.epochs} epochs) in "
                   f"{rundir}: nothing to train", flush=True)
             return {"path": rundir.uri, "already_finished": True}
+    if callbacks is not None:
+        needs_ray(cfg, "a run with Ray Train callbacks")
     one_actor = not uses_ray_train(cfg) and callbacks is None
-    ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train=not one_actor))
+    if cfg.run.ray:
+        ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train=not one_actor))
     if resuming:
         latest = rundir.latest_checkpoint()
         print(f"[rayexperts] {cfg.run.name}: resuming from {latest}" if latest is not None else
@@ -118,7 +150,9 @@ def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, An
     rundir.clear_failed()
     mark(f"fit start {cfg.run.name}")
     try:
-        if one_actor:
+        if not cfg.run.ray:
+            train_in_process(cfg)
+        elif one_actor:
             import ray
 
             _actor, done = start_run(cfg)

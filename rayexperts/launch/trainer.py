@@ -15,21 +15,27 @@ from rayexperts.launch.cluster import ship_plugins
 from rayexperts.rundir import RunDir
 
 
-def worker_resources(cfg: DictConfig) -> tuple[float, float, int]:
+def worker_resources(cfg: DictConfig, total_cpus: float | None = None) -> tuple[float, float, int]:
     """(CPUs per worker, GPUs per worker, torch threads per worker).
 
-    ``scaling.cpus_per_worker`` = 0 gives each worker an equal share of the cluster's CPUs,
-    and every worker runs exactly that many torch threads (oversubscribed threads on shared
-    cores made each process 5–7× slower here).
+    ``scaling.cpus_per_worker`` = 0 gives each worker an equal share of the cluster's CPUs (``total_cpus``:
+    this machine's, for a run trained in this process; None: Ray's cluster), and every worker runs exactly
+    that many torch threads (oversubscribed threads on shared cores made each process 5–7× slower here).
     """
-    import ray
-
     cpus = float(cfg.scaling.cpus_per_worker)
     if cpus <= 0:
-        total = ray.cluster_resources().get("CPU", 1)
-        cpus = float(max(1, math.floor(total / cfg.scaling.num_workers)))
+        if total_cpus is None:
+            import ray
+
+            total_cpus = ray.cluster_resources().get("CPU", 1)
+        cpus = float(max(1, math.floor(total_cpus / cfg.scaling.num_workers)))
     gpus = float(cfg.scaling.gpus_per_worker) if cfg.scaling.use_gpu else 0.0
     return cpus, gpus, worker_threads(cpus)
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; what a local Ray instance would count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def uses_ray_train(*cfgs: DictConfig) -> bool:

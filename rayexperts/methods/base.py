@@ -6,9 +6,12 @@ the views :meth:`Method.views` names. A method module reads like its paper: an `
 dataclass (its section ``<name>.*`` of the config, with the paper's defaults), the model it
 assembles from ``rayexperts.models``, and its loss terms from ``rayexperts.losses``.
 
-Adding a method is one module plus one preset::
+Adding a method is one module plus one preset (docs/development.md "Adding a method"; from your own
+package: "Plugins")::
 
-    @METHODS.register("my_method")
+    from rayexperts.methods.base import LossOutput, Method, register_method
+
+    @register_method("my_method")
     class MyMethod(Method):
         Options = MyOptions                      # the section cfg.my_method
         defaults = {"model.num_experts": 2}      # core keys it sets (a config layer)
@@ -55,14 +58,10 @@ class Batch:
     key_images: Tensor | None = None  # the second (contrastive) view, when the method asks for it
 
 
-def register_method(name: str):
-    """``@register_method("name")``: register a :class:`Method` subclass under ``method=name``."""
-    def add(cls: type[Method]) -> type[Method]:
-        cls.name = name
-        METHODS.register(name, cls)
-        return cls
-
-    return add
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """``@register_method("name")``: register a :class:`Method` subclass under ``method=name``; it sets
+    the class's ``name`` (its config section ``cfg.<name>``)."""
+    return METHODS.register(name)  # type: ignore[return-value]
 
 
 class Method:
@@ -224,6 +223,12 @@ class Method:
     def after_prerequisites(cls, cfg: DictConfig, run_dirs: list[str]) -> DictConfig:
         """This method's config once its prerequisites have finished in ``run_dirs``."""
         return cfg
+
+    @classmethod
+    def primary_view_for(cls, cfg: DictConfig) -> str:
+        """The headline view of a run with config ``cfg`` (reported to Ray Train / Tune, shown first): the
+        class's ``primary_view``; override it when the view depends on the config (e.g. on K)."""
+        return cls.primary_view
 
     @classmethod
     def summary_views(cls) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ from rayexperts.config import check_gpu_share, compose, flatten, method_layers, 
 from rayexperts.errors import ConfigError
 from rayexperts.methods.base import LossOutput, Method, View, register_method
 from rayexperts.registry import METHODS
-from rayexperts.rundir import CHECKPOINT_FILE, RunDir, identity
+from rayexperts.rundir import CHECKPOINT_FILE, RunDir, identity, load_model_state
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +136,7 @@ def load_teacher(run: str, class_counts: Tensor, in_channels: int, data_name: st
     state = rundir.load_checkpoint(identity(cfg, int(class_counts.numel())))
     if state is None:
         raise FileNotFoundError(f"teacher run {run} has no checkpoint_*/{CHECKPOINT_FILE}: train it first")
-    model.load_state_dict(state["model"])
+    load_model_state(model, state["model"])
     model.requires_grad_(False)
     return model.eval()
 

@@ -37,6 +37,17 @@ MOCO_RENAMED = {
 }
 
 
+def check_moco_batches(cfg, section: str) -> None:
+    """Refuse ``data.drop_last=false`` on several workers with the MoCo branch on: the key queues gather
+    equal per-worker batches from every worker, and the last, partial batch is split unevenly."""
+    from rayexperts.errors import ConfigError
+
+    if cfg[section].contrastive and not bool(cfg.data.drop_last) and int(cfg.scaling.num_workers) > 1:
+        raise ConfigError(f"data.drop_last=false with scaling.num_workers={cfg.scaling.num_workers} and "
+                          f"{section}.contrastive=true: the MoCo queues need equal batches on every worker; "
+                          "set data.drop_last=true or scaling.num_workers=1")
+
+
 def with_moco(net: MultiExpertNet | nn.Module, opts: MocoOptions,
               rebuild: Callable[[], MultiExpertNet | nn.Module] | None = None) -> MocoExperts:
     """``net`` with one MoCo branch per expert; ``rebuild`` builds the same network anew (``key_init=random``)."""

@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rayexperts.methods.base import LossOutput, Method, register_method
-from rayexperts.methods.contrastive import MOCO_RENAMED, MocoOptions, contrastive_loss, with_moco
+from rayexperts.methods.contrastive import MOCO_RENAMED, MocoOptions, check_moco_batches, contrastive_loss, with_moco
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
     from torch import Tensor, nn
 
     from rayexperts.models import ContrastiveOutput
@@ -68,6 +69,10 @@ class EffectiveCollaborative(Method):
         "loss.cpt": "contrastive", **MOCO_RENAMED,
     }
     primary_view = "ensemble"
+
+    @classmethod
+    def validate(cls, cfg: DictConfig) -> None:
+        check_moco_batches(cfg, "ecl")
 
     @property
     def uses_key_view(self) -> bool:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Literal
 
 from rayexperts.errors import ConfigError
 from rayexperts.methods.base import LossOutput, Method, register_method
-from rayexperts.methods.contrastive import MOCO_RENAMED, MocoOptions, contrastive_loss, with_moco
+from rayexperts.methods.contrastive import MOCO_RENAMED, MocoOptions, check_moco_batches, contrastive_loss, with_moco
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -95,6 +95,7 @@ class NestedCollaborative(Method):
         if not 0 <= o.anchor_expert < cfg.model.num_experts:
             raise ConfigError(f"'ncl.anchor_expert'={o.anchor_expert} must lie in [0, {cfg.model.num_experts - 1}] "
                               "(model.num_experts)")
+        check_moco_batches(cfg, "ncl")
 
     @property
     def uses_key_view(self) -> bool:

@@ -182,8 +182,8 @@ class RIDERouter(Method):
     def _stage1_model(self) -> nn.Module:
         import torch
 
-        from rayexperts.methods import METHODS
-        from rayexperts.rundir import identity
+        from rayexperts.registry import METHODS
+        from rayexperts.rundir import identity, load_model_state
 
         run = str(self.opts.experts_run)
         if not run:
@@ -205,7 +205,7 @@ class RIDERouter(Method):
         state = rundir.load_checkpoint(identity(cfg, self.num_classes))
         if state is None:
             raise FileNotFoundError(f"ride_ea.experts_run={run} has no checkpoint: train stage 1 first")
-        model.load_state_dict(state["model"])
+        load_model_state(model, state["model"])
         return model
 
     # -- training -------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ def build(cfg):
     return method.build_model(), (in_channels, size, size)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rayexperts.models", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m rayexperts.models") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="The model a config builds: parameters per part, the "
+                                     "total, and multiply-accumulates per image (compare a model with a paper's).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("summary", help="parameters per part and multiply-accumulates of the model a config builds")
     p.add_argument("--config", help="a shipped preset name or a YAML file")

@@ -1,5 +1,5 @@
 """Backbones by name (``rayexperts.registry.BACKBONES``): the CIFAR family (``resnet_cifar``) and
-torchvision's ImageNet ResNets (registered here).
+torchvision's ImageNet ResNets (registered here), and any timm model as ``timm/<name>`` (docs/pretrained.md).
 
 torchvision models are re-cut into ``stem`` = conv1/bn1/relu/maxpool and ``stages`` =
 layer1..layer4; the ``fc`` head is dropped. Weights come from a local file (``weights=``);
@@ -13,7 +13,6 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from rayexperts.errors import ConfigError
 from rayexperts.models.base import Backbone, BackboneEntry, PooledStages, scale_width
+from rayexperts.models.weights import load_into, read_state_dict
 from rayexperts.registry import BACKBONES
 
 
@@ -53,24 +53,100 @@ def _entry(name: str) -> BackboneEntry:
         raise ValueError(str(e)) from e
 
 
+TIMM_PREFIX = "timm/"  # model.backbone=timm/<name>: any timm model (docs/pretrained.md)
+
+
+def is_timm(name: str) -> bool:
+    """Whether backbone ``name`` is a timm model (``timm/<name>``)."""
+    return str(name).startswith(TIMM_PREFIX)
+
+
 def build_backbone(
     name: str,
     *,
     in_channels: int = 3,
     weights: str | os.PathLike | None = None,
     allow_download: bool = False,
+    pretrained: bool = False,
+    weights_strict: bool = True,
+    timm_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
-) -> Backbone:
-    """Build backbone ``name``; load ``weights`` (a local state_dict file) when given.
+) -> nn.Module:
+    """Build backbone ``name``; load ``weights`` (a local weights file, docs/pretrained.md) when given.
 
-    ``allow_download`` lets torchvision fetch its ImageNet weights (torchvision backbones
-    only, ignored when ``weights`` is given); nothing is downloaded otherwise.
+    ``allow_download`` lets torchvision fetch its ImageNet weights (torchvision backbones only, ignored when
+    ``weights`` is given); a timm backbone (``timm/<name>``) fetches its weights from timm's hub only with
+    ``pretrained`` and ``allow_download``. Nothing is downloaded otherwise.
     """
-    entry = _entry(name)
-    backbone = entry.build(in_channels, allow_download and weights is None, **options)
+    if is_timm(name):
+        backbone: nn.Module = TimmBackbone(name, in_channels, download=pretrained and allow_download and weights is None,
+                                           timm_kwargs=timm_kwargs)
+    else:
+        backbone = _entry(name).build(in_channels, allow_download and weights is None, **options)
     if weights is not None:
-        load_weights(backbone, weights)
+        load_weights(backbone, weights, strict=weights_strict)
     return backbone
+
+
+class TimmBackbone(nn.Module):
+    """A timm model without its classifier (``num_classes=0``): image → pooled pre-logits feature
+    ``[B, out_dim]``, ``out_dim`` = the model's ``num_features``. The whole model is one trunk (no stages)."""
+
+    def __init__(self, name: str, in_channels: int = 3, *, download: bool = False,
+                 timm_kwargs: Mapping[str, Any] | None = None) -> None:
+        import timm
+
+        super().__init__()
+        model_name = name[len(TIMM_PREFIX):] if is_timm(name) else name
+        try:
+            self.net = timm.create_model(model_name, pretrained=download, num_classes=0, in_chans=in_channels,
+                                         **dict(timm_kwargs or {}))
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ConfigError(f"model.backbone={name}: timm has no model {model_name!r} (timm.list_models() "
+                                  "lists them)") from e
+            raise
+        self.out_dim = int(self.net.num_features)
+        self.classifier_name = str(getattr(self.net, "pretrained_cfg", {}).get("classifier") or "")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def file_key(self, key: str) -> str | None:
+        """A weights file's key (timm's own names) → this module's; the file's classifier is dropped."""
+        head = self.classifier_name
+        if head and (key == head or key.startswith(head + ".")):
+            own = self.__dict__.setdefault("_own_keys", set(self.state_dict()))
+            if f"net.{key}" not in own:
+                return None
+        return f"net.{key}"
+
+
+def timm_data_config(model: nn.Module) -> dict[str, Any] | None:
+    """The preprocessing the first timm backbone in ``model`` was trained with (``timm.data.resolve_data_config``
+    on its pretrained config: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``); None without one."""
+    net = next((m.net for m in model.modules() if isinstance(m, TimmBackbone)), None)
+    if net is None:
+        return None
+    from timm.data import resolve_data_config
+
+    return dict(resolve_data_config({}, model=net))
+
+
+def check_backbone(model_cfg: Any, in_channels: int) -> None:
+    """The driver's check of a pretrained backbone's keys before Ray starts, on a backbone built on the meta device
+    (no memory, no init): a timm name timm lacks, ``model.weights`` (the file is read whole, so a truncated one is
+    refused, and its shapes compared) and a fine-tuning mode that finds nothing to adapt."""
+    from rayexperts.models.finetune import apply_finetune, finetune_options
+
+    with torch.device("meta"):
+        backbone = build_backbone(str(model_cfg.backbone), in_channels=in_channels,
+                                  timm_kwargs=dict(model_cfg.get("timm_kwargs") or {}),
+                                  **({} if is_timm(model_cfg.backbone) else {"shortcut": str(model_cfg.shortcut)}))
+    if model_cfg.get("weights"):
+        load_weights(backbone, model_cfg.weights, strict=bool(model_cfg.get("weights_strict", True)))
+    with torch.device("meta"):
+        apply_finetune([backbone], **finetune_options(model_cfg))
 
 
 def expert_stages(name: str, start_stage: int, width: float, in_channels: int, **options: Any) -> tuple[nn.Module, int]:
@@ -82,32 +158,22 @@ def expert_stages(name: str, start_stage: int, width: float, in_channels: int, *
     return entry.expert_stages(start_stage, width, in_channels, **options)
 
 
-def load_weights(backbone: Backbone, path: str | os.PathLike) -> None:
-    """Load a local state_dict into ``backbone``: torchvision's layout (``conv1``/``bn1``/``layerN``,
-    an ``fc.`` head is dropped) or this package's (``stem``/``stages``). Errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file '{path}' does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, Mapping):
-            raise TypeError(f"expected a state_dict (a mapping of tensors), got {type(state).__name__}")
-        backbone.load_state_dict(_backbone_keys(state))
-    except Exception as e:
-        raise ValueError(f"backbone weights file '{path}' does not fit this backbone: {e}") from e
+def load_weights(backbone: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> None:
+    """Load weights file ``path`` into ``backbone`` (:mod:`rayexperts.models.weights`: safetensors, .pth/.pt/.bin,
+    nested ``state_dict``/``model``, ``module.``): a timm backbone takes timm's names (its classifier is
+    dropped); a torchvision one torchvision's layout (``conv1``/``bn1``/``layerN``, ``fc.`` dropped) or this
+    package's (``stem``/``stages``). Errors are one line naming the file (:class:`WeightsError`)."""
+    rename = backbone.file_key if isinstance(backbone, TimmBackbone) else _backbone_key
+    load_into(backbone, read_state_dict(path), path, strict=strict, rename=rename)
 
 
-def _backbone_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    out = {}
-    for key, value in state.items():
-        if key.startswith("fc."):
-            continue
-        for old, new in _RENAMES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        out[key] = value
-    return out
+def _backbone_key(key: str) -> str | None:
+    if key.startswith("fc."):
+        return None
+    for old, new in _RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
 
 
 def _torchvision_shortcut(name: str, shortcut: str) -> None:

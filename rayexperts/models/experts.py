@@ -14,9 +14,16 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from rayexperts.models.backbones import build_backbone, expert_stages
+from rayexperts.errors import ConfigError
+from rayexperts.models.backbones import (
+    TimmBackbone,
+    build_backbone,
+    expert_stages,
+    is_timm,
+)
 from rayexperts.models.base import PooledStages
 from rayexperts.models.base import zero_init_residual as _zero_init_residual
+from rayexperts.models.finetune import apply_finetune, finetune_options, is_adapter
 from rayexperts.models.heads import build_classifier
 from rayexperts.models.output import ModelOutput
 
@@ -33,7 +40,8 @@ class MultiExpertNet(nn.Module):
     a plain single network whatever ``shared_stages`` says. ``neck`` (optional) builds a module
     between each expert's pooled feature and its classifier; the classifier sits on its output.
     ``cosine_bias`` adds a bias to cosine classifiers; ``zero_init_residual`` starts every residual
-    block's last BatchNorm at γ = 0 (random initialisation only).
+    block's last BatchNorm at γ = 0 (random initialisation only); ``head_init="kaiming_normal"`` redraws the
+    linear classifiers' weights with ``kaiming_normal_`` (LDAM-DRW's ``_weights_init``; docs/compare.md).
     """
 
     def __init__(
@@ -49,19 +57,39 @@ class MultiExpertNet(nn.Module):
         cosine_scale: float = 16.0,
         cosine_bias: bool = False,
         zero_init_residual: bool = False,
+        head_init: str = "default",
         neck: Neck | None = None,
         weights: str | os.PathLike | None = None,
         allow_download: bool = False,
         backbone_options: dict[str, Any] | None = None,
+        pretrained: bool = False,
+        weights_strict: bool = True,
+        timm_kwargs: dict[str, Any] | None = None,
+        finetune: dict[str, Any] | None = None,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts must be at least 1, got {num_experts}")
+        if head_init not in ("default", "kaiming_normal"):
+            raise ValueError(f"unknown head_init {head_init!r}: choose default or kaiming_normal")
+        if head_init != "default" and classifier != "linear":
+            raise ValueError(f"head_init={head_init!r} applies to the linear classifier, not {classifier!r}")
         if num_experts == 1:
             shared_stages = 0
         options = dict(backbone_options or {})
-        load = dict(in_channels=in_channels, weights=weights, allow_download=allow_download, **options)
-        if shared_stages == 0:
+        timm = is_timm(backbone)
+        if timm:
+            options = {}  # CIFAR/torchvision options (shortcut) do not apply to a timm model
+        load = dict(in_channels=in_channels, weights=weights, allow_download=allow_download, pretrained=pretrained,
+                    weights_strict=weights_strict, timm_kwargs=timm_kwargs, **options)
+        # loaded or downloaded weights (pretrained parts: train.backbone_lr_scale; docs/pretrained.md)
+        self.pretrained = weights is not None or (allow_download and (pretrained or not timm))
+        if timm and shared_stages:  # a timm model is one trunk; the experts are heads on its feature
+            self.trunk = build_backbone(backbone, **load)
+            self.experts = nn.ModuleList(nn.Identity() for _ in range(num_experts))
+            dim = self.trunk.out_dim
+        elif shared_stages == 0:
             self.trunk: nn.Module = nn.Identity()
             self.experts = nn.ModuleList(build_backbone(backbone, **load) for _ in range(num_experts))
             dim = self.experts[0].out_dim
@@ -82,6 +110,12 @@ class MultiExpertNet(nn.Module):
                          for _ in range(num_experts)]
                 experts, dim = [m for m, _ in built], built[0][1]
             self.experts = nn.ModuleList(experts)
+        if grad_checkpointing:
+            nets = [m.net for m in self.modules() if isinstance(m, TimmBackbone)]
+            if not nets:
+                raise ConfigError(f"model.grad_checkpointing=true needs a timm backbone (timm/<name>), not {backbone}")
+            for net in nets:
+                net.set_grad_checkpointing(True)
         self.necks: nn.ModuleList | None = None
         if neck is not None:
             built_necks = [neck(dim) for _ in range(num_experts)]
@@ -90,8 +124,25 @@ class MultiExpertNet(nn.Module):
         self.feature_dim = dim
         self.heads = nn.ModuleList(build_classifier(classifier, dim, num_classes, cosine_scale, cosine_bias)
                                    for _ in range(num_experts))
+        if head_init == "kaiming_normal":
+            for head in self.heads:
+                nn.init.kaiming_normal_(head.weight)
+        # after the heads (which always train), so that a seed draws the same heads in every mode
+        self.finetune = dict(finetune or {"mode": "full"})
+        apply_finetune([self.trunk, self.experts], **self.finetune)
+        # what a checkpoint leaves out (rundir.model_state): the weights file holds them, named by its sha256
+        self.frozen_by_finetune = [n for n, p in self.named_parameters() if not p.requires_grad] \
+            if self.finetune["mode"] != "full" and weights is not None else []
         if zero_init_residual and weights is None and not allow_download:  # an initialisation, not for loaded weights
             _zero_init_residual(self)
+
+    def pretrained_parameters(self) -> list[nn.Parameter]:
+        """The parameters that came from a weights file or a download (the trunk's and the experts' stages,
+        without adapters); empty for a model trained from scratch."""
+        if not self.pretrained:
+            return []
+        return [p for name, p in nn.ModuleDict({"trunk": self.trunk, "experts": self.experts}).named_parameters()
+                if not is_adapter(name)]
 
     @property
     def num_experts(self) -> int:
@@ -126,10 +177,16 @@ def build_experts(
         cosine_scale=model_cfg.cosine_scale,
         cosine_bias=bool(model_cfg.cosine_bias),
         zero_init_residual=bool(model_cfg.zero_init_residual),
+        head_init=str(model_cfg.head_init),
         neck=neck,
         weights=model_cfg.weights,
         allow_download=model_cfg.allow_download,
         backbone_options={"shortcut": str(model_cfg.shortcut)},
+        pretrained=bool(model_cfg.get("pretrained", False)),
+        weights_strict=bool(model_cfg.get("weights_strict", True)),
+        timm_kwargs=dict(model_cfg.get("timm_kwargs") or {}),
+        finetune=finetune_options(model_cfg),
+        grad_checkpointing=bool(model_cfg.get("grad_checkpointing", False)),
     )
 
 

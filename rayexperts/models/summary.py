@@ -66,7 +66,9 @@ def summary_text(model: nn.Module, input_shape: tuple[int, int, int], title: str
 def describe_model(cfg) -> str:
     """One line on the layout a config asks for."""
     m = cfg.model
-    text = f"method={cfg.method}, data.name={cfg.data.name}: {m.backbone} (shortcut {m.shortcut}), {m.num_experts} "
+    shape = "" if str(m.backbone).startswith("timm/") else f" (shortcut {m.shortcut})"
+    tuning = "" if m.get("finetune", "full") == "full" else f", model.finetune={m.finetune}"
+    text = f"method={cfg.method}, data.name={cfg.data.name}: {m.backbone}{shape}{tuning}, {m.num_experts} "
     text += "expert" + ("s" if m.num_experts > 1 else "")
     return text + f", {m.classifier} classifier" + (f" x{m.cosine_scale:g}" if m.classifier != "linear" else "")
 
