@@ -28,17 +28,17 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg.parquet"
 
 
 def train_run(data: str, storage: str) -> str:
-    from rayexperts.config import load_config, to_dict
-    from rayexperts.engine.worker import train_here
+    from rayexperts.config import load_config
+    from rayexperts.engine.entry import train_one_worker
     from rayexperts.rundir import RunDir
 
     cfg = load_config(None, ["method=ce", "data.name=cifar10-lt", f"data.root={data}", "data.imbalance_factor=100",
                              "model.backbone=resnet8", "train.epochs=1", "train.batch_size=128", "run.verbose=false",
                              f"run.storage_path={storage}", "run.name=bench-ce"])
-    run = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    run = RunDir.for_config(cfg)
     if run.latest_checkpoint() is None:
         run.write_config(cfg)
-        train_here({"config": to_dict(cfg), "threads": os.cpu_count() or 1})
+        train_one_worker(cfg, os.cpu_count() or 1)
     return run.uri
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd  # noqa: E402
 
 from rayexperts.config import load_config  # noqa: E402
-from rayexperts.launch.bench import plain_run, through_ray, time_pipeline, time_steps  # noqa: E402
+from rayexperts.diagnostics.bench import plain_run, through_ray, time_pipeline, time_steps  # noqa: E402
 
 PIPELINES = {"loader": "off", "device": "device"}
 # image kind -> (source side, training size, images timed per image, batch of the batched twin, batches timed)
@@ -47,8 +47,9 @@ def time_augments(augments: list[str], seed: int = 0) -> pd.DataFrame:
     import torch
     from torchvision.transforms.v2 import functional as TF
 
-    from rayexperts.data.batched import BatchRng, batch_transform
-    from rayexperts.data.transforms import build_transform
+    from rayexperts.data.augment.batched.core import BatchRng
+    from rayexperts.data.augment.batched.pipelines import batch_transform
+    from rayexperts.data.augment.per_image import build_transform
 
     torch.set_num_threads(1)
     rows = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory, installed or not
 
-from rayexperts.launch.compare import main  # noqa: E402
+import rayexperts.cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(rayexperts.cli.run_job("compare-official"))

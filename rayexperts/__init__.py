@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rayexperts.errors import InputError
+
 __version__ = "0.2.0"
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What a complete copy of the package holds (an upload whose excludes dropped one of these is not).
-REQUIRED = ("config.py", "registry.py", "rundir.py", "losses.py", "data", "models", "methods", "engine", "eval",
+REQUIRED = ("config", "registry.py", "rundir.py", "losses", "data", "models", "methods", "engine", "eval",
             "launch", "presets")
 
 
@@ -25,7 +27,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'rayexperts' has no attribute {name!r}")
 
 
-class IncompletePackage(RuntimeError):
+class IncompletePackage(InputError, RuntimeError):
     """The imported rayexperts lacks files it needs (typically an upload whose excludes removed them)."""
 
 
@@ -47,14 +49,3 @@ def check_install() -> Path:
             "as the README's command does."
         )
     return PACKAGE_DIR
-
-
-def check_install_or_exit() -> None:
-    """:func:`check_install` for the jobs/ scripts: ``error: ...`` on stderr and exit status 2."""
-    import sys
-
-    try:
-        check_install()
-    except IncompletePackage as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None

@@ -19,8 +19,20 @@ import pandas as pd
 import yaml
 
 from rayexperts.config import flatten, is_result_key
+from rayexperts.errors import InputError
 from rayexperts.eval.tables import SHOT_COLUMNS, shot_table
 from rayexperts.rundir import FAILED_MARK
+
+
+class NotAResultDirectory(InputError, FileNotFoundError):
+    """A path given as a run, job or sweep directory holds none; the message names it and what is missing."""
+
+
+def in_percent(metric: str) -> bool:
+    """Whether people read ``metric`` in % (the files keep the fraction): the accuracies (``top1``, ``val_top1_few``,
+    ``top5``, ...) and the calibration error (``ece``, ``val_ece``)."""
+    name = metric.removeprefix("val_")
+    return name.startswith(("top1", "top5")) or name == "ece" or name.startswith("ece_")
 
 
 @dataclass
@@ -93,7 +105,7 @@ def load_runs(path: str | Path, *, trials: bool = False, members: bool = False) 
     root = Path(path)
     runs = find_runs(root, trials=trials, members=members)
     if not runs:
-        raise FileNotFoundError(f"no run directory (metrics.parquet + config.yaml) at or below {root}")
+        raise NotAResultDirectory(f"no run directory (metrics.parquet + config.yaml) at or below {root}")
     frames, config_columns = [], set()
     for run in runs:
         metrics = pd.read_parquet(run / "metrics.parquet")
@@ -116,7 +128,7 @@ def load_sweep(path: str | Path) -> Sweep:
     """A sweep directory: trials.parquet, the trials' metrics, the searched keys and the tuned metric."""
     root = Path(path)
     if not (root / "trials.parquet").is_file():
-        raise FileNotFoundError(f"{root} is not a finished sweep directory (no trials.parquet)")
+        raise NotAResultDirectory(f"{root} is not a finished sweep directory (no trials.parquet)")
     spec = yaml.safe_load((root / "sweep.yaml").read_text())
     trials = pd.read_parquet(root / "trials.parquet")
     metrics = load_runs(root, trials=True) if find_runs(root, trials=True) else pd.DataFrame(columns=["run"])
@@ -130,7 +142,7 @@ def load_ensemble(path: str | Path) -> Ensemble:
     with a ``model`` column (``teacher0`` …, ``student``)."""
     root = Path(path)
     if not (root / "summary.parquet").is_file():
-        raise FileNotFoundError(f"{root} is not an ensemble job directory (no summary.parquet)")
+        raise NotAResultDirectory(f"{root} is not an ensemble job directory (no summary.parquet)")
     metrics = load_runs(root, members=True)
     return Ensemble(pd.read_parquet(root / "summary.parquet"), metrics.assign(model=metrics["run"].map(_model_name)))
 

@@ -23,8 +23,10 @@ from rayexperts.rundir import RunDir
 
 from rayexperts.analysis import (
     SELECTIONS,
+    NotAResultDirectory,
     best_trial,
     config_rows,
+    in_percent,
     load_classes,
     load_ensemble,
     load_runs,
@@ -49,7 +51,7 @@ def kind(path: str | Path) -> str:
         return "ensemble"
     if (p / "metrics.parquet").is_file() and (p / "config.yaml").is_file():
         return "run"
-    raise FileNotFoundError(
+    raise NotAResultDirectory(
         f"{p} is neither a run directory (metrics.parquet + config.yaml), an ensemble job (summary.parquet) "
         "nor a sweep (trials.parquet)"
     )
@@ -204,12 +206,15 @@ def _pct(row: pd.Series, col: str) -> str:
 
 
 def _sweep_table(t: pd.DataFrame, sw: Any, seeds: bool) -> pd.DataFrame:
-    """Configurations for people: searched keys, status, epochs, the tuned metric and test top-1 in %."""
+    """Configurations for people: searched keys, status, epochs, the tuned metric and test top-1 (accuracies and ECE
+    in %: :func:`~rayexperts.analysis.in_percent`)."""
     shown = [c for c in ["trial_id", "status", *sw.keys, "epochs_done"] if c in t]
     table = t[shown].copy()
     for col, label in ((sw.metric, sw.metric), ("top1", "test top1")):
-        if col in t:
+        if col in t and in_percent(col):
             table[f"{label} (%)"] = [_pct(row, col).removesuffix(" %") for _, row in t.iterrows()]
+        elif col in t:
+            table[label] = t[col]
     if seeds:
         table["n_seeds"] = t["n_seeds"]
     return table

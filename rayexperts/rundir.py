@@ -1,8 +1,8 @@
 """The run directory (docs/results.md), local path or URI: one object for everything that reads or writes it.
 
-``RunDir.of(storage_path, name)`` is ``<storage_path>/<name>``: its ``config.yaml``, its Parquet
-tables, the checkpoint Ray Train registered last, and the check that a run directory holds a run of
-the same configuration before it is resumed or reused. Paths may be local or any URI pyarrow
+``RunDir.of(storage_path, name)`` is ``<storage_path>/<name>`` (a config's: ``RunDir.for_config(cfg)``): its
+``config.yaml``, its Parquet tables, the checkpoint Ray Train registered last, and the check that a run directory
+holds a run of the same configuration before it is resumed or reused. Paths may be local or any URI pyarrow
 understands (``s3://``, ``gs://``), like Ray Train's ``storage_path``. Every file is written to a
 temporary name and moved into place, so a reader never sees half a file. Checkpoints are loaded
 with ``torch.load(..., weights_only=True)``.
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow.fs as pafs
 
 from rayexperts.config import absolute_path_or_uri, from_dict, is_uri, result_settings
+from rayexperts.errors import InputError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -34,11 +35,11 @@ SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of the 
 IDENTITY_KEYS = ("method", "model.backbone", "model.num_experts", "model.classifier", "data.name")
 
 
-class CheckpointMismatch(RuntimeError):
+class CheckpointMismatch(InputError, RuntimeError):
     """A run directory or checkpoint belongs to a run of another configuration."""
 
 
-class StorageError(OSError):
+class StorageError(InputError, OSError):
     """The storage a run writes to cannot be written; the message names the key and the location."""
 
 
@@ -168,6 +169,11 @@ class RunDir:
     @classmethod
     def of(cls, storage_path: str, name: str) -> RunDir:
         return cls(f"{absolute_path_or_uri(str(storage_path)).rstrip('/')}/{name}")
+
+    @classmethod
+    def for_config(cls, cfg: DictConfig) -> RunDir:
+        """``cfg``'s run (or job, or sweep) directory: ``run.storage_path/run.name``."""
+        return cls.of(str(cfg.run.storage_path), str(cfg.run.name))
 
     def __repr__(self) -> str:
         return f"RunDir({self.uri!r})"

@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from rayexperts.config import DataConfig
+from rayexperts.config import DataSection
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def data_cfg(**keys) -> DictConfig:
     """``cfg.data`` with the typed defaults and ``keys`` (no preset layers)."""
-    return OmegaConf.structured(DataConfig(**keys))
+    return OmegaConf.structured(DataSection(**keys))
 
 
 def interleaved_labels(num_classes: int, per_class: int, seed: int = 0) -> np.ndarray:

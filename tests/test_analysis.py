@@ -172,14 +172,15 @@ def test_report_on_an_engine_run_without_ray(tmp_path):
     import torch
 
     from rayexperts.engine.run import Run
-    from rayexperts.engine.worker import reliability_table
+    from rayexperts.engine.loop import evaluate_splits, train_epoch
+    from rayexperts.engine.results import reliability_table, result_rows
 
     torch.set_num_threads(1)
     cfg = load_config(None, ["method=ce", "train.epochs=1", "data.val_per_class=10", "run.verbose=false"])
     run = Run(cfg)
-    stats = run.train_epoch(0)
-    accs = run.evaluate()
-    rows, classes = run.result_rows(0, accs, stats)
+    stats = train_epoch(run, 0)
+    accs = evaluate_splits(run)
+    rows, classes = result_rows(run, 0, accs, stats)
     rundir = RunDir.of(str(tmp_path), "engine_run")
     rundir.write_config(cfg)
     rel = reliability_table(0, accs[""], run.views)

@@ -17,7 +17,9 @@ from helpers import CBD_JOB, metrics_without_time
 
 from rayexperts.config import load_config, with_overrides
 from rayexperts.engine.run import Run
-from rayexperts.launch.ensemble import SUMMARY_COLUMNS, PrerequisiteFailed, is_finished, resolve_job_config, run_ensemble
+from rayexperts.engine.loop import train_epoch
+from rayexperts.launch.ensemble import SUMMARY_COLUMNS, resolve_job_config, run_ensemble
+from rayexperts.launch.stages import PrerequisiteFailed, is_finished
 from rayexperts.methods.base import Batch
 from rayexperts.rundir import CheckpointMismatch, RunDir, save_checkpoint
 
@@ -113,7 +115,7 @@ def test_teachers_frozen_through_a_student_epoch(tmp_path, teacher_runs):
     assert not teacher_params & {id(p) for g in run.optimizer.param_groups for p in g["params"]}
     assert not teacher_params & {id(p) for p in run.model.parameters()}  # not submodules of the student
 
-    stats = run.train_epoch(0)
+    stats = train_epoch(run, 0)
 
     assert np.isfinite(stats["loss"]) and {"loss_ce", "loss_distill"} <= set(stats)
     for t, old in zip(teachers, before):

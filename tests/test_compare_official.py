@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from rayexperts.config import load_config
-from rayexperts.launch.compare import compare, main, parse_ldam_drw, side_by_side, summary
+from rayexperts import cli
+from rayexperts.launch.compare import compare, parse_ldam_drw, side_by_side, summary
 
 COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]  # CIFAR-10-LT IF 100: 8 many, 2 medium, 0 few
 
@@ -68,6 +69,19 @@ def test_parse_ldam_log_and_args(synthetic):
     assert parse_ldam_drw(synthetic / "resumed" / "log_test.csv")[0]["epoch"].tolist() == [100, 101]
 
 
+def test_a_resumed_run_is_read_from_its_segments(tmp_path):
+    """Segments in order: the second (resumed at epoch 3, 0-based) replaces the first's epoch 3 and goes on."""
+    from rayexperts.launch.compare import read_segments
+
+    acc = np.tile(np.linspace(0.9, 0.3, 10), (4, 1))
+    write_ldam_log(tmp_path / "part1", [10.0, 20.0, 30.0, 35.0], acc)
+    write_ldam_log(tmp_path / "part2", [40.0, 50.0], acc[:2], start_epoch=3)
+    df, args = read_segments("ldam-drw", [tmp_path / "part1", tmp_path / "part2"])
+    assert df["epoch"].tolist() == [0, 1, 2, 3, 4]
+    assert df["top1"].round(6).tolist() == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert args["segments"] == [0, 3] and args["cls_num_list"] == COUNTS
+
+
 def test_side_by_side_last_best_and_groups(synthetic):
     theirs, _ = parse_ldam_drw(synthetic / "run")
     ours = pd.read_parquet(synthetic / "ours" / "metrics.parquet").query("view == 'expert0'")
@@ -94,12 +108,12 @@ def test_side_by_side_last_best_and_groups(synthetic):
 
 def test_bad_input_is_one_line_and_exit_2(synthetic, capsys):
     base = ["--code", str(synthetic), "--ours", str(synthetic / "ours"), "--out", str(synthetic / "o")]
-    assert main([*base, "--log", str(synthetic / "nowhere")]) == 2
+    assert cli.main(["compare-official", *base, "--log", str(synthetic / "nowhere")]) == 2
     assert "expected LDAM-DRW's log_test.csv" in capsys.readouterr().err
     (synthetic / "empty.csv").write_text("Epoch: [0][0/97]\n")
-    assert main([*base, "--log", str(synthetic / "empty.csv")]) == 2
+    assert cli.main(["compare-official", *base, "--log", str(synthetic / "empty.csv")]) == 2
     assert "no 'val Results" in capsys.readouterr().err
-    assert main([*base, "--log", str(synthetic / "run"), "--view", "ensemble"]) == 2
+    assert cli.main(["compare-official", *base, "--log", str(synthetic / "run"), "--view", "ensemble"]) == 2
     assert "no view 'ensemble'; its views: expert0, expert0_pc" in capsys.readouterr().err
     assert not (synthetic / "o").exists()
 

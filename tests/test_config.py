@@ -58,8 +58,9 @@ def test_user_layers_beat_defaults():
 
 
 DATA_OF = {"cifar10_lt": "cifar10-lt", "cifar100_lt": "cifar100-lt", "imagenet_lt": "imagenet-lt",
-           "inat2018": "inat2018", "digits": "digits-lt"}
-BACKBONE_OF = {"r50": "resnet50", "rx50": "resnext50_32x4d"}
+           "inat2018": "inat2018", "digits": "digits-lt", "places_lt": "places-lt"}
+CLIP_B16 = "timm/vit_base_patch16_clip_quickgelu_224.openai"  # LIFT's CLIP ViT-B/16 (docs/methods.md "LIFT")
+BACKBONE_OF = {"r50": "resnet50", "rx50": "resnext50_32x4d", "r152": "resnet152", "clip_b16": CLIP_B16}
 # The paper settings of docs/methods.md for CIFAR-LT: (epochs, batch size, lr, schedule, experts).
 CIFAR_RECIPE = {"ce": (200, 128, 0.1, "multistep", 1), "bsce": (200, 128, 0.1, "multistep", 1),
                 "mllt": (200, 128, 0.1, "multistep", 3), "ncl": (400, 64, 0.1, "multistep", 3),
@@ -93,7 +94,7 @@ def test_every_preset_is_the_setting_its_name_says():
             assert cfg.model.backbone == BACKBONE_OF[tail], name
         if data.startswith("cifar"):
             t = cfg.train
-            assert cfg.model.backbone == "resnet32", name
+            assert cfg.model.backbone == (CLIP_B16 if method == "lift" else "resnet32"), name
             if variant in CIFAR_RECIPE:  # the methods docs/methods.md gives a CIFAR-LT recipe for
                 assert (t.epochs, t.batch_size, t.lr, t.schedule, cfg.model.num_experts) == CIFAR_RECIPE[variant], name
     assert seen == set(methods)  # every built-in method has a preset, every preset a built-in method
@@ -137,3 +138,21 @@ def test_local_paths_become_absolute_against_the_working_directory(tmp_path, mon
     assert list(cfg.cbd.teacher_runs) == [str(tmp_path / "runs" / "t0"), "s3://bucket/t1"]
     remote = load_config(None, ["run.storage_path=s3://bucket/runs"])
     assert remote.run.storage_path == "s3://bucket/runs"
+
+
+def test_the_config_package_imports_nothing_of_ray():
+    """``rayexperts.config`` imports no Ray module: not on import, nor composing a preset with compat=official,
+    explaining one (``--print-config``) or naming an unknown key (every method's renames); the Ray job's storage
+    check lives in ``rayexperts.launch.ray_job``. pyproject.toml's contract checks the imports it can see."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import rayexperts.config as c\n"
+            "c.load_config('cifar10_lt_if100_ncl', ['compat=official']); c.explain('digits_ncl', ['train.epochs=2'])\n"
+            "try: c.load_config(None, ['train.lrr=1'])\nexcept c.ConfigError as e: print(e)\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    error, modules = done.stdout.splitlines()
+    assert error.startswith("unknown config key 'train.lrr' in command line (train.lrr); did you mean train.lr")
+    assert modules == "[]"

@@ -1,4 +1,4 @@
-"""Batched augmentation (rayexperts.data.batched; issue 15): for each augmentation, the parameters differ
+"""Batched augmentation (rayexperts.data.augment.batched; issue 15): for each augmentation, the parameters differ
 across the images of one batch, their distribution is that of the per-image transform, and an operation
 with given parameters gives the per-image (torchvision) pixels to 1/255."""
 
@@ -11,14 +11,15 @@ from scipy import stats
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from rayexperts.data import batched as B
-from rayexperts.data.transforms import AUGMENTS, Cutout, ToNormalised, build_transform, moco_transform
+from rayexperts.data.augment.batched import autoaugment, colour, core, geometry, pipelines
+from rayexperts.data.augment.per_image import Cutout, ToNormalised, build_transform, moco_transform
+from rayexperts.data.augment.recipes import AUGMENTS
 
 CPU = torch.device("cpu")
 
 
-def rng(seed: int = 0) -> B.BatchRng:
-    return B.BatchRng(seed, CPU)
+def rng(seed: int = 0) -> core.BatchRng:
+    return core.BatchRng(seed, CPU)
 
 
 def images(n: int, c: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -38,7 +39,7 @@ def close_u8(a: torch.Tensor, b: torch.Tensor) -> None:
 def test_every_augmentation_gives_each_image_its_own_parameters(kind, augment):
     c, size = (1, 8) if kind == "digits" else (3, 32)
     one = images(1, c, size).expand(64, -1, -1, -1).contiguous()
-    out = B.batch_transform(kind, augment, train=True, image_size=size)(one, rng())
+    out = pipelines.batch_transform(kind, augment, train=True, image_size=size)(one, rng())
     distinct = {tuple(o.flatten().round(decimals=4).tolist()) for o in out}
     possible = 9 if kind == "digits" else 17  # digits: a 1-pixel shift, 3 × 3 windows, no flip
     assert len(distinct) >= possible, f"{augment}: {len(distinct)} distinct images out of 64 copies"
@@ -49,7 +50,7 @@ def test_every_augmentation_gives_each_image_its_own_parameters(kind, augment):
 def test_the_moco_key_view_gives_each_image_its_own_parameters(kind):
     c, size = (1, 8) if kind == "digits" else (3, 32)
     one = images(1, c, size).expand(64, -1, -1, -1).contiguous()
-    out = B.batch_moco_transform(kind, size)(one, rng())
+    out = pipelines.batch_moco_transform(kind, size)(one, rng())
     assert len({tuple(o.flatten().round(decimals=4).tolist()) for o in out}) > 16
 
 
@@ -65,7 +66,7 @@ def _positions(size: int = 32) -> torch.Tensor:
 def test_crop_offsets_cover_all_81_windows_uniformly_and_flip_half():
     n = 81 * 60
     x = _positions().expand(n, -1, -1, -1).float()
-    out = B.pad_crop_flip(4, flip=True)(x, rng(1))
+    out = geometry.pad_crop_flip(4, flip=True)(x, rng(1))
     top = out[:, 0, 4, 4].long() - 1  # output (4, 4) shows image row `top` whatever the offset
     flipped = out[:, 1, 4, 5] < out[:, 1, 4, 4]
     left = torch.where(flipped, out[:, 1, 4, 27], out[:, 1, 4, 4]).long() - 1
@@ -75,7 +76,7 @@ def test_crop_offsets_cover_all_81_windows_uniformly_and_flip_half():
 
 
 def test_randaugment_ops_are_uniform_and_signs_fair():
-    ra = B.BatchRandAugment()
+    ra = autoaugment.BatchRandAugment()
     rounds = ra.draw(20_000, 32, 32, rng(2))
     assert len(rounds) == 2
     names = [k[0] for keys in rounds for k in keys]
@@ -88,7 +89,7 @@ def test_randaugment_ops_are_uniform_and_signs_fair():
 
 
 def test_autoaugment_subpolicies_uniform_and_ops_at_their_probability():
-    aa = B.BatchAutoAugment()
+    aa = autoaugment.BatchAutoAugment()
     n = 25 * 400
     first, second = aa.draw(n, 32, 32, rng(3))
     policies = aa.t._policies
@@ -104,14 +105,14 @@ def test_autoaugment_subpolicies_uniform_and_ops_at_their_probability():
 def test_color_jitter_factors_uniform_and_order_random():
     n = 4000
     gray = torch.full((n, 3, 2, 2), 100.0)
-    out = B.color_jitter((0.4, 0.0, 0.0))(gray, rng(4))  # brightness only: floor(100 · U(0.6, 1.4))
+    out = colour.color_jitter((0.4, 0.0, 0.0))(gray, rng(4))  # brightness only: floor(100 · U(0.6, 1.4))
     values = out[:, 0, 0, 0].numpy()
     assert values.min() >= 60 and values.max() <= 139
     assert stats.kstest((values + 0.5) / 100, "uniform", args=(0.6, 0.8)).pvalue > 0.001
     # order: brightness ×1.4 then contrast ×0 on a two-tone image differs from contrast first
     two = torch.zeros(n, 3, 2, 2)
     two[:, :, 0] = 200.0
-    jitter = B.color_jitter((0.4, 0.4, 0.0))
+    jitter = colour.color_jitter((0.4, 0.4, 0.0))
     results = jitter(two, rng(5))
     assert len({tuple(r.flatten().tolist()) for r in results}) > 100
 
@@ -120,7 +121,7 @@ def test_random_resized_crop_boxes_follow_torchvision():
     torch.manual_seed(0)
     reference = v2.RandomResizedCrop(32, scale=(0.2, 1.0))
     ref = [reference.make_params([torch.zeros(3, 32, 32)]) for _ in range(3000)]
-    ours = B.resized_crop_boxes(3000, 32, 32, (0.2, 1.0), (3 / 4, 4 / 3), rng(6))
+    ours = geometry.resized_crop_boxes(3000, 32, 32, (0.2, 1.0), (3 / 4, 4 / 3), rng(6))
     for key, col in (("height", 2), ("width", 3), ("top", 0), ("left", 1)):
         assert stats.ks_2samp([p[key] for p in ref], ours[:, col].numpy()).pvalue > 0.001, key
     assert ((ours[:, 0] + ours[:, 2]) <= 32).all() and ((ours[:, 1] + ours[:, 3]) <= 32).all()
@@ -132,13 +133,13 @@ def test_digits_key_view_translations_and_scales():
     tx = torch.round(r.uniform64(n, -1.0, 1.0))  # as random_affine draws them for 8 px: t = 0.125
     share = [(tx == v).float().mean().item() for v in (-1, 0, 1)]
     assert abs(share[0] - 0.25) < 0.03 and abs(share[1] - 0.5) < 0.03
-    out = B.random_affine(0.125, (0.8, 1.2))(torch.full((256, 1, 8, 8), 200.0), rng(8))
+    out = geometry.random_affine(0.125, (0.8, 1.2))(torch.full((256, 1, 8, 8), 200.0), rng(8))
     assert len({tuple(o.flatten().tolist()) for o in out}) > 8
 
 
 def test_cutout_centres_uniform():
     n = 32 * 32 * 8
-    out = B.cutout(16)(torch.ones(n, 1, 32, 32), rng(9))
+    out = geometry.cutout(16)(torch.ones(n, 1, 32, 32), rng(9))
     # the hole's first zero row/column: max(cy − 8, 0); the centre is uniform over 0..31
     holes = out[:, 0] == 0
     rows = holes.any(2).float().argmax(1)
@@ -147,8 +148,8 @@ def test_cutout_centres_uniform():
 
 def test_gaussian_noise_of_the_data_aug_teachers():
     x = torch.full((64, 3, 32, 32), 128.0)
-    noisy = B.normalise("cifar", 0.01)(x, rng(10))
-    clean = B.normalise("cifar")(x, rng(10))
+    noisy = pipelines.normalise("cifar", 0.01)(x, rng(10))
+    clean = pipelines.normalise("cifar")(x, rng(10))
     std = torch.tensor((0.2023, 0.1994, 0.2010)).view(1, 3, 1, 1)
     assert abs(((noisy - clean) * std).std().item() - 0.01) < 0.0005
 
@@ -160,7 +161,7 @@ def test_pad_crop_flip_pixels():
     x = images(4)
     padded = TF.pad(x, [4, 4, 4, 4])
     r = rng(11)
-    out = B.pad_crop_flip(4, flip=True)(x.float(), r)
+    out = geometry.pad_crop_flip(4, flip=True)(x.float(), r)
     r = rng(11)  # the same draws again
     top, left = r.randint(4, 9), r.randint(4, 9)
     flips = r.uniform(4) < 0.5
@@ -171,10 +172,10 @@ def test_pad_crop_flip_pixels():
 
 
 @pytest.mark.parametrize("op, ref, factor", [
-    (B.brightness, TF.adjust_brightness, 1.3), (B.brightness, TF.adjust_brightness, 0.7),
-    (B.contrast, TF.adjust_contrast, 1.35), (B.contrast, TF.adjust_contrast, 0.62),
-    (B.saturation, TF.adjust_saturation, 1.2), (B.saturation, TF.adjust_saturation, 0.65),
-    (B.hue, TF.adjust_hue, 0.07), (B.hue, TF.adjust_hue, -0.093),
+    (colour.brightness, TF.adjust_brightness, 1.3), (colour.brightness, TF.adjust_brightness, 0.7),
+    (colour.contrast, TF.adjust_contrast, 1.35), (colour.contrast, TF.adjust_contrast, 0.62),
+    (colour.saturation, TF.adjust_saturation, 1.2), (colour.saturation, TF.adjust_saturation, 0.65),
+    (colour.hue, TF.adjust_hue, 0.07), (colour.hue, TF.adjust_hue, -0.093),
 ])
 def test_colour_operations_match_torchvision(op, ref, factor):
     x = images(6, seed=3)
@@ -185,9 +186,9 @@ def test_colour_operations_match_torchvision(op, ref, factor):
 
 def test_grayscale_and_normalisation_match():
     x = images(3, seed=4)
-    gray = B.random_grayscale(1.0)(x.float(), rng())
+    gray = colour.random_grayscale(1.0)(x.float(), rng())
     assert torch.equal(gray.to(torch.uint8), TF.rgb_to_grayscale(x, num_output_channels=3))
-    norm = B.normalise("cifar")(x.float(), rng())
+    norm = pipelines.normalise("cifar")(x.float(), rng())
     mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
     assert torch.allclose(norm, torch.stack([ToNormalised(mean, std)(img) for img in x]), atol=1e-6)
 
@@ -195,7 +196,7 @@ def test_grayscale_and_normalisation_match():
 def test_resized_crop_matches_torchvision():
     x = images(5, seed=5)
     boxes = torch.tensor([[0, 0, 32, 32], [3, 5, 14, 20], [10, 2, 22, 17], [0, 9, 31, 23], [7, 7, 15, 15]])
-    out = B.crop_resize(x.float(), boxes, 32)
+    out = geometry.crop_resize(x.float(), boxes, 32)
     for img, o, (t, l, h, w) in zip(x, out, boxes.tolist()):
         close_u8(o, TF.resized_crop(img, t, l, h, w, [32, 32], antialias=True))
 
@@ -203,7 +204,7 @@ def test_resized_crop_matches_torchvision():
 def test_affine_matches_torchvision_on_digits():
     x = images(4, c=1, size=8, seed=6)
     scale, tx, ty = torch.tensor([0.8, 1.0, 1.13, 1.2]), torch.tensor([-1.0, 0, 1, 1]), torch.tensor([0.0, 1, -1, 0])
-    out = B.affine_scale_translate(x.float(), scale, tx, ty)
+    out = geometry.affine_scale_translate(x.float(), scale, tx, ty)
     for i in range(4):
         ref = TF.affine(x[i], angle=0.0, translate=[int(tx[i]), int(ty[i])], scale=float(scale[i]), shear=[0.0, 0.0],
                         interpolation=v2.InterpolationMode.BILINEAR, fill=0)
@@ -213,7 +214,7 @@ def test_affine_matches_torchvision_on_digits():
 def test_gaussian_blur_matches_torchvision():
     x = images(2, size=40, seed=7)
     r = rng(12)
-    out = B.gaussian_blur(23, (0.1, 2.0), p=1.0)(x.float(), r)
+    out = colour.gaussian_blur(23, (0.1, 2.0), p=1.0)(x.float(), r)
     r = rng(12)
     r.uniform(2)  # the coins
     sigmas = r.uniform(2, 0.1, 2.0)
@@ -224,7 +225,7 @@ def test_gaussian_blur_matches_torchvision():
 def test_cutout_matches_the_per_image_transform():
     x = torch.randn(3, 3, 32, 32)
     r = rng(13)
-    out = B.cutout(16)(x, r)
+    out = geometry.cutout(16)(x, r)
     r = rng(13)
     cy, cx = r.randint(3, 32), r.randint(3, 32)
     for i in range(3):
@@ -236,7 +237,7 @@ def test_cutout_matches_the_per_image_transform():
 
 
 @pytest.mark.parametrize("fill", [None, 128])
-@pytest.mark.parametrize("policy", [B.BatchAutoAugment, B.BatchRandAugment])
+@pytest.mark.parametrize("policy", [autoaugment.BatchAutoAugment, autoaugment.BatchRandAugment])
 def test_auto_augment_groups_equal_the_per_image_operations(policy, fill):
     """Each image of a batch gets exactly torchvision's operation for its own key, in every round, whatever
     group it was computed in (groups are sorted, sliced and scattered back), with the default fill and with
@@ -264,10 +265,10 @@ def test_per_image_and_batched_pipelines_share_their_definitions():
     # the same named augmentations exist on both paths
     for augment in AUGMENTS:
         build_transform("cifar", augment, train=True)
-        B.batch_transform("cifar", augment, train=True)
+        pipelines.batch_transform("cifar", augment, train=True)
     moco_transform("cifar")
     with pytest.raises(ValueError, match="unknown data.augment"):
-        B.batch_transform("cifar", "mixup", train=True)
+        pipelines.batch_transform("cifar", "mixup", train=True)
 
 
 # -- no host synchronisation, one parameter copy per pipeline call (GPU finding F2, docs/gpu.md) -------------------------
@@ -342,17 +343,18 @@ class _CopyCensus:
 def _every_pipeline():
     """(label, pipeline, channels, input side) for every augment x image kind, train and test, both option sets,
     and the MoCo key views with and without blur."""
-    from rayexperts.data.transforms import AugmentOptions
+    from rayexperts.data.augment.recipes import AugmentOptions
 
     official = AugmentOptions(autoaugment_fill=128, cutout_fill="black", crop_scale_min=0.05, normalize="unit")
     for kind, c, size, side in (("cifar", 3, 32, 32), ("digits", 1, 8, 8), ("imagenet", 3, 24, 40)):
         for label, options in (("default", None), ("official", official)):
             for augment in AUGMENTS:
-                pipeline = B.batch_transform(kind, augment, True, size, options=options)
+                pipeline = pipelines.batch_transform(kind, augment, True, size, options=options)
                 yield f"{kind}/{augment}/{label}", pipeline, c, side
-            yield f"{kind}/test/{label}", B.batch_transform(kind, "standard", False, size, options=options), c, side
+            test = pipelines.batch_transform(kind, "standard", False, size, options=options)
+            yield f"{kind}/test/{label}", test, c, side
             for blur in (False, True):
-                pipeline = B.batch_moco_transform(kind, size, blur, options=options)
+                pipeline = pipelines.batch_moco_transform(kind, size, blur, options=options)
                 yield f"{kind}/moco{'_blur' * blur}/{label}", pipeline, c, side
 
 
@@ -362,7 +364,7 @@ def test_batched_pipelines_never_sync_and_copy_their_parameters_once(monkeypatch
     while it runs on the batch (its CPU draws and grouping come first, from the shape alone), and at most one
     host-to-device transfer per call (the packed parameters; the CPU path is forced to pack and "ship" here),
     once the per-device constants exist (the first call builds them)."""
-    monkeypatch.setattr(B, "_FORCE_PACK", True)
+    monkeypatch.setattr(core, "_FORCE_PACK", True)
     failures = []
     for label, pipeline, c, side in _every_pipeline():
         x = images(48, c, side, seed=21)
@@ -372,10 +374,10 @@ def test_batched_pipelines_never_sync_and_copy_their_parameters_once(monkeypatch
         out = pipeline(x, r)
         copies = list(census.calls)
         monkeypatch.undo()
-        monkeypatch.setattr(B, "_FORCE_PACK", True)
+        monkeypatch.setattr(core, "_FORCE_PACK", True)
         plans = pipeline.plan(tuple(x.shape), r)
         with _SyncCensus() as mode:
-            pipeline.apply(x, B.ship(plans, x.device), r)
+            pipeline.apply(x, core.ship(plans, x.device), r)
         over = {k: v for k, v in mode.hits.items() if v > _ALLOWED.get(k, 0)}
         drawn = any(isinstance(v, torch.Tensor) for plan in plans for v in plan.values())
         if over or len(copies) != int(drawn):
@@ -404,12 +406,12 @@ def test_the_census_sees_a_masked_assignment_and_an_item():
 
 
 def test_ship_packs_every_dtype_into_one_buffer_and_unpacks_it(monkeypatch):
-    monkeypatch.setattr(B, "_FORCE_PACK", True)
+    monkeypatch.setattr(core, "_FORCE_PACK", True)
     plans = [{"a": torch.arange(5), "b": torch.tensor([True, False, True]), "n": 3},
              {"c": torch.rand(2, 3, dtype=torch.float64), "d": torch.rand(7).float(), "e": None,
               "f": torch.zeros(0, 6, dtype=torch.float64), "g": torch.tensor([[1, 2], [3, 4]], dtype=torch.uint8)}]
     census = _CopyCensus(monkeypatch)
-    shipped = B.ship(plans, CPU)
+    shipped = core.ship(plans, CPU)
     assert census.calls == ["Tensor.to"]
     for before, after in zip(plans, shipped):
         assert before.keys() == after.keys()
@@ -418,8 +420,8 @@ def test_ship_packs_every_dtype_into_one_buffer_and_unpacks_it(monkeypatch):
                 assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
             else:
                 assert after[key] == value
-    monkeypatch.setattr(B, "_FORCE_PACK", False)
-    assert B.ship(plans, CPU)[0]["a"] is plans[0]["a"]  # on the CPU: no copy at all
+    monkeypatch.setattr(core, "_FORCE_PACK", False)
+    assert core.ship(plans, CPU)[0]["a"] is plans[0]["a"]  # on the CPU: no copy at all
 
 
 def test_batch_rng_names_the_cuda_device_explicitly(monkeypatch):
@@ -435,6 +437,6 @@ def test_batch_rng_names_the_cuda_device_explicitly(monkeypatch):
 
     monkeypatch.setattr(torch, "Generator", FakeGenerator)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    r = B.BatchRng(0, torch.device("cuda"))
+    r = core.BatchRng(0, torch.device("cuda"))
     assert r.device == torch.device("cuda", 3) and made[-1] == torch.device("cuda", 3)
-    assert B.BatchRng(0, torch.device("cuda", 1)).device == torch.device("cuda", 1)
+    assert core.BatchRng(0, torch.device("cuda", 1)).device == torch.device("cuda", 1)

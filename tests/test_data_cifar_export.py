@@ -13,7 +13,12 @@ from data_fixtures import CIFAR10_NAMES, data_cfg, make_cifar_parquet
 from test_recipes import ldam_drw_subset
 
 from rayexperts.data import build_dataset, exponential_counts
-from rayexperts.data.__main__ import main
+from rayexperts.cli import main as cli_main
+
+
+def main(argv: list[str]) -> int:
+    """``python -m rayexperts.data ARGS`` (it hands over to ``rayexperts data``, where errors become exit codes)."""
+    return cli_main(["data", *argv])
 from rayexperts.data.cifar_export import export_cifar10
 
 PER_CLASS = 20

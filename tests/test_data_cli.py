@@ -8,7 +8,7 @@ import sys
 from data_fixtures import CIFAR10_NAMES, data_cfg, make_cifar10_pickles
 
 from rayexperts.data import build_dataset, exponential_counts
-from rayexperts.data.__main__ import main
+from rayexperts import cli
 
 KEYS = ["data.imbalance_type=exp", "data.imbalance_factor=10", "data.val_per_class=0"]
 
@@ -43,13 +43,13 @@ def test_bad_key_exits_2_naming_the_key():
 
 
 def test_describe_in_process_and_data_errors(tmp_path, capsys):
-    assert main(["describe", "digits-lt", *KEYS, "data.val_per_class=2"]) == 0
+    assert cli.main(["data", "describe", "digits-lt", *KEYS, "data.val_per_class=2"]) == 0
     out = capsys.readouterr().out
     counts = build_dataset(data_cfg(name="digits-lt", imbalance_factor=10, val_per_class=2)).train_counts
     assert f"train {counts.sum()}  val 20  test 300" in out and "shot groups" in out
-    assert main(["describe", "cifar10-lt", f"data.root={tmp_path / 'nope'}"]) == 2
+    assert cli.main(["data", "describe", "cifar10-lt", f"data.root={tmp_path / 'nope'}"]) == 2
     assert f"'{tmp_path / 'nope'}'" in capsys.readouterr().err
-    assert main(["describe", "digits-lt", "data.imbalance_factor=0.5"]) == 2
+    assert cli.main(["data", "describe", "digits-lt", "data.imbalance_factor=0.5"]) == 2
     assert "data.imbalance_factor" in capsys.readouterr().err
-    assert main(["summarise", "digits-lt"]) == 2
+    assert cli.main(["data", "summarise", "digits-lt"]) == 2
     assert "usage:" in capsys.readouterr().err

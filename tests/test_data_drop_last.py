@@ -17,6 +17,7 @@ from rayexperts.data import EpochSampler
 from rayexperts.data.imbalance import exponential_counts
 from rayexperts.engine.loop import train_one_epoch
 from rayexperts.engine.run import Run
+from rayexperts.engine.loop import seed_epoch, train_epoch
 from rayexperts.errors import ConfigError
 from rayexperts.methods.base import Batch
 
@@ -108,12 +109,12 @@ def test_one_worker_trains_every_image_with_the_partial_batch(cache, one_torch_t
                                     f"data.cache={cache}"])
     run = Run(cfg)
     sizes = _count_steps(run)
-    stats = run.train_epoch(0)
+    stats = train_epoch(run, 0)
     assert sizes == [64] * 9 + [9]  # 585 = 9 * 64 + 9
     assert math.isfinite(stats["loss"])
     kept = Run(with_overrides(cfg, {"data.drop_last": True}))
     dropped = _count_steps(kept)
-    kept.train_epoch(0)
+    train_epoch(kept, 0)
     assert dropped == [64] * 9
 
 
@@ -135,7 +136,7 @@ def test_files_decoded_on_the_device_keep_the_partial_batch(tmp_path, one_torch_
     run = Run(cfg)
     assert isinstance(run.train_loader, EncodedLoader)
     sizes = _count_steps(run)
-    run.train_epoch(0)
+    train_epoch(run, 0)
     assert sizes == [4, 4, 4, 2]  # 14 images
 
 
@@ -144,7 +145,7 @@ def test_per_iteration_schedules_count_the_partial_batch(one_torch_thread):
                                     "train.schedule=cosine", "train.lr_step=iteration", "train.epochs=4"])
     run = Run(cfg)
     lrs: list[float] = []
-    run.train_epoch(0)  # warm
+    train_epoch(run, 0)  # warm
     real = run.lr_at
 
     def seen(epoch, step, steps):
@@ -161,7 +162,7 @@ def test_split_weights_give_the_gradient_of_the_whole_last_batch(one_torch_threa
     cfg = load_config("digits_ce", ["run.verbose=false", "train.batch_size=64", "data.drop_last=false"])
     run = Run(cfg)
     run.model.eval()
-    run.start_epoch(0)
+    seed_epoch(run, 0)
     images, targets = next(iter(run.train_loader))
     images, targets = images[:5], targets[:5]
 
@@ -208,7 +209,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     run = Run(cfg, rank, world)
     run.model = DistributedDataParallel(run.model)
     sizes = _count_steps(run)
-    stats = run.train_epoch(0)
+    stats = train_epoch(run, 0)
     flat = torch.cat([p.detach().flatten() for p in run.model.parameters()])
     torch.save({"sizes": sizes, "params": flat, "loss": stats["loss"]}, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()

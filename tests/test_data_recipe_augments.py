@@ -17,11 +17,8 @@ from timm.data import auto_augment as timm_aa
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from rayexperts.data import batched as B
-from rayexperts.data.transforms import (
-    AUGMENTS,
-    MEAN_STD,
-    AugmentOptions,
+from rayexperts.data.augment.batched import autoaugment, core, geometry, pil, pipelines, timm_randaugment
+from rayexperts.data.augment.per_image import (
     Cutout,
     PILGaussianBlur,
     PILRandomRotation,
@@ -29,16 +26,16 @@ from rayexperts.data.transforms import (
     ToUint8,
     build_transform,
     moco_transform,
-    timm_hparams,
 )
+from rayexperts.data.augment.recipes import AUGMENTS, MEAN_STD, AugmentOptions, timm_hparams
 
 CPU = torch.device("cpu")
 FILL = (124, 116, 104)  # NCL's img_mean for ImageNet: round(255 * (0.485, 0.456, 0.406))
 HPARAMS = {"translate_const": 100, "img_mean": FILL}
 
 
-def rng(seed: int = 0) -> B.BatchRng:
-    return B.BatchRng(seed, CPU)
+def rng(seed: int = 0) -> core.BatchRng:
+    return core.BatchRng(seed, CPU)
 
 
 def array(h: int = 32, w: int = 32, c: int = 3, seed: int = 0, narrow: bool = False) -> np.ndarray:
@@ -61,15 +58,16 @@ def twin_op(x: torch.Tensor, name: str, arg, bicubic: bool, fill=FILL) -> torch.
     """The batched twin of timm's op ``name`` with argument ``arg`` on a batch of one."""
     h, w = x.shape[-2:]
     if name == "AutoContrast":
-        return B.pil_autocontrast(x)
+        return pil.pil_autocontrast(x)
     if name == "Equalize":
-        return B.pil_equalize(x)
-    if name in B._TIMM_LUT:
-        return B.pil_lut(x, torch.tensor([B.timm_lut(name, arg)], dtype=torch.uint8))
-    if name in B._TIMM_ENHANCE:
-        return B._PIL_ENHANCE[B._TIMM_ENHANCE.index(name)](x, torch.tensor([arg], dtype=torch.float64).float())
-    matrix = torch.tensor([B.timm_matrix(name, arg, w, h)], dtype=torch.float64)
-    return B.pil_affine(x, matrix, bicubic, fill)
+        return pil.pil_equalize(x)
+    if name in timm_randaugment._TIMM_LUT:
+        return pil.pil_lut(x, torch.tensor([timm_randaugment.timm_lut(name, arg)], dtype=torch.uint8))
+    if name in timm_randaugment._TIMM_ENHANCE:
+        enhance = timm_randaugment._PIL_ENHANCE[timm_randaugment._TIMM_ENHANCE.index(name)]
+        return enhance(x, torch.tensor([arg], dtype=torch.float64).float())
+    matrix = torch.tensor([timm_randaugment.timm_matrix(name, arg, w, h)], dtype=torch.float64)
+    return pil.pil_affine(x, matrix, bicubic, fill)
 
 
 def timm_op(a: np.ndarray, name: str, arg, bicubic: bool, fill=FILL) -> torch.Tensor:
@@ -93,8 +91,8 @@ def test_augment_options_defaults_and_validation():
 @pytest.mark.parametrize("augment", [a for a in AUGMENTS if a != "none"])
 def test_default_options_are_the_presets_bit_for_bit(augment):
     x = torch.randint(0, 256, (12, 3, 32, 32), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    a = B.batch_transform("cifar", augment, True)(x, rng(3))
-    b = B.batch_transform("cifar", augment, True, options=AugmentOptions())(x, rng(3))
+    a = pipelines.batch_transform("cifar", augment, True)(x, rng(3))
+    b = pipelines.batch_transform("cifar", augment, True, options=AugmentOptions())(x, rng(3))
     assert torch.equal(a, b)
     torch.manual_seed(4)
     c = build_transform("cifar", augment, True)(x[0])
@@ -108,16 +106,18 @@ def test_unit_normalisation_is_x_over_255_on_both_paths(kind):
     c, side = (1, 8) if kind == "digits" else (3, 32)
     unit = AugmentOptions(normalize="unit")
     x = torch.randint(0, 256, (6, c, side, side), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
-    batched = B.batch_transform(kind, "none", False, side, options=unit)(x, rng())
-    assert torch.equal(batched, x.float() / 255)
+    batched = pipelines.batch_transform(kind, "none", False, side, options=unit)(x, rng())
     test = build_transform(kind, "standard", False, side, options=unit)
-    if kind == "imagenet":  # the per-image test view resizes and centre-crops first (the device path has them so)
+    if kind == "imagenet":  # both test views resize and centre-crop first, on the uint8 values
+        resized = torch.stack([v2.Compose(test.transforms[:2])(i) for i in x])
+        assert torch.equal(batched, resized.float() / 255)
         pil = [v2.functional.to_pil_image(i) for i in x]
         resized = torch.stack([v2.functional.pil_to_tensor(v2.Compose(test.transforms[:2])(p)) for p in pil])
         assert torch.equal(torch.stack([test(p) for p in pil]), resized.float() / 255)
     else:
-        assert torch.equal(torch.stack([test(i) for i in x]), batched)
-    trained = B.batch_transform(kind, "data_aug_simclr", True, side, options=unit)(x, rng())
+        assert torch.equal(batched, x.float() / 255)
+    assert torch.equal(torch.stack([test(i) for i in x]), batched)
+    trained = pipelines.batch_transform(kind, "data_aug_simclr", True, side, options=unit)(x, rng())
     assert trained.min() >= 0 and trained.max() <= 1
 
 
@@ -125,8 +125,8 @@ def test_crop_scale_min_reaches_both_imagenet_crops():
     options = AugmentOptions(crop_scale_min=0.05)
     crop = build_transform("imagenet", "standard", True, 32, options=options).transforms[0]
     assert isinstance(crop, v2.RandomResizedCrop) and crop.scale == (0.05, 1.0)
-    twin = B.batch_transform("imagenet", "standard", True, 32, options=options).steps[0]
-    assert isinstance(twin, B.RandomResizedCrop) and twin.scale == (0.05, 1.0)
+    twin = pipelines.batch_transform("imagenet", "standard", True, 32, options=options).steps[0]
+    assert isinstance(twin, geometry.RandomResizedCrop) and twin.scale == (0.05, 1.0)
     boxes = twin.plan((4000, 3, 64, 64), rng(5))["boxes"]
     area = (boxes[:, 2] * boxes[:, 3]).double() / 64**2
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def test_crop_scale_min_reaches_both_imagenet_crops():
     ref_area = np.array([p["height"] * p["width"] / 64**2 for p in ref])
     assert stats.ks_2samp(area.numpy(), ref_area).pvalue > 0.001
     assert 0.02 < (area < 0.075).double().mean() < 0.05  # below the default 0.08: about (0.08-0.05)/0.95 of crops
-    default = B.batch_transform("imagenet", "standard", True, 32).steps[0]
+    default = pipelines.batch_transform("imagenet", "standard", True, 32).steps[0]
     assert default.scale == (0.08, 1.0)
 
 
@@ -152,12 +152,12 @@ def test_the_per_image_path_is_timms_rand_augment_with_ncls_hparams():
     # NCL lib/dataset/others.py:87-88: translate_const=int(224 * 0.45), img_mean = the mean as 0-255 ints
     assert ra.hparams == {"translate_const": 100, "img_mean": FILL}
     ops = ra.ra.ops
-    assert [op.name for op in ops] == list(B.TIMM_OPS) == list(timm_aa._RAND_TRANSFORMS)
+    assert [op.name for op in ops] == list(timm_randaugment.TIMM_OPS) == list(timm_aa._RAND_TRANSFORMS)
     assert ra.ra.num_layers == 2 and ra.ra.choice_weights is None
     for op in ops:
         assert (op.prob, op.magnitude, op.magnitude_std, op.magnitude_max) == (0.5, 10, 0.5, None)
         assert op.kwargs["fillcolor"] == FILL and op.kwargs["resample"] == timm_aa._RANDOM_INTERPOLATION
-    assert timm_aa._LEVEL_DENOM == B.TIMM_LEVEL_DENOM
+    assert timm_aa._LEVEL_DENOM == timm_randaugment.TIMM_LEVEL_DENOM
     assert timm_hparams("cifar", 32) == {"translate_const": 14, "img_mean": (125, 123, 114)}
     assert timm_hparams("digits", 8)["img_mean"] == 78
 
@@ -182,17 +182,18 @@ def test_timm_level_arguments_are_timms(monkeypatch):
     magnitudes = [0.0, 0.3, 2.49, 2.5, 5.0, 7.49, 7.5, 9.13, 9.999, 10.0]
     for negate, draw in ((False, 0.25), (True, 0.75)):  # timm negates when random() > 0.5
         monkeypatch.setattr(timm_aa.random, "random", lambda draw=draw: draw)
-        for name in B.TIMM_OPS:
+        for name in timm_randaugment.TIMM_OPS:
             fn = timm_aa.LEVEL_TO_ARG[name]
             for m in magnitudes:
                 expected = None if fn is None else fn(m, HPARAMS)[0]
-                assert B.timm_level_arg(name, m, negate, HPARAMS) == expected, (name, m, negate)
+                assert timm_randaugment.timm_level_arg(name, m, negate, HPARAMS) == expected, (name, m, negate)
 
 
 # -- each timm op: the twin gives timm's pixels ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, bicubic", [(n, False) for n in B.TIMM_OPS] + [(n, True) for n in B._TIMM_GEOMETRIC])
+@pytest.mark.parametrize("name, bicubic", [(n, False) for n in timm_randaugment.TIMM_OPS]
+                         + [(n, True) for n in timm_randaugment._TIMM_GEOMETRIC])
 def test_each_timm_op_gives_timms_pixels(name, bicubic):
     """Exact, for every op (geometric ones with either filter): Pillow's blends, filters and tables are float32
     or integer arithmetic, its affine resampling double arithmetic, all repeated step by step."""
@@ -201,17 +202,17 @@ def test_each_timm_op_gives_timms_pixels(name, bicubic):
         a = array(h, w, seed=seed, narrow=narrow)
         for m in (10.0, 9.61, 8.2, 6.05):
             for negative in (False, True):
-                arg = B.timm_level_arg(name, m, negative, HPARAMS)
+                arg = timm_randaugment.timm_level_arg(name, m, negative, HPARAMS)
                 out = twin_op(as_batch(a), name, arg, bicubic)
                 assert torch.equal(out, timm_op(a, name, arg, bicubic)), (name, seed, m, negative)
                 cases += 1
     assert cases == 24
 
 
-@pytest.mark.parametrize("name", B.TIMM_OPS)
+@pytest.mark.parametrize("name", timm_randaugment.TIMM_OPS)
 def test_each_timm_op_on_one_channel_images(name):
     a = array(12, 12, c=1, seed=3, narrow=True)
-    arg = B.timm_level_arg(name, 9.4, True, HPARAMS)
+    arg = timm_randaugment.timm_level_arg(name, 9.4, True, HPARAMS)
     assert torch.equal(twin_op(as_batch(a), name, arg, True, fill=(78,)), timm_op(a, name, arg, True, fill=78))
 
 
@@ -224,7 +225,7 @@ def test_geometric_ops_on_an_imagenet_sized_image():
 def test_the_batched_rand_augment_equals_timms_ops_per_image():
     """A batch through the twin = each image through timm's own ops with the twin's draws, round by round
     (groups sorted, sliced and scattered back; table, blend and affine parameters per image)."""
-    ra = B.BatchTimmRandAugment("rand-n2-m10-mstd0.5", HPARAMS)
+    ra = timm_randaugment.BatchTimmRandAugment("rand-n2-m10-mstd0.5", HPARAMS)
     x = torch.stack([as_batch(array(32, 32, seed=s, narrow=s % 3 == 0))[0] for s in range(40)])
     out = ra(x, rng(8))
     d = ra.draw(40, 32, 32, rng(8))
@@ -233,8 +234,9 @@ def test_the_batched_rand_augment_equals_timms_ops_per_image():
         a = x[i].permute(1, 2, 0).numpy().astype(np.uint8)
         for k in range(2):
             if d["applied"][k, i]:
-                name = B.TIMM_OPS[int(d["ops"][k, i])]
-                arg = B.timm_level_arg(name, float(d["magnitude"][k, i]), bool(d["negative"][k, i]), HPARAMS)
+                name = timm_randaugment.TIMM_OPS[int(d["ops"][k, i])]
+                arg = timm_randaugment.timm_level_arg(name, float(d["magnitude"][k, i]), bool(d["negative"][k, i]),
+                                                      HPARAMS)
                 a = timm_op(a, name, arg, bool(d["bicubic"][k, i]))[0].permute(1, 2, 0).numpy().astype(np.uint8)
         assert torch.equal(out[i], as_batch(a)[0]), i
 
@@ -244,7 +246,7 @@ def test_the_batched_rand_augment_equals_timms_ops_per_image():
 
 def test_rand_augment_draws_ops_uniformly_each_at_p_half_with_clipped_gaussian_magnitudes():
     n = 30_000
-    d = B.BatchTimmRandAugment("rand-n2-m10-mstd0.5", HPARAMS).draw(n, 32, 32, rng(9))
+    d = timm_randaugment.BatchTimmRandAugment("rand-n2-m10-mstd0.5", HPARAMS).draw(n, 32, 32, rng(9))
     ops, applied = d["ops"].flatten(), d["applied"].flatten()
     counts = torch.bincount(ops, minlength=15).numpy()
     assert len(counts) == 15 and stats.chisquare(counts).pvalue > 0.001, counts  # with replacement, uniform
@@ -264,7 +266,7 @@ def test_rand_augment_draws_match_timms_own(monkeypatch):
     """Which ops timm applies, how often, and the sizes of their arguments, against the twin's, from 3000
     images through timm's RandAugment (recorded by wrapping its ops) and 3000 twin draws."""
     ra = timm_aa.rand_augment_transform("rand-n2-m10-mstd0.5", dict(HPARAMS))
-    seen: dict[str, list] = {name: [] for name in B.TIMM_OPS}
+    seen: dict[str, list] = {name: [] for name in timm_randaugment.TIMM_OPS}
     for op in ra.ops:
         def record(img, *args, _name=op.name, **kwargs):
             seen[_name].append(abs(args[0]) if args else 0.0)
@@ -276,14 +278,15 @@ def test_rand_augment_draws_match_timms_own(monkeypatch):
     img = Image.new("RGB", (4, 4))
     for _ in range(3000):
         ra(img)
-    d = B.BatchTimmRandAugment("rand-n2-m10-mstd0.5", HPARAMS).draw(3000, 32, 32, rng(10))
-    twin: dict[str, list] = {name: [] for name in B.TIMM_OPS}
+    d = timm_randaugment.BatchTimmRandAugment("rand-n2-m10-mstd0.5", HPARAMS).draw(3000, 32, 32, rng(10))
+    twin: dict[str, list] = {name: [] for name in timm_randaugment.TIMM_OPS}
     for k in range(2):
         for i in torch.nonzero(d["applied"][k]).flatten().tolist():
-            name = B.TIMM_OPS[int(d["ops"][k, i])]
-            arg = B.timm_level_arg(name, float(d["magnitude"][k, i]), bool(d["negative"][k, i]), HPARAMS)
+            name = timm_randaugment.TIMM_OPS[int(d["ops"][k, i])]
+            arg = timm_randaugment.timm_level_arg(name, float(d["magnitude"][k, i]), bool(d["negative"][k, i]), HPARAMS)
             twin[name].append(abs(arg) if arg is not None else 0.0)
-    table = np.array([[len(seen[n]) for n in B.TIMM_OPS], [len(twin[n]) for n in B.TIMM_OPS]])
+    table = np.array([[len(seen[n]) for n in timm_randaugment.TIMM_OPS],
+                      [len(twin[n]) for n in timm_randaugment.TIMM_OPS]])
     assert stats.chi2_contingency(table).pvalue > 0.001, table
     assert table.sum(1) / 6000 == pytest.approx([0.5, 0.5], abs=0.02)
     for name in ("Rotate", "Color", "TranslateXRel"):
@@ -297,22 +300,22 @@ def test_pillow_box_blur_weights_and_passes_give_pillows_gaussian_blur():
     radii = list(np.linspace(0.1, 2.0, 39)) + [0.1000001, 0.5, 1.0, 1.5, 1.9999999]
     for k, radius in enumerate(radii):
         a = array(32, 32, seed=k % 4)
-        whole, ww, fw = B.pil_box_blur_weights(radius)
+        whole, ww, fw = pil.pil_box_blur_weights(radius)
         weights = torch.zeros(1, 2 * whole + 3, dtype=torch.long)
         weights[0, 1:-1], weights[0, 0], weights[0, -1] = ww, fw, fw
         v = as_batch(a).long()
         for _ in range(3):
-            v = B._box_blur_pass(v, weights)
+            v = pil._box_blur_pass(v, weights)
         v = v.transpose(-1, -2)
         for _ in range(3):
-            v = B._box_blur_pass(v, weights)
+            v = pil._box_blur_pass(v, weights)
         ref = from_pil(Image.fromarray(a).filter(ImageFilter.GaussianBlur(radius=float(radius))))
         assert torch.equal(v.transpose(-1, -2).float(), ref), radius
 
 
 def test_the_batched_pil_blur_equals_the_per_image_filter():
     x = torch.stack([as_batch(array(32, 32, seed=s))[0] for s in range(16)])
-    blur = B.pil_gaussian_blur((0.1, 2.0), p=0.5)
+    blur = pil.pil_gaussian_blur((0.1, 2.0), p=0.5)
     out = blur(x, rng(11))
     r = rng(11)
     chosen = r.uniform_cpu(16) < 0.5
@@ -338,7 +341,7 @@ def test_the_per_image_pil_blur_draws_its_radius_from_torch():
 
 def test_blur_distribution_half_of_the_images_with_uniform_radii():
     n = 4000
-    plan = B.pil_gaussian_blur((0.1, 2.0), p=0.5).plan((n, 3, 32, 32), rng(13))
+    plan = pil.pil_gaussian_blur((0.1, 2.0), p=0.5).plan((n, 3, 32, 32), rng(13))
     weights = plan["weights"]
     reach = weights.shape[1] // 2
     identity = (weights[:, reach] == 1 << 24)
@@ -349,7 +352,7 @@ def test_blur_distribution_half_of_the_images_with_uniform_radii():
     assert stats.kstest((radii - 0.1) / 1.9, "uniform").pvalue > 0.001
     # the weights are those of each chosen image's radius
     for i in torch.nonzero(~identity).flatten()[:50].tolist():
-        whole, ww, fw = B.pil_box_blur_weights(float(radii[i]))
+        whole, ww, fw = pil.pil_box_blur_weights(float(radii[i]))
         assert weights[i, reach] == ww and weights[i, reach - whole - 1] == fw
 
 
@@ -362,10 +365,10 @@ def test_moco_key_view_with_blur_on_cifar_only():
                    for t in moco_transform("cifar", 32).transforms)
     imagenet = moco_transform("imagenet", 32, blur=True).transforms
     assert [type(t) for t in imagenet] == [type(t) for t in moco_transform("imagenet", 32).transforms]
-    twin = B.batch_moco_transform("cifar", 32, blur=True).steps
-    assert len(twin) == len(B.batch_moco_transform("cifar", 32).steps) + 1
+    twin = pipelines.batch_moco_transform("cifar", 32, blur=True).steps
+    assert len(twin) == len(pipelines.batch_moco_transform("cifar", 32).steps) + 1
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
-    key = B.batch_moco_transform("cifar", 32, blur=True)(x, rng(14))
+    key = pipelines.batch_moco_transform("cifar", 32, blur=True)(x, rng(14))
     assert key.shape == (8, 3, 32, 32) and torch.isfinite(key).all()
     assert moco_transform("cifar", 32, blur=True)(x[0]).shape == (3, 32, 32)
 
@@ -385,7 +388,7 @@ def test_data_aug_simclr_is_strength_1_jitter_at_p_08_then_grayscale_02_without_
     assert not any(isinstance(t, v2.GaussianNoise) for t in steps)
     cifar = build_transform("cifar", "data_aug_simclr", True).transforms
     assert type(cifar[0]).__name__ == "PadCropFlip"
-    twin = B.batch_transform("cifar", "data_aug_simclr", True)
+    twin = pipelines.batch_transform("cifar", "data_aug_simclr", True)
     # no noise: the same seed gives the same batch whatever the pixel generator's state
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     r1, r2 = rng(15), rng(15)
@@ -401,7 +404,7 @@ def test_data_aug_simclr_twins_have_the_same_distribution():
     img = torch.from_numpy(array(8, 8, seed=6)).permute(2, 0, 1)
     img[0] = img[0] // 2 + 120  # a red cast
     a = torch.stack([per_image(img).float() for _ in range(800)])
-    twin_steps = B.batch_transform("cifar", "data_aug_simclr", True).steps[1:]
+    twin_steps = pipelines.batch_transform("cifar", "data_aug_simclr", True).steps[1:]
     b = img.float().expand(800, -1, -1, -1)
     r = rng(17)
     for step in twin_steps:
@@ -427,9 +430,9 @@ def test_official_autoaugment_cutout_pipeline_structure():
     assert steps[1].policy == v2.AutoAugmentPolicy.CIFAR10 and steps[1].fill == 128 and steps[3].size == 16
     default = [type(t).__name__ for t in build_transform("cifar", "autoaugment_cutout", True).transforms]
     assert default == ["PadCropFlip", "AutoAugment", "ToNormalised", "Cutout"]
-    twin = B.batch_transform("cifar", "autoaugment_cutout", True, options=OFFICIAL)
-    assert isinstance(twin.steps[1], B.BatchAutoAugment) and twin.steps[1].t.fill == 128 and not twin.after
-    assert B.batch_transform("cifar", "randaugment", True, options=OFFICIAL).steps[1].t.fill == 128
+    twin = pipelines.batch_transform("cifar", "autoaugment_cutout", True, options=OFFICIAL)
+    assert isinstance(twin.steps[1], autoaugment.BatchAutoAugment) and twin.steps[1].t.fill == 128 and not twin.after
+    assert pipelines.batch_transform("cifar", "randaugment", True, options=OFFICIAL).steps[1].t.fill == 128
     assert any(isinstance(t, v2.RandAugment) and t.fill == 128
                for t in build_transform("cifar", "randaugment", True, options=OFFICIAL).transforms)
 
@@ -438,8 +441,9 @@ def test_black_cutout_zeroes_the_unit_image_before_normalising_on_both_paths():
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in MEAN_STD["cifar"])
     black = (0 - mean) / std
     x = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
-    twin = B.batch_transform("cifar", "autoaugment_cutout", True, options=OFFICIAL)
-    out = B.BatchPipeline(twin.steps[-1:], twin.norm, twin.after)(x, rng(18))  # the Cutout step (no crop padding)
+    twin = pipelines.batch_transform("cifar", "autoaugment_cutout", True, options=OFFICIAL)
+    # the Cutout step (no crop padding)
+    out = pipelines.BatchPipeline(twin.steps[-1:], twin.norm, twin.after)(x, rng(18))
     # the hole: exactly (0 - mean)/std in every channel, one clipped square of at most 16 x 16 per image
     hole = (out == black).all(1)
     sizes = hole.sum((1, 2))
@@ -453,7 +457,7 @@ def test_black_cutout_zeroes_the_unit_image_before_normalising_on_both_paths():
     per_image = t(img)
     torch.manual_seed(19)
     cy, cx = int(torch.randint(32, ())), int(torch.randint(32, ()))
-    twin_steps = B.batch_transform("cifar", "autoaugment_cutout", True, options=OFFICIAL)
+    twin_steps = pipelines.batch_transform("cifar", "autoaugment_cutout", True, options=OFFICIAL)
     plan = {"cy": torch.tensor([cy]), "cx": torch.tensor([cx])}
     batched = twin_steps.norm.apply(twin_steps.steps[-1].apply(img[None].float(), plan, rng()), {}, rng())
     assert torch.equal(per_image, batched[0])
@@ -461,9 +465,9 @@ def test_black_cutout_zeroes_the_unit_image_before_normalising_on_both_paths():
 
 def test_autoaugment_fill_128_reaches_the_geometric_ops():
     """A shear on a white image: the uncovered corner is 128 with the official fill, 0 by default."""
-    aa = B.BatchAutoAugment(fill=128)
+    aa = autoaugment.BatchAutoAugment(fill=128)
     white = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
-    plan = {"rows": torch.tensor([0]), "thetas": B._tv_geometry("ShearX", 0.3, 32, 32)[1],
+    plan = {"rows": torch.tensor([0]), "thetas": autoaugment._tv_geometry("ShearX", 0.3, 32, 32)[1],
             "rounds": [[(("ShearX", 0.3), 0, 1, "grid", 0)]]}
     out = aa.apply(white.float(), plan, rng())
     assert set(out.unique().tolist()) == {128.0, 255.0}
@@ -501,7 +505,8 @@ def pil_blur(img: torch.Tensor, radius: float) -> torch.Tensor:
     return TF.pil_to_tensor(TF.to_pil_image(img).filter(ImageFilter.GaussianBlur(radius=radius)))
 
 
-def run_steps(pipeline: B.BatchPipeline, x: torch.Tensor, plans: list, upto: int, r: B.BatchRng) -> torch.Tensor:
+def run_steps(pipeline: pipelines.BatchPipeline, x: torch.Tensor, plans: list, upto: int,
+              r: core.BatchRng) -> torch.Tensor:
     for step, plan in zip(pipeline.steps[:upto], plans):
         x = step.apply(x, plan, r)
     return x
@@ -529,13 +534,13 @@ def test_pillows_rotation_has_a_bit_exact_twin():
         x = torch.randint(0, 256, (1, c, h, w), generator=g, dtype=torch.uint8)
         for k, angle in enumerate(angles if h < 200 else angles[:8]):
             fill = 128 if k % 5 == 4 else 0
-            coefficients = torch.tensor([B.pil_rotate_coefficients(angle, w, h)])
-            out = B.pil_affine_nearest(x.float(), coefficients, (fill,))
+            coefficients = torch.tensor([pil.pil_rotate_coefficients(angle, w, h)])
+            out = pil.pil_affine_nearest(x.float(), coefficients, (fill,))
             assert torch.equal(out[0].to(torch.uint8), pil_rotate(x[0], angle, fill)), (c, h, w, angle, fill)
             cases += 1
     assert cases == 4 * 47 + 8
     with pytest.raises(ValueError, match="degrees < 90"):
-        B.pil_random_rotation(90.0)
+        pil.pil_random_rotation(90.0)
 
 
 def test_the_per_image_rotation_is_pillows_with_torchvisions_angle_draw():
@@ -578,7 +583,7 @@ def test_rotation_angles_are_uniform_on_both_paths(monkeypatch):
         t(tiny)
     monkeypatch.undo()
     per_image = np.array(received)
-    coefficients = B.pil_random_rotation(15).plan((3000, 3, 32, 32), rng(21))["coefficients"].double()
+    coefficients = pil.pil_random_rotation(15).plan((3000, 3, 32, 32), rng(21))["coefficients"].double()
     batched = -np.degrees(np.arctan2(coefficients[:, 1].numpy(), coefficients[:, 0].numpy()))
     r = rng(21)
     drawn = r.uniform_cpu(3000, -15, 15).double().numpy()
@@ -597,7 +602,7 @@ def test_standard_rotation_same_draws_same_pixels(kind):
     c, size, pad, flip = (3, 32, 4, True) if kind == "cifar" else (1, 8, 1, False)
     n = 40
     x = u8_images(n, c, size, seed=4)
-    pipeline = B.batch_transform(kind, "standard_rotation", True, size)
+    pipeline = pipelines.batch_transform(kind, "standard_rotation", True, size)
     out = pipeline(x, rng(22))
     r = rng(22)
     top, left = r.randint_cpu(n, 2 * pad + 1), r.randint_cpu(n, 2 * pad + 1)
@@ -617,13 +622,13 @@ def test_standard_rotation_on_imagenet_crops_within_one_level():
     arithmetic: the same 1/255 at the end."""
     n, size = 12, 24
     x = u8_images(n, 3, size, seed=5)
-    pipeline = B.batch_transform("imagenet", "standard_rotation", True, size)
+    pipeline = pipelines.batch_transform("imagenet", "standard_rotation", True, size)
     r = rng(23)
     plans = pipeline.plan(tuple(x.shape), r)
     out = run_steps(pipeline, x.float(), plans, 3, r)
     boxes, mirrored = plans[0]["boxes"], plans[1]["mirrored"]
     r = rng(23)
-    B.resized_crop_boxes(n, size, size, (0.08, 1.0), (3 / 4, 4 / 3), r)
+    geometry.resized_crop_boxes(n, size, size, (0.08, 1.0), (3 / 4, 4 / 3), r)
     r.uniform_cpu(n)
     angles = r.uniform_cpu(n, -15, 15).tolist()
     for i in range(n):
@@ -646,7 +651,7 @@ def test_standard_rotation_structure():
     assert imagenet[0].scale == (0.08, 1.0)
     pil = Image.fromarray(array(50, 70, seed=2))
     assert build_transform("imagenet", "standard_rotation", True, 40)(pil).shape == (3, 40, 40)
-    assert len(B.batch_transform("cifar", "standard_rotation", True).steps) == 2
+    assert len(pipelines.batch_transform("cifar", "standard_rotation", True).steps) == 2
 
 
 @pytest.mark.parametrize("kind", ["cifar", "imagenet"])
@@ -657,7 +662,7 @@ def test_standard_jitter_same_draws_same_pixels_within_a_level(kind):
     n, size = 40, (32 if kind == "cifar" else 24)
     side = size
     x = u8_images(n, 3, side, seed=6)
-    pipeline = B.batch_transform(kind, "standard_jitter", True, size)
+    pipeline = pipelines.batch_transform(kind, "standard_jitter", True, size)
     r = rng(24)
     plans = pipeline.plan(tuple(x.shape), r)
     steps_before = len(pipeline.steps) - 1
@@ -669,7 +674,7 @@ def test_standard_jitter_same_draws_same_pixels_within_a_level(kind):
             img = TF.crop(TF.pad(x[i], [4] * 4), int(top[i]), int(left[i]), 32, 32)
             assert torch.equal(cropped[i].to(torch.uint8), TF.horizontal_flip(img) if mirrored[i] else img)
     else:
-        B.resized_crop_boxes(n, side, side, (0.08, 1.0), (3 / 4, 4 / 3), r)
+        geometry.resized_crop_boxes(n, side, side, (0.08, 1.0), (3 / 4, 4 / 3), r)
         r.uniform_cpu(n)
     applied = r.uniform_cpu(n) < 1.0
     order = r.rand_cpu(n, 4).argsort(1).tolist()
@@ -701,7 +706,8 @@ def test_standard_jitter_structure_and_distribution():
     img = torch.from_numpy(array(8, 8, seed=6)).permute(2, 0, 1)
     img[0] = img[0] // 2 + 120
     a = torch.stack([cifar[1](img).float() for _ in range(800)])
-    b = B.batch_transform("cifar", "standard_jitter", True).steps[1](img.float().expand(800, -1, -1, -1), rng(27))
+    jitter = pipelines.batch_transform("cifar", "standard_jitter", True).steps[1]
+    b = jitter(img.float().expand(800, -1, -1, -1), rng(27))
     for c in range(3):
         assert stats.ks_2samp(a[:, c].mean((1, 2)), b[:, c].mean((1, 2))).pvalue > 0.001, c
     for sample in (a, b):
@@ -715,7 +721,7 @@ def test_autoaugment_same_draws_same_pixels_and_is_autoaugment_cutout_without_th
     x = u8_images(n, seed=8)
     for fill in (0, 128):
         options = AugmentOptions(autoaugment_fill=fill)
-        pipeline = B.batch_transform("cifar", "autoaugment", True, options=options)
+        pipeline = pipelines.batch_transform("cifar", "autoaugment", True, options=options)
         assert not pipeline.after and pipeline.steps[1].t.fill == (fill or None)
         out = pipeline(x, rng(28))
         r = rng(28)
@@ -731,7 +737,7 @@ def test_autoaugment_same_draws_same_pixels_and_is_autoaugment_cutout_without_th
                     img = aa.t._apply_image_or_video_transform(img, keys[i][0], keys[i][1],
                                                                interpolation=aa.t.interpolation, fill=aa.t._fill)
             assert torch.equal(out[i], normalise(img)), (fill, i)
-        holed = B.batch_transform("cifar", "autoaugment_cutout", True, options=options)(x, rng(28))
+        holed = pipelines.batch_transform("cifar", "autoaugment_cutout", True, options=options)(x, rng(28))
         outside = holed != 0
         assert torch.equal(out[outside], holed[outside]) and (~outside).any()
 
@@ -745,7 +751,7 @@ def test_autoaugment_structure_and_distribution():
     torch.manual_seed(29)
     img = torch.from_numpy(array(32, 32, seed=7, narrow=True)).permute(2, 0, 1).contiguous()
     a = torch.stack([steps[1](img).float() for _ in range(500)])
-    b = B.BatchAutoAugment(fill=128)(img.float().expand(500, -1, -1, -1), rng(30))
+    b = autoaugment.BatchAutoAugment(fill=128)(img.float().expand(500, -1, -1, -1), rng(30))
     assert stats.ks_2samp(a.mean((1, 2, 3)), b.mean((1, 2, 3))).pvalue > 0.001
     assert stats.ks_2samp(a.std((1, 2, 3)), b.std((1, 2, 3))).pvalue > 0.001
     same_a = (a == img.float()).all(-1).all(-1).all(-1).double().mean().item()
@@ -762,7 +768,7 @@ def _sade_reference(kind: str, x: torch.Tensor, seed: int, size: int) -> tuple[l
         top, left = r.randint_cpu(n, 9), r.randint_cpu(n, 9)
         crop = [lambda img, i: TF.crop(TF.pad(img, [4] * 4), int(top[i]), int(left[i]), 32, 32)]
     else:
-        boxes = B.resized_crop_boxes(n, x.shape[2], x.shape[3], (0.2, 1.0), (3 / 4, 4 / 3), r)
+        boxes = geometry.resized_crop_boxes(n, x.shape[2], x.shape[3], (0.2, 1.0), (3 / 4, 4 / 3), r)
         crop = [lambda img, i: TF.resized_crop(img, *boxes[i].tolist(), [size, size], antialias=True)]
     applied = r.uniform_cpu(n) < 0.8
     order = r.rand_cpu(n, 4).argsort(1).tolist()
@@ -788,7 +794,7 @@ def test_sade_tta_same_draws_same_pixels(kind):
     n, size = 64, (32 if kind == "cifar" else 24)
     side = size
     x = u8_images(n, 3, side, seed=9)
-    pipeline = B.batch_transform(kind, "sade_tta", True, size)
+    pipeline = pipelines.batch_transform(kind, "sade_tta", True, size)
     r = rng(31)
     plans = pipeline.plan(tuple(x.shape), r)
     ops, drawn = _sade_reference(kind, x, 31, size)
@@ -833,7 +839,7 @@ def test_sade_tta_structure_per_kind():
     assert [type(t).__name__ for t in digits] == ["PadCropFlip", "RandomApply", "ToNormalised"]
     assert digits[0].flip is False and digits[1].p == 0.2 and isinstance(digits[1].transforms[0], PILGaussianBlur)
     for kind, c, size in (("cifar", 3, 32), ("imagenet", 3, 24), ("digits", 1, 8)):
-        twin = B.batch_transform(kind, "sade_tta", True, size)
+        twin = pipelines.batch_transform(kind, "sade_tta", True, size)
         per_image = build_transform(kind, "sade_tta", True, size)
         assert len(twin.steps) == len(per_image.transforms) - 1 and not twin.after
     # the options' crop area is the standard view's, not SADE's fixed 0.2
@@ -847,7 +853,7 @@ def test_sade_tta_draws_follow_the_per_image_distribution(kind, p_blur, monkeypa
     twin's plan; the per-image blur runs as often; the colour and blur ops after the crop give the same
     distributions of channel means and of total variation on both paths."""
     n = 4000
-    pipeline = B.batch_transform(kind, "sade_tta", True, 16)
+    pipeline = pipelines.batch_transform(kind, "sade_tta", True, 16)
     plans = pipeline.plan((n, 3, 16, 16), rng(32))
     assert plans[1]["bounds"][0][-1] / n == pytest.approx(0.8, abs=0.02)  # jittered images
     assert plans[2]["chosen"].double().mean().item() == pytest.approx(0.2, abs=0.02)
@@ -872,7 +878,7 @@ def test_sade_tta_draws_follow_the_per_image_distribution(kind, p_blur, monkeypa
     a = torch.stack([colour(img).float() for _ in range(800)])
     b = img.float().expand(800, -1, -1, -1)
     r = rng(35)
-    for step in B.batch_transform(kind, "sade_tta", True, 8).steps[1:]:
+    for step in pipelines.batch_transform(kind, "sade_tta", True, 8).steps[1:]:
         b = step(b, r)
     for c in range(3):
         assert stats.ks_2samp(a[:, c].mean((1, 2)), b[:, c].mean((1, 2))).pvalue > 0.001, c
@@ -891,7 +897,7 @@ def test_sade_tta_is_a_training_style_view_for_two_test_time_views():
     """build_transform/batch_transform(kind, "sade_tta", train=True) both work; applied twice to the same images
     (the engine's two views) they give two different views; train=False is the plain test transform."""
     x = u8_images(16, seed=10)
-    twin = B.batch_transform("cifar", "sade_tta", train=True)
+    twin = pipelines.batch_transform("cifar", "sade_tta", train=True)
     r = rng(36)
     v1, v2_ = twin(x, r), twin(x, r)
     assert v1.shape == v2_.shape == (16, 3, 32, 32) and not torch.equal(v1, v2_)
@@ -900,7 +906,7 @@ def test_sade_tta_is_a_training_style_view_for_two_test_time_views():
     assert not torch.equal(per_image(x[0]), per_image(x[0]))
     test = build_transform("cifar", "sade_tta", train=False)
     assert torch.equal(test(x[0]), build_transform("cifar", "standard", train=False)(x[0]))
-    assert torch.equal(B.batch_transform("cifar", "sade_tta", False)(x, rng()), B.batch_transform(
+    assert torch.equal(pipelines.batch_transform("cifar", "sade_tta", False)(x, rng()), pipelines.batch_transform(
         "cifar", "none", False)(x, rng()))
 
 
@@ -909,15 +915,15 @@ def test_the_new_views_on_digits():
     standard_jitter skips the colour ops as data_aug does (= standard, draw for draw); autoaugment runs the
     CIFAR-10 policy on the grey image; sade_tta is the pad-1 crop and Pillow's blur (p 0.2), exact per image."""
     x = u8_images(32, 1, 8, seed=11)
-    standard = B.batch_transform("digits", "standard", True, 8)(x, rng(38))
-    assert torch.equal(B.batch_transform("digits", "standard_jitter", True, 8)(x, rng(38)), standard)
+    standard = pipelines.batch_transform("digits", "standard", True, 8)(x, rng(38))
+    assert torch.equal(pipelines.batch_transform("digits", "standard_jitter", True, 8)(x, rng(38)), standard)
     assert [type(t).__name__ for t in build_transform("digits", "standard_jitter", True, 8).transforms] == [
         "PadCropFlip", "ToNormalised"]
-    rotated = B.batch_transform("digits", "standard_rotation", True, 8)(x, rng(38))
+    rotated = pipelines.batch_transform("digits", "standard_rotation", True, 8)(x, rng(38))
     assert not torch.equal(rotated, standard)
-    aa = B.batch_transform("digits", "autoaugment", True, 8)(x, rng(38))
+    aa = pipelines.batch_transform("digits", "autoaugment", True, 8)(x, rng(38))
     assert aa.shape == (32, 1, 8, 8) and torch.isfinite(aa).all()
-    pipeline = B.batch_transform("digits", "sade_tta", True, 8)
+    pipeline = pipelines.batch_transform("digits", "sade_tta", True, 8)
     out = pipeline(x, rng(39))
     r = rng(39)
     top, left = r.randint_cpu(32, 3), r.randint_cpu(32, 3)

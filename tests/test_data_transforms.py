@@ -9,7 +9,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from rayexperts.data import AUGMENTS, ArraySource, TransformedDataset, TwoView, build_transform, moco_transform
-from rayexperts.data.transforms import MEAN_STD, Cutout
+from rayexperts.data.augment.per_image import Cutout
+from rayexperts.data.augment.recipes import MEAN_STD, recipe, view_side
 
 INPUTS = {
     "digits": (torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8), (1, 8, 8)),
@@ -21,10 +22,11 @@ INPUTS = {
 @pytest.mark.parametrize("kind", list(INPUTS))
 @pytest.mark.parametrize("augment", AUGMENTS)
 def test_every_preset_gives_a_normalised_float_chw_tensor(kind, augment):
-    img, shape = INPUTS[kind]
+    img, (c, *_) = INPUTS[kind]
     for train in (True, False):
         x = build_transform(kind, augment, train, image_size=40)(img)
-        assert type(x) is torch.Tensor and x.dtype == torch.float32 and tuple(x.shape) == shape
+        side = view_side(recipe(kind, augment, train, 40), kind, 40)  # 40 for lift_crop (CIFAR, digits up-sampled)
+        assert type(x) is torch.Tensor and x.dtype == torch.float32 and tuple(x.shape) == (c, side, side)
         assert torch.isfinite(x).all()
 
 
@@ -109,7 +111,8 @@ def test_unknown_names():
 def test_fast_normalise_equals_the_v2_chain():
     from PIL import Image
 
-    from rayexperts.data.transforms import MEAN_STD, ToNormalised
+    from rayexperts.data.augment.per_image import ToNormalised
+    from rayexperts.data.augment.recipes import MEAN_STD
 
     img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     ref = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*MEAN_STD["cifar"])])
@@ -121,7 +124,7 @@ def test_fast_normalise_equals_the_v2_chain():
 
 
 def test_pad_crop_flip_gives_every_window_of_the_padded_image():
-    from rayexperts.data.transforms import PadCropFlip
+    from rayexperts.data.augment.per_image import PadCropFlip
 
     torch.manual_seed(0)
     img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
@@ -143,14 +146,15 @@ def test_pad_crop_flip_gives_every_window_of_the_padded_image():
 @pytest.mark.parametrize("augment", AUGMENTS)
 def test_every_preset_with_the_official_options(kind, augment):
     """docs/methods.md "Recipes behind the published numbers": fill 128, black Cutout, crop area from 0.05, x/255."""
-    from rayexperts.data.transforms import AugmentOptions
+    from rayexperts.data.augment.recipes import AugmentOptions
 
     options = AugmentOptions(autoaugment_fill=128, cutout_fill="black", crop_scale_min=0.05, normalize="unit")
-    img, shape = INPUTS[kind]
+    img, (c, *_) = INPUTS[kind]
     torch.manual_seed(0)
     for train in (True, False):
         x = build_transform(kind, augment, train, image_size=40, options=options)(img)
-        assert type(x) is torch.Tensor and x.dtype == torch.float32 and tuple(x.shape) == shape
+        side = view_side(recipe(kind, augment, train, 40, options), kind, 40)
+        assert type(x) is torch.Tensor and x.dtype == torch.float32 and tuple(x.shape) == (c, side, side)
         assert 0 <= x.min() and x.max() <= 1  # unit: x/255
 
 

@@ -20,8 +20,9 @@ import pytest
 from helpers import metrics_without_time, quick_overrides
 from rayexperts.config import load_config, with_overrides
 from rayexperts.engine.run import Run
+from rayexperts.engine.loop import evaluate_splits
 from rayexperts.launch.train import run_training
-from rayexperts.engine.worker import Reporter, run_epochs
+from rayexperts.engine.fit import Reporter, run_epochs
 from rayexperts.rundir import CheckpointMismatch, RunDir, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def test_resume_is_exact_under_worker_faults(clean_run, tmp_path):
     assert (last["num_samples"] == 300).all()  # every test image counted once, not twice
     evaluator = Run(with_overrides(clean_cfg, {"scaling.num_workers": 1}))
     evaluator.model.load_state_dict(RunDir(str(run_dir)).load_checkpoint(evaluator.ident)["model"])
-    acc = evaluator.evaluate()[""]
+    acc = evaluate_splits(evaluator)[""]
     for view in evaluator.views:
         s = acc.summary(view, evaluator.groups)
         assert s["top1"] == pytest.approx(last.loc[view, "top1"], abs=1 / 300 + 1e-9), view
@@ -191,7 +192,7 @@ def test_a_killed_one_worker_actor_restarts_and_resumes_exactly(ray_cluster, tmp
 
 def test_a_run_directory_of_another_config_is_refused_before_anything_starts(tmp_path):
     cfg = load_config(None, quick_overrides(tmp_path, "same", **{"train.epochs": 1}))
-    rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    rundir = RunDir.for_config(cfg)
     rundir.write_config(cfg)
     (tmp_path / "x.parquet").write_bytes(b"")  # data.root exists: the check that stops the run is the directory's
     for key, value in (("method", "mllt"), ("model.backbone", "resnet8"), ("data.name", "cifar10-lt")):

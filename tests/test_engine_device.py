@@ -18,6 +18,7 @@ from rayexperts.config import ConfigError, load_config, with_overrides
 from rayexperts.data.device import DeviceLoader, plan_cache
 from rayexperts.data.encoded import EncodedLoader
 from rayexperts.engine.run import Run, compile_mode
+from rayexperts.engine.loop import evaluate_splits, seed_epoch, train_epoch
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,7 +28,7 @@ def test_digits_and_cifar_live_on_the_device_by_default(tmp_path):
     run = Run(load_config(None, ["method=ncl", "run.verbose=false"]))
     assert run.cache.mode == "device" and "885 images" in run.cache.why
     assert isinstance(run.train_loader, DeviceLoader) and isinstance(run.eval_loaders[""], DeviceLoader)
-    run.start_epoch(0)
+    seed_epoch(run, 0)
     x, x_key, y = next(iter(run.train_loader))
     assert x.shape == x_key.shape == (64, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.long
     assert not torch.equal(x, x_key)  # the MoCo key view is its own augmentation
@@ -42,7 +43,7 @@ def test_digits_and_cifar_live_on_the_device_by_default(tmp_path):
 
 
 def _device_batches(run: Run, epoch: int) -> list[list[int]]:
-    run.start_epoch(epoch)
+    seed_epoch(run, epoch)
     return [b.tolist() for b in run.train_loader.index_batches()]
 
 
@@ -65,14 +66,14 @@ def test_resume_is_exact_on_the_device_path():
     cfg = load_config(None, ["method=ncl", "train.epochs=2", "run.verbose=false"])
     straight = Run(cfg)
     for epoch in range(2):
-        straight.train_epoch(epoch)
+        train_epoch(straight, epoch)
     first = Run(cfg)
-    first.train_epoch(0)
+    train_epoch(first, 0)
     state = copy.deepcopy({"model": first.model.state_dict(), "optimizer": first.optimizer.state_dict()})
     resumed = Run(cfg)
     resumed.model.load_state_dict(state["model"])
     resumed.optimizer.load_state_dict(state["optimizer"])
-    resumed.train_epoch(1)
+    train_epoch(resumed, 1)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -96,11 +97,11 @@ def test_files_too_large_to_cache_are_decoded_on_the_device(tmp_path):
     run = Run(cfg)
     assert run.cache.mode == "off" and "several sizes" in run.cache.why
     assert isinstance(run.train_loader, EncodedLoader) and len(run.train_loader) == 3
-    run.start_epoch(0)
+    seed_epoch(run, 0)
     x, y = next(iter(run.train_loader))
     assert x.shape == (4, 3, 32, 32) and y.shape == (4,)
-    stats = run.train_epoch(0)
-    acc = run.evaluate()[""]
+    stats = train_epoch(run, 0)
+    acc = evaluate_splits(run)[""]
     assert np.isfinite(stats["loss"]) and acc.summary("expert0", run.groups)["num_samples"] == 6
     workers = Run(with_overrides(cfg, {"data.decode": "workers"}))
     assert isinstance(workers.train_loader, torch.utils.data.DataLoader)

@@ -16,7 +16,8 @@ import pytest
 from data_fixtures import make_cifar_parquet
 from helpers import without_ray
 from rayexperts.analysis import published
-from rayexperts.launch.rows import ROWS, main, projected_end, watch
+from rayexperts import cli
+from rayexperts.launch.rows import ROWS, projected_end, watch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,7 +62,8 @@ def test_cpu_rehearsal_without_ray(tmp_path):
 def test_rows_that_do_not_fit_the_budget_are_not_started(tmp_path, capsys):
     data = tmp_path / "cifar10.parquet"
     data.write_bytes(b"")
-    assert main(["--cpu", "--budget", "30", "--min-row-s", "60", "--out", str(tmp_path), "--data", str(data)]) == 0
+    assert cli.main(["gpu-rows", "--cpu", "--budget", "30", "--min-row-s", "60", "--out", str(tmp_path),
+                     "--data", str(data)]) == 0
     summary = json.loads((tmp_path / "rows.json").read_text())
     assert [r["preset"] for r in summary["rows"]] == list(ROWS)
     for row in summary["rows"]:
@@ -71,7 +73,7 @@ def test_rows_that_do_not_fit_the_budget_are_not_started(tmp_path, capsys):
         assert all(r["last"] is None for r in row["results"])
     assert not (tmp_path / "runs").exists()
     assert "| `cifar10_lt_if100_balpoe` | not started" in (tmp_path / "rows.md").read_text()
-    assert main(["--cpu", "--out", str(tmp_path), "--data", str(tmp_path / "missing.parquet")]) == 2
+    assert cli.main(["gpu-rows", "--cpu", "--out", str(tmp_path), "--data", str(tmp_path / "missing.parquet")]) == 2
     assert "error: --data" in capsys.readouterr().err
 
 

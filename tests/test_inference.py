@@ -30,17 +30,22 @@ RUNS = {
     "balpoe": ({"train.epochs": 1, "balpoe.test_prior": "[8,4,2,1,1,1,1,1,1,1]"}, "ensemble_prior"),
     "ride": ({"train.epochs": 1}, "ensemble"),
     "ride_ea": ({"train.epochs": 1}, "router"),
+    # a tiny timm ViT (its own mean/std and LIFT's resize-and-crop test view must reach the loaded module)
+    "lift": ({"train.epochs": 1}, "expert0"),
 }
 
 
 def _train(root: Path, method: str, extra: dict) -> Path:
-    from rayexperts.config import load_config, to_dict
-    from rayexperts.engine.worker import train_here
+    from rayexperts.config import load_config
+    from rayexperts.engine.entry import train_one_worker
     from rayexperts.rundir import RunDir
 
-    cfg = load_config(None, [f"method={method}", *quick_overrides(root, method, **extra)])
-    RunDir.of(cfg.run.storage_path, cfg.run.name).write_config(cfg)
-    train_here({"config": to_dict(cfg), "threads": 1})
+    from rayexperts.registry import METHODS
+
+    demo = METHODS.get(method).demo_overrides  # what the method needs on digits (LIFT: a tiny timm ViT)
+    cfg = load_config(None, [f"method={method}", *demo, *quick_overrides(root, method, **extra)])
+    RunDir.for_config(cfg).write_config(cfg)
+    train_one_worker(cfg, threads=1)
     return root / "runs" / method
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rayexperts.config import RAY_JOB_ENV, ConfigError, load_config
+from rayexperts.config import ConfigError, load_config
+from rayexperts.launch.ray_job import RAY_JOB_ENV, check_storage
 from rayexperts.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,16 +47,27 @@ def test_every_expected_file_layer_loads_or_names_the_file(tmp_path):
         load_config(None, ["layers=[x]"])
 
 
-def test_inside_a_ray_job_a_relative_storage_path_is_refused(monkeypatch, tmp_path):
+def test_inside_a_ray_job_storage_in_its_working_directory_is_refused(monkeypatch, tmp_path):
+    import re
+
+    from rayexperts.launch.train import preflight
+
+    job_dir, shared = tmp_path / "job", tmp_path / "shared"
+    job_dir.mkdir()
+    monkeypatch.chdir(job_dir)  # a submitted job's driver runs in a temporary copy of the working directory
     monkeypatch.setenv(RAY_JOB_ENV, "{}")
-    with pytest.raises(ConfigError, match=r"run.storage_path='./runs' \(the defaults\) is a relative path.*Ray job"):
-        load_config(None, [])
-    with pytest.raises(ConfigError, match=r"run.storage_path='out' \(command line"):
-        load_config(None, ["run.storage_path=out"])
-    assert load_config(None, [f"run.storage_path={tmp_path}"]).run.storage_path == str(tmp_path)
-    assert load_config(None, ["run.storage_path=s3://bucket/runs"]).run.storage_path == "s3://bucket/runs"
+    cfg = load_config(None, [])  # run.storage_path=./runs, made absolute by the config
+    inside = re.escape(f"run.storage_path={job_dir / 'runs'} is inside this Ray job's working directory {job_dir} ")
+    with pytest.raises(ConfigError, match=inside):
+        preflight(cfg)  # refused before anything is written
+    assert list(job_dir.iterdir()) == []
+    with pytest.raises(ConfigError, match="inside this Ray job's working directory"):
+        check_storage(load_config(None, ["run.storage_path=out"]))
+    for fine in (str(shared), "s3://bucket/runs"):
+        check_storage(load_config(None, [f"run.storage_path={fine}"]))
     monkeypatch.delenv(RAY_JOB_ENV)
-    assert load_config(None, []).run.storage_path == os.path.abspath("runs")  # outside a job: the working directory
+    check_storage(cfg)  # outside a job the working directory is the user's
+    assert cfg.run.storage_path == os.path.abspath("runs")
 
 
 def _python(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -66,19 +78,19 @@ def _python(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProce
 
 def test_an_incomplete_package_stops_before_anything_runs(tmp_path):
     shutil.copytree(REPO / "rayexperts", tmp_path / "rayexperts", ignore=shutil.ignore_patterns("presets"))
-    done = _python(["-c", "import rayexperts; rayexperts.check_install_or_exit(); print('ran')"], tmp_path,
-                   PYTHONPATH=str(tmp_path))
-    assert done.returncode == 2 and "ran" not in done.stdout
+    done = _python(["-c", "import sys, rayexperts.cli; sys.argv[1:] = []; sys.exit(rayexperts.cli.run_job('methods'))"],
+                   tmp_path, PYTHONPATH=str(tmp_path))  # what a jobs/ script does
+    assert done.returncode == 2 and done.stdout == ""
     assert f"the rayexperts package imported from {tmp_path / 'rayexperts'} is incomplete: rayexperts/presets missing" \
         in done.stderr and '"/data/"' in done.stderr
 
 
 def test_storage_that_cannot_be_written_stops_the_job_and_leaves_nothing(tmp_path, capsys):
-    from rayexperts.cli import train as main
+    from rayexperts.cli import main
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    assert main([f"run.storage_path={blocker}/runs", "run.name=r"]) == 2
+    assert main(["train", f"run.storage_path={blocker}/runs", "run.name=r"]) == 2
     assert f"error: cannot write to run.storage_path={blocker}/runs" in capsys.readouterr().err
     assert blocker.read_text() == "not a folder"
     with pytest.raises(OSError, match="run.storage_path"):

@@ -220,12 +220,14 @@ def _cifar100_pickles(parent, per_class: int = 12, test_per_class: int = 2):
 
 def _train(cfg, epochs: int):
     from rayexperts.engine.run import Run
+    from rayexperts.engine.loop import evaluate_splits, train_epoch
+    from rayexperts.engine.results import result_rows
 
     run = Run(cfg)
     stats = {}
     for epoch in range(epochs):
-        stats = run.train_epoch(epoch)
-    rows, _ = run.result_rows(epochs - 1, run.evaluate(True), stats)
+        stats = train_epoch(run, epoch)
+    rows, _ = result_rows(run, epochs - 1, evaluate_splits(run, True), stats)
     return run, stats, {r["view"]: r for r in rows}
 
 

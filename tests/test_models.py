@@ -7,7 +7,7 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from rayexperts.config import ModelConfig
+from rayexperts.config import ModelSection
 from rayexperts.models import (
     CosineClassifier,
     LinearClassifier,
@@ -100,7 +100,7 @@ def test_extra_heads_and_a_neck() -> None:
 
 
 def test_build_experts_reads_model_config() -> None:
-    cfg = OmegaConf.structured(ModelConfig(backbone="resnet8", num_experts=3, classifier="cosine"))
+    cfg = OmegaConf.structured(ModelSection(backbone="resnet8", num_experts=3, classifier="cosine"))
     mllt = build_experts(cfg, 10, 3, shared_trunk=True)
     assert isinstance(mllt.trunk, torch.nn.Sequential) and mllt.feature_dim == 48
     assert isinstance(mllt.heads[0], CosineClassifier)

@@ -311,8 +311,9 @@ def test_balpoe_test_prior_is_checked_against_the_classes_and_moved_to_the_devic
 
 @pytest.mark.parametrize("name", METHODS.builtin_names())
 def test_a_method_built_without_in_channels_takes_rgb_images(name):
-    """``METHODS.get(name)(cfg, counts)`` is a method for 3-channel (RGB) images."""
-    cfg = load_config(None, [f"method={name}"])
+    """``METHODS.get(name)(cfg, counts)`` is a method for 3-channel (RGB) images (with the overrides it needs on
+    digits-lt: ``Method.demo_overrides``)."""
+    cfg = load_config(None, [f"method={name}", *METHODS.get(name).demo_overrides])
     assert METHODS.get(name)(cfg, COUNTS10).in_channels == 3
 
 

@@ -235,6 +235,8 @@ def test_ecl_bkt_weights_come_from_each_experts_own_ref_and_cls_heads() -> None:
 @pytest.mark.parametrize("method", ["ncl", "ecl"])
 def test_one_epoch_on_digits_reports_all_views_and_updates_the_queues_fifo(method: str) -> None:
     from rayexperts.engine.run import Run
+    from rayexperts.engine.loop import evaluate_splits, train_epoch
+    from rayexperts.engine.results import result_rows
     from rayexperts.methods.base import Batch
 
     queue, batch = 200, 128  # 4 steps: the pointer ends at 512 % 200 = 112, the next batch wraps
@@ -243,8 +245,8 @@ def test_one_epoch_on_digits_reports_all_views_and_updates_the_queues_fifo(metho
     run = Run(load_config(None, overrides))
     branches = list(run.model.branches)
     before = [b.queue.clone() for b in branches]
-    stats = run.train_epoch(0)
-    rows, classes = run.result_rows(0, run.evaluate(), stats)
+    stats = train_epoch(run, 0)
+    rows, classes = result_rows(run, 0, evaluate_splits(run), stats)
 
     assert [r["view"] for r in rows] == ["expert0", "expert1", "expert2", "ensemble"]
     assert set(classes["view"]) == {"expert0", "expert1", "expert2", "ensemble"}

@@ -134,10 +134,17 @@ def test_wrong_weights_are_refused_in_one_line_naming_the_file(tmp_path, capsys)
     assert not runs.exists()
 
 
-def test_pretrained_without_download_names_the_weights_and_the_key():
+def test_pretrained_without_download_names_the_weights_and_the_key(tmp_path):
+    """The config composes (``--print-config`` shows a pretrained preset); the run's preflight refuses it in one
+    line, before Ray starts and before anything is written."""
+    from rayexperts.launch.train import preflight
+
+    cfg = load_config(None, ["model.backbone=timm/vit_base_patch16_clip_224.openai", "model.pretrained=true",
+                             f"run.storage_path={tmp_path / 'runs'}"])
     with pytest.raises(ConfigError, match=r"model\.pretrained=true: the weights of timm/vit_base_patch16_clip_224"
                                           r"\.openai .*model\.allow_download=true.*model\.weights=PATH"):
-        load_config(None, ["model.backbone=timm/vit_base_patch16_clip_224.openai", "model.pretrained=true"])
+        preflight(cfg)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_resumed_run_refuses_other_weights(tmp_path):
@@ -203,7 +210,7 @@ def test_balpoe_trains_on_a_shared_timm_trunk_with_lora_and_resumes_only_with_it
 def test_a_timm_models_mean_and_std_reach_both_pipelines_unless_data_mean_is_set(tmp_path):
     """The model's pretrained mean/std (here overlaid: 1 channel, as digits have) normalise the batched and the
     per-image test views; data.mean/data.std win over them."""
-    from rayexperts.data.batched import BatchRng
+    from rayexperts.data.augment.batched.core import BatchRng
     from rayexperts.engine.run import Run
 
     overlay = "model.timm_kwargs.pretrained_cfg_overlay={mean: [0.3], std: [0.2], crop_pct: 1.0, interpolation: bicubic}"
@@ -212,14 +219,72 @@ def test_a_timm_models_mean_and_std_reach_both_pipelines_unless_data_mean_is_set
                                       (0.5, 0.25))):
         cfg = load_config(None, quick_overrides(tmp_path, "p", **{"model.backbone": VIT}) + [SMALL_CLI, overlay, *extra])
         run = Run(cfg)
-        assert run.model_data["mean"] == (0.3,) and run.augment_options().mean == (mean,)
-        opts = run.augment_options()
+        assert run.model_data["mean"] == (0.3,) and run.loaders.augment_options().mean == (mean,)
+        opts = run.loaders.augment_options()
         assert (opts.crop_pct, opts.interpolation) == ((1.0, "bicubic") if not extra else (0.5, "bilinear"))
         want = (x.float() / 255 - mean) / std
-        batched_test = run.transforms(batched=True)[2]
-        per_image_test = run.transforms(batched=False)[2]
+        batched_test = run.loaders.transforms(batched=True)[2]
+        per_image_test = run.loaders.transforms(batched=False)[2]
         assert torch.allclose(batched_test(x.clone(), BatchRng(0, torch.device("cpu"))), want, atol=1e-6)
         assert torch.allclose(per_image_test(x[0].clone()), want[0], atol=1e-6)
+
+
+TIMM_160 = "timm/test_vit.r160_in1k"  # timm's tiny test ViT: input_size (3, 160, 160) in its pretrained config
+
+
+def test_data_image_size_follows_a_timm_models_input_size_unless_the_config_sets_it():
+    """imagefolder's default 224 gives way to the model's 160, shown as its own layer; data.image_size set in the
+    config wins, and so does model.timm_kwargs.img_size (the size the model is built at); other backbones keep 224."""
+    from rayexperts.config import explain
+
+    base = ["data.name=imagefolder", f"model.backbone={TIMM_160}"]
+    assert load_config(None, base).data.image_size == 160
+    assert f"data.image_size: 160  # model {TIMM_160} input size" in explain(None, base).splitlines()
+    assert load_config(None, [*base, "data.image_size=64"]).data.image_size == 64
+    assert load_config(None, [*base, "model.timm_kwargs={img_size: 96}"]).data.image_size == 96
+    overlay = "model.timm_kwargs.pretrained_cfg_overlay={input_size: [3, 48, 48]}"
+    assert load_config(None, [*base, overlay]).data.image_size == 48
+    assert load_config(None, ["data.name=imagefolder"]).data.image_size == 224
+
+
+@pytest.mark.slow
+def test_a_timm_models_input_size_reaches_every_data_path(tmp_path):
+    """20x20 images, a ViT that takes 160x160 only: one epoch trains and evaluates through the device cache (batched
+    test view), the per-image DataLoader and the file decoder, and config.yaml records the size."""
+    from data_fixtures import make_image_tree
+
+    from rayexperts.launch.train import run_training
+
+    make_image_tree(tmp_path, "train", {"a": 3, "b": 2}, size=20)
+    make_image_tree(tmp_path, "test", {"a": 1, "b": 1}, size=20)
+    for cache, decode in (("device", "auto"), ("off", "auto"), ("off", "device")):
+        cfg = load_config(None, quick_overrides(tmp_path, f"{cache}-{decode}", **{
+            "run.ray": False, "train.epochs": 1, "train.batch_size": 4, "data.test_batch_size": 4,
+            "data.name": "imagefolder", "data.root": str(tmp_path), "data.imbalance_type": "none",
+            "data.num_workers": 0, "data.cache": cache, "data.decode": decode, "model.backbone": TIMM_160,
+            "scaling.cpus_per_worker": 1, "run.tensorboard": False}))
+        run_training(cfg)
+        saved = OmegaConf.load(tmp_path / "runs" / f"{cache}-{decode}" / "config.yaml")
+        assert saved.data.image_size == 160
+
+
+def test_the_batched_test_view_resizes_a_device_cache_as_the_per_image_view_does():
+    """A device cache holds images as stored: the batched test view resizes and centre-crops them like the per-image
+    view (to the pixel here), images already at the size too (Resize(16 / 0.8) + CenterCrop(16) is no identity)."""
+    from rayexperts.data import build_transform
+    from rayexperts.data.augment.batched.core import BatchRng
+    from rayexperts.data.augment.batched.pipelines import batch_transform
+    from rayexperts.data.augment.recipes import AugmentOptions
+
+    img = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    opts = AugmentOptions(crop_pct=0.8, interpolation="bicubic")
+    batched = batch_transform("imagenet", "none", train=False, image_size=16, options=opts)
+    rng = BatchRng(0, torch.device("cpu"))
+    per_image_view = build_transform("imagenet", "none", train=False, image_size=16, options=opts)
+    per_image = per_image_view(img)
+    assert torch.equal(batched(img[None].clone(), rng)[0], per_image)
+    small = img[:, :16, :16].clone()
+    assert torch.equal(batched(small[None].clone(), rng)[0], per_image_view(small))
 
 
 def test_a_fine_tuning_checkpoint_holds_the_trainable_part_and_loads_back(tmp_path):
@@ -273,7 +338,8 @@ def test_the_imagenet_test_view_resizes_to_size_over_crop_pct_with_its_interpola
     Resize(size·256/224) (256 for 224)."""
     from torchvision.transforms.v2 import functional as TF
 
-    from rayexperts.data.transforms import AugmentOptions, build_transform, eval_resize_side
+    from rayexperts.data.augment.per_image import build_transform
+    from rayexperts.data.augment.recipes import AugmentOptions, eval_resize_side
 
     assert eval_resize_side(224) == 256 and eval_resize_side(224, AugmentOptions(crop_pct=0.9)) == 249
     img = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -290,9 +356,10 @@ def test_the_imagenet_test_view_resizes_to_size_over_crop_pct_with_its_interpola
 def test_the_device_decoded_test_view_uses_the_same_crop_pct_and_interpolation():
     from torchvision.transforms.v2 import functional as TF
 
-    from rayexperts.data.batched import BatchPipeline, BatchRng, normalise
+    from rayexperts.data.augment.batched.core import BatchRng
+    from rayexperts.data.augment.batched.pipelines import BatchPipeline, normalise
+    from rayexperts.data.augment.recipes import AugmentOptions
     from rayexperts.data.encoded import EncodedLoader
-    from rayexperts.data.transforms import AugmentOptions
 
     img = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     loader = object.__new__(EncodedLoader)  # only the crop stage: no source to read

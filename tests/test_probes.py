@@ -139,13 +139,14 @@ FAST = P.ProbeOptions(
 def make_run_dir(root: Path, method: str, experts: int) -> Path:
     from rayexperts.config import load_config, to_yaml
     from rayexperts.engine.run import Run
+    from rayexperts.engine.loop import train_epoch
     from rayexperts.rundir import save_checkpoint
 
     name = f"{method}{experts}"
     overrides = [f"method={method}", "data.name=digits-lt", "train.epochs=1", f"model.num_experts={experts}"]
     cfg = load_config(None, overrides + [f"run.storage_path={root}", f"run.name={name}"])
     run = Run(cfg)
-    run.train_epoch(0)
+    train_epoch(run, 0)
     run_dir = root / name
     (run_dir / "checkpoint_000").mkdir(parents=True)
     save_checkpoint(run_dir / "checkpoint_000", model=run.model, optimizer=run.optimizer, epoch=1, ident=run.ident)

@@ -131,10 +131,10 @@ def _setting_of(preset: str) -> tuple[str, int | None, str]:
     m = re.fullmatch(r"(?:cbd_)?cifar(10|100)_lt_if(\d+)(?:_\w+)?", preset)
     if m:
         return f"cifar{m[1]}-lt", int(m[2]), "resnet32"
-    m = re.fullmatch(r"(?:cbd_)?(imagenet_lt|inat2018)_(r50|rx50)(?:_\w+)?", preset)
+    m = re.fullmatch(r"(?:cbd_)?(imagenet_lt|inat2018|places_lt)_(r50|rx50|r152)(?:_\w+)?", preset)
     assert m, f"preset {preset!r} does not name its setting"
-    dataset = {"imagenet_lt": "imagenet-lt", "inat2018": "inat2018"}[m[1]]
-    return dataset, None, {"r50": "resnet50", "rx50": "resnext50_32x4d"}[m[2]]
+    dataset = {"imagenet_lt": "imagenet-lt", "inat2018": "inat2018", "places_lt": "places-lt"}[m[1]]
+    return dataset, None, {"r50": "resnet50", "rx50": "resnext50_32x4d", "r152": "resnet152"}[m[2]]
 
 
 def test_every_preset_named_exists_or_is_being_added_and_fits_its_row():

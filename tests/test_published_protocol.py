@@ -10,10 +10,10 @@ from contextlib import redirect_stdout
 import pandas as pd
 import pytest
 
-from rayexperts import published
+from rayexperts import cli, published
 from rayexperts.analysis import published as published_table
 from rayexperts.config import load_config
-from rayexperts.launch import reproduce
+from rayexperts.launch import reproduce_cost, reproduce_plan
 
 NCL_OFF = "compat=official ncl.learn_hard=false ncl.contrastive=false ncl.distill_all=false ncl.distill_hard=false"
 
@@ -29,7 +29,7 @@ def test_every_row_with_a_preset_states_what_its_preset_runs():
         stated = pd.to_numeric(rows["seeds"], errors="coerce").max()
         seeds = int(stated) if pd.notna(stated) else 3
         for _, row in rows.iterrows():
-            differ = published.disagreements(row, reproduce.run_protocol(cfg, row, seeds))
+            differ = published.disagreements(row, reproduce_plan.run_protocol(cfg, row, seeds))
             if differ and not row["protocol_note"]:
                 unexplained.append(f"{row['paper']} {row['table']} {row['method']} ({row['variant']}) "
                                    f"{preset} {overrides}: {differ}")
@@ -65,7 +65,7 @@ def test_the_rows_corrected_in_issue_34():
     assert list(t5["view"]) == ["expert0"] * 6 + ["ensemble"]
     # one mapping for NCL's BSCE baseline: NCL's recipe with its components off, as Table 4 maps it
     bsce = df[(df["method"] == "BSCE (baseline)") & (df["preset"] != "")]
-    assert len(bsce) == 12 and set(bsce["preset"].str.rsplit("_", n=1).str[-1]) == {"ncl"}
+    assert len(bsce) == 13 and set(bsce["preset"].str.rsplit("_", n=1).str[-1]) == {"ncl"}
     assert set(bsce["overrides"].str.replace(" data.augment=standard", "")) == {NCL_OFF}
     assert set(bsce["view"]) == {"expert0"}
     # the Balanced-Softmax presets stay for rows that quote Balanced Softmax itself
@@ -105,11 +105,11 @@ def test_check_names_a_bad_optional_cell(column, value, message):
 
 
 def test_dry_run_prints_each_rows_protocol_and_what_will_run():
-    args = reproduce.parse(["--paper", "NCL", "--table", "Table 5", "--dry-run"])
-    settings, skipped, _ = reproduce.plan(reproduce.select_rows(args), args, {})
+    args = cli.parse_reproduce(["--paper", "NCL", "--table", "Table 5", "--dry-run"])
+    settings, skipped, _ = reproduce_plan.plan(reproduce_plan.select_rows(args), args, {})
     out = io.StringIO()
     with redirect_stdout(out):
-        reproduce.print_plan(settings, skipped, {}, "CPU")
+        reproduce_cost.print_plan(settings, skipped, {}, "CPU")
     text = out.getvalue()
     block = text[text.index("Table 5 NCL (ablation: BSCE loss; NIL) top1_all 51.24"):]
     lines = block.splitlines()[1:4]
@@ -117,10 +117,10 @@ def test_dry_run_prints_each_rows_protocol_and_what_will_run():
     assert lines[1].strip() == ("will run: epochs 400, selection best_test, seeds 3, view expert0, "
                                 "augment autoaugment_cutout (differs)")
     assert lines[2].strip().startswith("note: the text uses RandAugment (seeds/002 line 160)")
-    cbd = reproduce.parse(["--paper", "CBD", "--table", "Table 1", "--dry-run"])
-    rows = reproduce.select_rows(cbd)
+    cbd = cli.parse_reproduce(["--paper", "CBD", "--table", "Table 1", "--dry-run"])
+    rows = reproduce_plan.select_rows(cbd)
     out = io.StringIO()
     with redirect_stdout(out):
-        reproduce.print_plan([], rows, {}, "CPU")
+        reproduce_cost.print_plan([], rows, {}, "CPU")
     marked = [line for line in out.getvalue().splitlines() if line.endswith("[inferred]")]
     assert len(marked) == 2 and "K=4 teachers" in marked[0] and "K=5 teachers" in marked[1]

@@ -212,6 +212,10 @@ NCL_IMAGENET = {"train.batch_size": 256, "train.lr": 0.2, "data.augment": "randa
                 "train.epochs": 200, "ncl.contrastive": False, "train.nesterov": True, "train.lr_step": "epoch",
                 "train.schedule": "cosine", "train.cosine_t_max": 200, "train.eta_min": 1e-4, "train.warmup_epochs": 0,
                 "model.cosine_scale": 16.0, "model.cosine_bias": True}
+NCL_PLACES = {"eval.selection": "best_val", "eval.every": 1, "ncl.hard_ratio": 0.335, "ncl.hard_count": "official",
+              "train.nesterov": True, "train.lr_step": "epoch", "train.lr_epoch_clock": "end",
+              "train.warmup_start": pytest.approx(1 / 3), "model.cosine_bias": True, "data.key_augment": "moco_blur",
+              "ncl.moco.key_init": "random", "data.drop_last": True}
 CE_LDAM_DRW = {"train.weight_decay": 2e-4, "train.lr_step": "epoch", "train.lr_epoch_clock": "end",
                "train.warmup_epochs": 5, "train.milestones": [161, 181], "train.gamma": 0.01,
                "eval.selection": "best_test", "data.lt_subset": "shuffled", "data.lt_subset_seed": 0,
@@ -226,6 +230,7 @@ EXPECTED = {
     **{p: NCL_CIFAR for p in ("cifar100_lt_if100_ncl", "cifar10_lt_if100_ncl", "cifar100_lt_if50_ncl",
                               "cifar10_lt_if50_ncl")},
     **{p: NCL_IMAGENET for p in ("imagenet_lt_r50_ncl", "imagenet_lt_rx50_ncl")},
+    "places_lt_r152_ncl": NCL_PLACES,
     **{p: CE_LDAM_DRW for p in ("cifar100_lt_if100_ce", "cifar10_lt_if100_ce", "cifar100_lt_if50_ce", "cifar10_lt_if50_ce")},
     "cifar100_lt_if100_bsce": {**BSCE, "train.epochs": 591}, "cifar10_lt_if100_bsce": {**BSCE, "train.epochs": 520},
     "cifar100_lt_if50_bsce": {**BSCE, "train.epochs": 520}, "cifar10_lt_if50_bsce": {**BSCE, "train.epochs": 465},

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from rayexperts.analysis import select_epochs
-from rayexperts.launch import reproduce as R
+from rayexperts import cli
 from rayexperts.published import COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def catalog(tmp_path) -> Path:
 
 def test_dry_run_plans_without_training(catalog, tmp_path, capsys):
     storage = tmp_path / "runs"
-    code = R.main(["--catalog", str(catalog), "--seeds", "2", "--dry-run", "--epochs-scale", "0.1",
+    code = cli.main(["reproduce", "--catalog", str(catalog), "--seeds", "2", "--dry-run", "--epochs-scale", "0.1",
                    f"run.storage_path={storage}"])
     out = capsys.readouterr().out
     assert code == 0
@@ -51,13 +51,13 @@ def test_dry_run_plans_without_training(catalog, tmp_path, capsys):
 
 
 def test_bad_input_is_one_line(catalog, tmp_path, capsys):
-    assert R.main(["--catalog", str(tmp_path / "missing.csv")]) == 2
+    assert cli.main(["reproduce", "--catalog", str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv: no such file" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text(catalog.read_text().replace("top1_all", "top5", 1))
-    assert R.main(["--catalog", str(bad)]) == 2
+    assert cli.main(["reproduce", "--catalog", str(bad)]) == 2
     assert "catalogue line 2: column 'metric' is 'top5'" in capsys.readouterr().err
-    assert R.main(["--paper", "NOPE"]) == 2
+    assert cli.main(["reproduce", "--paper", "NOPE"]) == 2
 
 
 @pytest.mark.ray
@@ -65,17 +65,17 @@ def test_bad_input_is_one_line(catalog, tmp_path, capsys):
 def test_reproduce_runs_reports_and_does_only_the_missing_work(ray_cluster, catalog, tmp_path, capsys):
     storage = tmp_path / "runs"
     common = ["--catalog", str(catalog), "--epochs", "2", f"run.storage_path={storage}", "run.verbose=false"]
-    assert R.main([*common, "--seeds", "1"]) == 0  # as if the job had been stopped after its first runs
+    assert cli.main(["reproduce", *common, "--seeds", "1"]) == 0  # as if the job had been stopped after its first runs
     first = capsys.readouterr().out
     assert "2 runs, 0 already finished" in first and "2 of 2 runs" in first
     job = storage / "reproduce-my-rows"
     seed0 = sorted(job.glob("*seed0/metrics.parquet"))
     stamps = {p: pd.read_parquet(p)["timestamp"].tolist() for p in seed0}
-    assert R.main([*common, "--seeds", "2"]) == 0
+    assert cli.main(["reproduce", *common, "--seeds", "2"]) == 0
     second = capsys.readouterr().out
     assert "4 runs, 2 already finished" in second and "ETA" in second and "4 of 4 runs" in second
     assert all(pd.read_parquet(p)["timestamp"].tolist() == t for p, t in stamps.items())  # reused, not retrained
-    assert R.main([*common, "--seeds", "2"]) == 0
+    assert cli.main(["reproduce", *common, "--seeds", "2"]) == 0
     assert "4 runs, 4 already finished" in capsys.readouterr().out  # the same command again: nothing to train
 
     df = pd.read_parquet(job / "reproduce.parquet")

@@ -17,6 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 SPACES = REPO / "tune_spaces"
 
 
+def sweep_command(argv: list[str]) -> int:
+    """``rayexperts sweep ARGV`` as the command line runs it (its exit status)."""
+    from rayexperts import cli
+
+    return cli.main(["sweep", *argv])
+
+
 @pytest.mark.parametrize("method", sorted(p.stem for p in SPACES.glob("*.yaml")))
 def test_shipped_spaces_are_valid(method):
     """Every shipped space (tune_spaces/<method>.yaml, named after a built-in method) is valid for its method."""
@@ -90,7 +97,7 @@ def test_a_sweep_dir_of_another_sweep_is_refused(tmp_path):
 
 
 def test_tuned_view_metrics_come_from_the_report(tmp_path):
-    from rayexperts.engine.worker import reported_metrics
+    from rayexperts.engine.results import reported_metrics
     from rayexperts.launch.tune import _last_row, view_metrics
 
     rows = [{"epoch": 1, "view": v, "top1": t, "val_top1": t / 2} for v, t in (("ensemble", 0.4), ("expert0", 1.1))]
@@ -264,12 +271,10 @@ def _row(trial_id, status, val, test, experts=2, epochs=2):
 
 
 def test_the_trials_table_shows_percent_and_ties_are_reported(monkeypatch, capsys):
-    from rayexperts.launch.tune import main
-
     _fake_sweep(monkeypatch, [_row("a_00000", "completed", 0.712, 0.60), _row("a_00001", "stopped", 0.712, 0.50, 3, 1),
                               _row("a_00002", "completed", 0.712, 0.55, 4),
                               _row("a_00003", "completed", 0.40, 0.41, 3)])
-    assert main(["--space", str(SPACES / "mllt.yaml"), "method=mllt"]) == 0
+    assert sweep_command(["--space", str(SPACES / "mllt.yaml"), "method=mllt"]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("trial_id"))
     assert "val_top1 (%)" in header and "test top1 (%)" in header and "epochs_done" in header
@@ -279,24 +284,39 @@ def test_the_trials_table_shows_percent_and_ties_are_reported(monkeypatch, capsy
     assert "best trial a_00000: val_top1 = 71.20 % (validation); test top1 = 60.00 %" in out
 
     _fake_sweep(monkeypatch, [_row("a_00000", "completed", 0.712, 0.60), _row("a_00001", "completed", 0.70, 0.5)])
-    assert main(["--space", str(SPACES / "mllt.yaml"), "method=mllt"]) == 0
+    assert sweep_command(["--space", str(SPACES / "mllt.yaml"), "method=mllt"]) == 0
     assert "tie" not in capsys.readouterr().out
 
 
-def test_a_failed_trial_is_named_with_its_error_and_directory(monkeypatch, capsys):
-    from rayexperts.launch.tune import main
+def test_a_sweep_tuned_on_ece_shows_it_in_percent(monkeypatch, capsys):
+    """ECE is a fraction in the files, as top-1 is: people read both in % (the trials table, the best line)."""
+    from rayexperts.analysis import in_percent
 
+    assert in_percent("val_ece") and in_percent("val_top1_few") and in_percent("top1")
+    assert not in_percent("val_loss") and not in_percent("experts_per_sample")
+    rows = [{**_row("a_00000", "completed", 0.70, 0.60), "val_ece": 0.0412},
+            {**_row("a_00001", "completed", 0.71, 0.61), "val_ece": 0.0935}]
+    _fake_sweep(monkeypatch, rows)
+    assert sweep_command(["--space", str(SPACES / "mllt.yaml"), "method=mllt", "tune.metric=val_ece",
+                          "tune.mode=min"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("trial_id"))
+    assert "val_ece (%)" in header and "4.12" in out and "9.35" in out and "0.0412" not in out
+    assert "best trial a_00000: val_ece = 4.12 % (validation); test top1 = 60.00 %" in out
+
+
+def test_a_failed_trial_is_named_with_its_error_and_directory(monkeypatch, capsys):
     failure = {"trial_id": "a_00001", "error": "ValueError: boom", "path": "/sweeps/s/tune_a_00001"}
     _fake_sweep(monkeypatch, [_row("a_00000", "completed", 0.5, 0.4), _row("a_00001", "error", np.nan, np.nan, 3, 0)],
                 [failure])
-    assert main(["--space", str(SPACES / "mllt.yaml"), "method=mllt"]) == 0
+    assert sweep_command(["--space", str(SPACES / "mllt.yaml"), "method=mllt"]) == 0
     out = capsys.readouterr().out
     assert ("trial a_00001 failed: ValueError: boom; trial directory /sweeps/s/tune_a_00001 "
             "(error.txt there holds the traceback)") in out
     assert "best trial a_00000" in out
 
     _fake_sweep(monkeypatch, [_row("a_00001", "error", np.nan, np.nan, 3, 0)], [failure])
-    assert main(["--space", str(SPACES / "mllt.yaml"), "method=mllt"]) == 1
+    assert sweep_command(["--space", str(SPACES / "mllt.yaml"), "method=mllt"]) == 1
     captured = capsys.readouterr()
     assert "trial a_00001 failed: ValueError: boom" in captured.out
     assert "no trial reported the tuned metric val_top1: all 1 trials failed" in captured.out + captured.err
@@ -359,8 +379,6 @@ def test_a_sweep_is_quiet_by_default_and_names_failed_trials(ray_cluster, tmp_pa
     run.verbose=true; then a sweep whose trials fail at run time (a tune.view the run does not have)."""
     import time
 
-    from rayexperts.launch.tune import main
-
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: {choice: [0.05, 0.2]}\n")
     common = ["--space", str(space), "method=ncl", f"run.storage_path={tmp_path}", "train.epochs=2",
@@ -368,7 +386,7 @@ def test_a_sweep_is_quiet_by_default_and_names_failed_trials(ray_cluster, tmp_pa
 
     def run(*extra: str) -> tuple[int, str]:
         capfd.readouterr()
-        status = main([*common, *extra])
+        status = sweep_command([*common, *extra])
         time.sleep(2)  # the trials' own lines reach the driver through Ray's log monitor
         out = capfd.readouterr()
         return status, out.out + out.err
@@ -446,7 +464,7 @@ def test_bad_sweep_input_is_one_line_before_ray(tmp_path, monkeypatch, capsys, s
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(tune, "ensure_ray", no_ray)
-    status = tune.main(["--space", _space(tmp_path, space), "method=ce", "train.epochs=2",
+    status = sweep_command(["--space", _space(tmp_path, space), "method=ce", "train.epochs=2",
                         f"run.storage_path={tmp_path}", "run.name=s", *overrides])
     err = capsys.readouterr().err.strip()
     assert status == 2 and len(err.splitlines()) == 1 and message in err, err
@@ -456,10 +474,8 @@ def test_bad_sweep_input_is_one_line_before_ray(tmp_path, monkeypatch, capsys, s
 def test_a_missing_optuna_names_the_extra(tmp_path, monkeypatch, capsys):
     import sys
 
-    from rayexperts.launch.tune import main
-
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
-    assert main(["--space", _space(tmp_path), "method=ce", "tune.search=optuna"]) == 2
+    assert sweep_command(["--space", _space(tmp_path), "method=ce", "tune.search=optuna"]) == 2
     assert capsys.readouterr().err.strip() == ("error: tune.search=optuna needs Optuna, which is not installed: "
                                                "pip install 'rayexperts[optuna]' (or pip install 'optuna>=3.4')")
 
@@ -562,8 +578,6 @@ def test_seeds_are_averaged_by_hand():
 
 
 def test_the_best_configuration_is_its_seeds_mean(monkeypatch, capsys):
-    from rayexperts.launch.tune import main
-
     def seed_row(trial_id, seed, val, test):
         return {**_row(trial_id, "completed", val, test), "kind": "seed", "seed": seed, "n_seeds": 1,
                 "run": f"tune_{trial_id}/seed_{seed}"}
@@ -576,7 +590,7 @@ def test_the_best_configuration_is_its_seeds_mean(monkeypatch, capsys):
     _fake_sweep(monkeypatch, [config_row("a", 0.61, 0.1272792, 0.5, 0.01), seed_row("a", 0, 0.70, 0.5),
                               seed_row("a", 1, 0.52, 0.5), config_row("b", 0.65, 0.0141421, 0.6, 0.02),
                               seed_row("b", 0, 0.66, 0.6), seed_row("b", 1, 0.64, 0.6)])
-    assert main(["--space", str(SPACES / "mllt.yaml"), "method=mllt"]) == 0
+    assert sweep_command(["--space", str(SPACES / "mllt.yaml"), "method=mllt"]) == 0
     out = capsys.readouterr().out
     assert "val_top1 (%, mean ± sd)" in out and "61.00 ± 12.73" in out and "65.00 ± 1.41" in out
     assert "0.6100" not in out and "0.61 " not in out  # people see %
@@ -622,7 +636,9 @@ def _kill_after_a_finished_trial(ray_cluster, tmp_path: Path, args: list[str], n
     import sys
     import time
 
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    # Tune snapshots its experiment state at most every 10 s by default ("auto"): a sweep whose last trials take
+    # less than that ends before any snapshot marks the first one finished. Snapshot at every step here.
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     log = (tmp_path / f"{name}.log").open("w")
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "sweep.py"), *args], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -72,7 +72,7 @@ def test_method_run_directory(ray_cluster, tmp_path, method):
 def test_throughput_benchmark_through_ray_train(ray_cluster, tmp_path):
     """The benchmark's Ray path returns the workers' images/s (Ray Train V2 keeps metrics only
     with a checkpoint; this broke once without a test)."""
-    from rayexperts.launch.bench import plain_run, through_ray, time_pipeline, time_steps
+    from rayexperts.diagnostics.bench import plain_run, through_ray, time_pipeline, time_steps
 
     cfg = load_config(None, ["method=ce", "data.name=digits-lt", "train.batch_size=64"])
     ips, wall = through_ray(cfg, warmup=0, steps=2, workers=1, storage=str(tmp_path))
@@ -91,7 +91,7 @@ def test_a_multi_worker_run_trains_from_its_actor_through_ray_train(ray_cluster,
     """``train_in_parallel`` (CBD's teachers, a sweep's prerequisites) trains a multi-worker run from an
     actor that holds no CPU, through Ray Train: two workers of one thread each, one row per (epoch, view),
     a checkpoint, and the caller's config.yaml."""
-    from rayexperts.launch.ensemble import train_in_parallel
+    from rayexperts.launch.stages import train_in_parallel
 
     cfg = load_config(None, quick_overrides(tmp_path, "pair", **{"train.epochs": 1, "scaling.num_workers": 2,
                                                                  "scaling.cpus_per_worker": 1}))

@@ -14,8 +14,9 @@ import pytest
 
 from rayexperts import cli
 from rayexperts.analysis import paper_table
-from rayexperts.config import PRESET_DIR, is_result_key, list_presets, load_config, result_settings, with_overrides
-from rayexperts.launch import reproduce
+from rayexperts.config import (PRESET_DIR, is_result_key, list_presets, load_config, parse_overrides, result_settings,
+                               with_overrides)
+from rayexperts.launch import reproduce_cost, reproduce_plan
 from rayexperts.launch.train import default_run_name
 from rayexperts.rundir import IDENTITY_KEYS, SCHEDULE_KEYS, RunDir, save_checkpoint
 
@@ -72,11 +73,11 @@ def test_every_documented_rayexperts_command_resolves(where, line, tmp_path, mon
         assert argv[0] in cli.COMMANDS, f"{where}: {line}: no command {argv[0]!r}"
         return
     if argv[0] == "reproduce":  # its arguments, its rows and the data roots they need (each --print-config is slow)
-        args = reproduce.parse(argv[1:])
-        overrides = reproduce.parse_overrides(args.overrides)
-        rows = reproduce.select_rows(args)
-        reproduce.check_roots(rows[rows["preset"].astype(str).str.strip() != ""],
-                              reproduce.data_roots(args.data_root or []), "data.root" in overrides)
+        args = cli.parse_reproduce(argv[1:])
+        overrides = parse_overrides(args.overrides)
+        rows = reproduce_plan.select_rows(args)
+        reproduce_plan.check_roots(rows[rows["preset"].astype(str).str.strip() != ""],
+                              reproduce_plan.data_roots(args.data_root or []), "data.root" in overrides)
         return
     if argv[:2] == ["models", "summary"]:  # building and measuring a paper's model takes seconds: its config
         config = argv[argv.index("--config") + 1] if "--config" in argv else None
@@ -112,14 +113,23 @@ def _script_options(script: str, capsys) -> str:
         source = (REPO / script.replace(".", "/") / "__main__.py").read_text()
     else:
         source = (REPO / "jobs" / f"{script}.py").read_text()
-    if "run_job(" in source:
+    job = re.search(r"run_job\(\"([\w-]+)\"\)", source)  # a jobs/ script is the command it runs
+    if job:
         with pytest.raises(SystemExit):
-            cli.main([JOBS[script], "--help"])
+            cli.main([job.group(1), "--help"])
         return capsys.readouterr().out
+    shown = ""
+    command = re.search(r"sys\.argv\[1:1?\] = \[\"([\w-]+)\"", source)  # python -m rayexperts.X runs a command
+    if command and command.group(1) in cli.COMMANDS:
+        try:
+            cli.main([command.group(1), "--help"])
+        except SystemExit:
+            pass
+        shown = capsys.readouterr().out
     for module in re.findall(r"^from (rayexperts[\w.]*) import", source, re.M):
         path = REPO / (module.replace(".", "/") + ".py")
         source += path.read_text() if path.is_file() else ""
-    return " ".join(re.findall(r"add_argument\(\s*\"(--[a-z-]+)\"", source)) + " --help"
+    return " ".join(re.findall(r"add_argument\(\s*\"(--[a-z-]+)\"", source)) + " --help " + shown
 
 
 def test_every_flag_of_a_documented_script_exists(capsys):
@@ -175,7 +185,7 @@ def test_help_texts_name_the_command_and_its_real_options(capsys):
 
 def _reproduce(argv: list[str], capsys) -> tuple[int, str, str]:
     try:
-        code = reproduce.main(argv)
+        code = cli.main(["reproduce", *argv])
     except SystemExit as done:
         code = done.code
     out = capsys.readouterr()
@@ -198,9 +208,9 @@ def test_a_table_over_two_data_sets_needs_dataset_or_one_root_each(tmp_path, cap
     assert code == 2 and err.count("\n") == 1
     assert "cifar10-lt: 6 settings, cifar100-lt: 6 settings" in err and "--dataset (cifar10-lt or cifar100-lt)" in err
     ten, hundred = tmp_path / "c10", tmp_path / "c100"
-    args = reproduce.parse(["--paper", "NCL", "--table", "Table 1", "--method", "NCL", "--seeds", "1",
+    args = cli.parse_reproduce(["--paper", "NCL", "--table", "Table 1", "--method", "NCL", "--seeds", "1",
                             "--data-root", f"cifar10-lt={ten}", "--data-root", f"cifar100-lt={hundred}"])
-    settings, _, _ = reproduce.plan(reproduce.select_rows(args), args, {})
+    settings, _, _ = reproduce_plan.plan(reproduce_plan.select_rows(args), args, {})
     roots = {(c.data.name, c.data.root) for s in settings for c in s.configs}
     assert roots == {("cifar10-lt", str(ten)), ("cifar100-lt", str(hundred))} and len(settings) == 4
     code, _, err = _reproduce(["--paper", "NCL", "--table", "Table 1", "--dataset", "cifar10-lt",
@@ -216,12 +226,12 @@ def test_a_table_over_two_data_sets_needs_dataset_or_one_root_each(tmp_path, cap
 def test_reproduce_run_names_ignore_paths_and_resources(tmp_path):
     """The same rows with another data.root or CPU share reuse the same run directories; a key that can change
     the result names other ones."""
-    args = reproduce.parse(["--paper", "NCL", "--table", "Table 1", "--dataset", "cifar10-lt", "--method", "NCL",
+    args = cli.parse_reproduce(["--paper", "NCL", "--table", "Table 1", "--dataset", "cifar10-lt", "--method", "NCL",
                             "--seeds", "1"])
-    table = reproduce.select_rows(args)
+    table = reproduce_plan.select_rows(args)
 
     def names(*overrides: str) -> list[str]:
-        settings, _, _ = reproduce.plan(table, args, reproduce.parse_overrides(list(overrides)))
+        settings, _, _ = reproduce_plan.plan(table, args, parse_overrides(list(overrides)))
         return [c.run.name for s in settings for c in s.configs]
 
     plain = names()
@@ -230,14 +240,14 @@ def test_reproduce_run_names_ignore_paths_and_resources(tmp_path):
 
 
 def test_dry_run_resources_read_as_words(capsys):
-    args = reproduce.parse(["--paper", "NCL", "--table", "Table 1", "--dataset", "cifar10-lt", "--method", "NCL",
+    args = cli.parse_reproduce(["--paper", "NCL", "--table", "Table 1", "--dataset", "cifar10-lt", "--method", "NCL",
                             "--seeds", "1"])
-    settings, skipped, _ = reproduce.plan(reproduce.select_rows(args), args, {})
+    settings, skipped, _ = reproduce_plan.plan(reproduce_plan.select_rows(args), args, {})
     settings = settings[:2]
     for s in settings:
         s.configs = [with_overrides(c, {"scaling.cpus_per_worker": 0.0}) for c in s.configs]
     settings[1].configs = [with_overrides(c, {"scaling.cpus_per_worker": 2.0}) for c in settings[1].configs]
-    reproduce.print_plan(settings, skipped.iloc[:0], {}, "CPU")
+    reproduce_cost.print_plan(settings, skipped.iloc[:0], {}, "CPU")
     out = capsys.readouterr().out
     assert "(0: a share)" not in out and "a share of the CPUs" in out and " 2 CPU " in out
 
@@ -305,7 +315,7 @@ def test_paper_tables_refusal_marks_values_it_leaves_out():
 
 def test_resume_refuses_a_new_schedule_and_notes_other_changed_result_keys(tmp_path, capsys):
     cfg = load_config("digits_ce", [f"run.storage_path={tmp_path}", "run.name=r"])
-    rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    rundir = RunDir.for_config(cfg)
     rundir.write_config(cfg)
     import torch
 
@@ -329,8 +339,7 @@ def test_resume_refuses_a_new_schedule_and_notes_other_changed_result_keys(tmp_p
 
 
 def test_the_epoch_line_carries_the_whole_runs_eta():
-    from rayexperts.engine.run import duration, time_left
-    from rayexperts.engine.worker import progress_line
+    from rayexperts.engine.results import duration, progress_line, time_left
 
     rows = [{"view": "expert0", "top1": 0.5, "loss": 1.0, "lr": 0.1, "images_per_sec": 100.0}]
     assert progress_line(2, 30, rows, "expert0", eta=27 * 60.0).endswith("expert0 50.00% | run ETA 27.0 min")

@@ -33,7 +33,8 @@ __all__ = [
     "step_counts",
 ]
 # Searched in this order on first use of a name (the cheap modules first).
-_MODULES = ("errors", "imbalance", "samplers", "sources", "lt_dataset", "transforms", "datasets")
+_MODULES = ("errors", "imbalance", "samplers", "sources", "lt_dataset", "augment.recipes", "augment.per_image",
+            "datasets")
 
 if TYPE_CHECKING:
     from rayexperts.data.datasets import DATASETS, build_dataset
@@ -49,7 +50,8 @@ if TYPE_CHECKING:
     from rayexperts.data.lt_dataset import LTDataset
     from rayexperts.data.samplers import SAMPLER_KINDS, EpochSampler
     from rayexperts.data.sources import ArraySource, FileSource, ImageSource, ParquetSource
-    from rayexperts.data.transforms import AUGMENTS, TransformedDataset, TwoView, build_transform, moco_transform
+    from rayexperts.data.augment.per_image import TransformedDataset, TwoView, build_transform, moco_transform
+    from rayexperts.data.augment.recipes import AUGMENTS
 
 
 def __getattr__(name: str) -> Any:

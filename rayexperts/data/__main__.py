@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from rayexperts.config import ConfigError, load_config
+from rayexperts.config import load_config
 from rayexperts.data.errors import DataError
 
 if TYPE_CHECKING:
@@ -70,33 +70,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args[0] == "export-cifar10":
         return export_cifar10_main(args[1], args[2:])
-    try:
-        cfg = load_config(None, [f"data.name={args[1]}", *args[2:]])
-        from rayexperts.data.datasets import build_dataset  # torch: only once the config is valid
+    cfg = load_config(None, [f"data.name={args[1]}", *args[2:]])
+    from rayexperts.data.datasets import build_dataset  # torch: only once the config is valid
 
-        ds = build_dataset(cfg.data)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ds = build_dataset(cfg.data)
     print(describe(ds, cfg.data.many_threshold, cfg.data.few_threshold))
     return 0
 
 
 def export_cifar10_main(out_dir: str, keys: list[str]) -> int:
     """``export-cifar10 OUT_DIR data.root=FILE.parquet [key=value ...]`` (the ``data.*`` column names apply)."""
-    try:
-        cfg = load_config(None, ["data.name=cifar10-lt", *keys])
-        if not cfg.data.root or not str(cfg.data.root).endswith(".parquet"):
-            raise DataError(f"export-cifar10 reads a Parquet file: pass data.root=<file>.parquet (got {cfg.data.root!r})")
-        from rayexperts.data.cifar_export import export_cifar10  # torch: only once the config is valid
+    cfg = load_config(None, ["data.name=cifar10-lt", *keys])
+    if not cfg.data.root or not str(cfg.data.root).endswith(".parquet"):
+        raise DataError(f"export-cifar10 reads a Parquet file: pass data.root=<file>.parquet (got {cfg.data.root!r})")
+    from rayexperts.data.cifar_export import export_cifar10  # torch: only once the config is valid
 
-        folder = export_cifar10(cfg.data, out_dir)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    folder = export_cifar10(cfg.data, out_dir)
     print(f"wrote {folder}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `rayexperts data ...`: rayexperts.cli.main maps errors to exit statuses
+    import runpy
+
+    sys.argv[1:1] = ["data"]
+    runpy.run_module("rayexperts.cli", run_name="__main__")

@@ -9,7 +9,7 @@ from rayexperts.registry import DATASETS
 
 
 def build_dataset(data_cfg) -> LTDataset:
-    """The :class:`LTDataset` named by ``data_cfg.name`` (``cfg.data``: the ``DataConfig`` keys)."""
+    """The :class:`LTDataset` named by ``data_cfg.name`` (``cfg.data``: the ``DataSection`` keys)."""
     return DATASETS.get(str(data_cfg.name)).build(data_cfg)
 
 

@@ -1,5 +1,5 @@
 """Data that lives on the device (``data.cache``; issue 15): a split decoded once into one ``uint8``
-tensor, batches gathered by index and augmented there, a batch at a time (:mod:`rayexperts.data.batched`).
+tensor, batches gathered by index and augmented there, a batch at a time (:mod:`rayexperts.data.augment.batched`).
 
 ``data.cache``: ``device`` (the tensor on the training device), ``host`` (in host memory, each batch
 copied to the device before its augmentation), ``off`` (the per-image DataLoader path) or ``auto``:
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rayexperts.data.batched import BatchPipeline, BatchRng
+from rayexperts.data.augment.batched.core import BatchRng
+from rayexperts.data.augment.batched.pipelines import BatchPipeline
 from rayexperts.data.errors import DataError
 from rayexperts.data.lt_dataset import LTDataset
 from rayexperts.data.samplers import EpochDraws, EpochSampler

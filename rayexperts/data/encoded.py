@@ -3,7 +3,7 @@ training device (``data.decode=device``; ``auto`` on CUDA): DataLoader workers o
 files; each batch is decoded at once by ``torchvision.io.decode_jpeg(..., device=<training device>)``
 (nvJPEG on a GPU), each image is cropped to the training size with torchvision's ``resized_crop``
 (training) or ``resize`` + ``center_crop`` (evaluation), and the rest of the augmentation runs on the
-batch (:mod:`rayexperts.data.batched`). Files that are not JPEG are decoded on the CPU
+batch (:mod:`rayexperts.data.augment.batched`). Files that are not JPEG are decoded on the CPU
 (``torchvision.io.decode_image``), one by one.
 """
 
@@ -15,11 +15,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rayexperts.data.batched import BatchPipeline, BatchRng, RandomResizedCrop
+from rayexperts.data.augment.batched.core import BatchRng
+from rayexperts.data.augment.batched.geometry import RandomResizedCrop
+from rayexperts.data.augment.batched.pipelines import BatchPipeline, ResizeCentreCrop
+from rayexperts.data.augment.recipes import AugmentOptions, eval_resize_side
 from rayexperts.data.errors import DataError
 from rayexperts.data.samplers import EpochDraws
 from rayexperts.data.sources import ImageSource
-from rayexperts.data.transforms import AugmentOptions, eval_resize_side
 
 DECODE_MODES = ("auto", "workers", "device")
 
@@ -90,7 +92,9 @@ class EncodedLoader(EpochDraws):
         return len(self.loader)
 
     def _first_stage(self, pipeline: BatchPipeline, images: list[Tensor], rng: BatchRng) -> tuple[Tensor, BatchPipeline]:
-        """The per-image crop to the training size; the pipeline's remaining steps."""
+        """The per-image crop to the training size (the pipeline's first step when it is a random resized crop or
+        a resize + centre crop: e.g. the lift_crop recipe's Resize(image_size * 8 // 7)); the pipeline's remaining
+        steps."""
         from torchvision.transforms.v2 import functional as TF
 
         steps = list(pipeline.steps)
@@ -99,7 +103,11 @@ class EncodedLoader(EpochDraws):
             batch = torch.stack([crop.one(img, rng) for img in images])
         else:
             short = eval_resize_side(self.image_size, self.options)
-            mode = getattr(TF.InterpolationMode, self.options.interpolation.upper())
+            interpolation = self.options.interpolation
+            if steps and isinstance(steps[0], ResizeCentreCrop):  # applied here, image by image
+                first = steps.pop(0)
+                short, interpolation = first.resize, first.interpolation
+            mode = getattr(TF.InterpolationMode, interpolation.upper())
             batch = torch.stack([TF.center_crop(TF.resize(img, short, interpolation=mode, antialias=True),
                                                 [self.image_size] * 2) for img in images])
         return batch, BatchPipeline(steps, pipeline.norm, pipeline.after)

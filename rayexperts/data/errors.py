@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rayexperts.errors import InputError
 
-class DataError(ValueError):
+
+class DataError(InputError, ValueError):
     """Bad or missing data: the message names the file/column/value and how to fix it."""

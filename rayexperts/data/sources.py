@@ -2,7 +2,7 @@
 
 ``ArraySource`` holds decoded uint8 CHW images in memory (digits, CIFAR) and returns
 uint8 tensors; ``FileSource`` and ``ParquetSource`` decode JPEG/PNG lazily with PIL
-and return RGB PIL images. The transforms of :mod:`rayexperts.data.transforms` accept both.
+and return RGB PIL images. The transforms of :mod:`rayexperts.data.augment.per_image` accept both.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""One training epoch and one evaluation pass, in plain PyTorch (no Ray here)."""
+"""One step, one training epoch and one evaluation pass, in plain PyTorch (no Ray here): of one loader
+(:func:`train_one_epoch`, :func:`evaluate`) and of a :class:`~rayexperts.engine.run.Run` (:func:`train_epoch`:
+seeded from (seed, rank, epoch), averaged over workers; :func:`evaluate_splits`: every held-out split, after the
+method's test-time steps). ``run`` is typed ``Any``: ``engine.run`` imports this module."""
 
 from __future__ import annotations
 
@@ -6,16 +9,22 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from rayexperts.data.samplers import EpochSampler
+from rayexperts.data.samplers import EpochDraws, EpochSampler
 from rayexperts.engine.mixup import Mixup
+from rayexperts.engine.results import step_progress
 from rayexperts.engine.schedule import set_lr
+from rayexperts.engine.test_time import learn_views
+from rayexperts.engine.tta import add_tta_views
 from rayexperts.eval.metrics import EvalAccumulator
 from rayexperts.methods.base import Batch, LossOutput, Method, View
+from rayexperts.rundir import unwrap
 
 
 @dataclass(frozen=True)
@@ -164,3 +173,75 @@ def evaluate(method: Method, model: nn.Module, loader: Iterable, opts: LoopOptio
             acc.update_stat(name, values, batch.targets)
     acc.all_reduce()
     return acc
+
+
+# ------------------------------------------------------------------------------------------- one run
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + epoch) % (2**31)
+
+
+def seed_epoch(run: Any, epoch: int) -> None:
+    """Seed everything random in ``epoch`` from (seed, rank, epoch): the epoch is their whole state. Sets
+    ``run.mixup`` (``train.mixup_alpha``) and calls the method's epoch hook."""
+    seed = epoch_seed(int(run.cfg.seed), run.rank, epoch)
+    torch.manual_seed(seed)
+    run.sampler.set_epoch(epoch)
+    if isinstance(run.train_loader, EpochDraws):  # the device-cache and encoded loaders: draws per epoch
+        run.train_loader.set_epoch(epoch, seed)
+    alpha = float(run.cfg.train.mixup_alpha)
+    run.mixup = Mixup(alpha, seed + 1) if alpha > 0 else None
+    run.method.on_epoch(epoch)
+
+
+def train_epoch(run: Any, epoch: int) -> dict[str, float]:
+    """Train ``run`` for ``epoch`` (seeded by :func:`seed_epoch`); the statistics averaged over workers (their
+    images/s summed). Rank 0 prints where a long epoch is (``run.verbose``)."""
+    seed_epoch(run, epoch)
+    stats = train_one_epoch(run.method, run.model, run.optimizer, run.train_loader, epoch, run.lr_at, run.opts,
+                            run.mixup, step_progress(run, epoch))
+    return mean_over_workers(stats, sum_keys=("images_per_sec",))
+
+
+def evaluate_splits(run: Any, last: bool = True) -> dict[str, EvalAccumulator]:
+    """Evaluate every view on each held-out split (test, val, test distributions), by metrics prefix; each sample
+    counts once over all workers. The method's test-time steps (``eval.test_time``: at the ``last`` evaluation, at
+    ``every`` one, or ``off``) first learn their views on each test split's unlabelled images
+    (:mod:`rayexperts.engine.test_time`); those views are transductive."""
+    sync_buffers(run.model)
+    when = str(run.cfg.eval.test_time)
+    learn = when == "every" or (when == "last" and last)
+    sources = run.loaders.sources()
+    out = {}
+    for prefix, loader in run.eval_loaders.items():
+        steps = run.method.test_time_steps() if learn and not prefix.startswith("val_") else {}
+        extra = learn_views(run, steps, sources[prefix]) if steps else {}
+        out[prefix] = evaluate(run.method, run.eval_model, loader, run.opts, extra)
+    add_tta_views(run, out, last)  # eval.tta: views <view>_<mode>, each image's views ensembled (engine.tta)
+    return out
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Give every worker rank 0's buffers (BatchNorm statistics, MoCo queues) before evaluating,
+    so N workers evaluate exactly the model that rank 0 checkpoints."""
+    if is_distributed():
+        for buf in unwrap(model).buffers():
+            dist.broadcast(buf, src=0)
+
+
+def mean_over_workers(stats: dict[str, float], sum_keys: tuple[str, ...] = ()) -> dict[str, float]:
+    """Average per-worker training statistics (sum ``sum_keys``: the throughput) across workers."""
+    if not is_distributed():
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    return {k: float(v) if k in sum_keys else float(v) / world for k, v in zip(keys, t.tolist())}

@@ -26,7 +26,7 @@ def lr_schedule(train_cfg: DictConfig) -> Callable[[float], float]:
     """``lr_at(t)`` for the schedule clock ``t`` in epochs (see the module docstring)."""
     base, epochs, warm = float(train_cfg.lr), int(train_cfg.epochs), int(train_cfg.warmup_epochs)
     milestones, gamma, kind = list(train_cfg.milestones), float(train_cfg.gamma), train_cfg.schedule
-    start, eta = float(train_cfg.warmup_start), float(train_cfg.eta_min)  # defaults: config.TrainConfig
+    start, eta = float(train_cfg.warmup_start), float(train_cfg.eta_min)  # defaults: config.TrainSection
     span = float(train_cfg.cosine_t_max) or max(epochs - warm, 1)
 
     def lr_at(t: float) -> float:

@@ -36,15 +36,15 @@ class TestTimeStep(Protocol):
 
 
 def learn_views(run: Any, steps: dict[str, TestTimeStep], source: Any) -> dict[str, View]:
-    """Run every test-time step of ``steps`` on ``run``'s trained model over the held-out ``source`` (its images,
-    never its labels); returns the learnt views by name."""
+    """Run every test-time step of ``steps`` on the trained model of ``run`` (a :class:`~rayexperts.engine.run.Run`)
+    over the held-out ``source`` (its images, never its labels); returns the learnt views by name."""
     method, model = run.method, run.eval_model
     views: dict[str, View] = {}
     model.eval()
     for name, step in steps.items():
         step.start(run.device)
         for number in range(int(step.passes)):
-            for items in run.two_view_test_batches(source, step.augment, int(step.batch_size), number):
+            for items in run.loaders.test_time_batches(source, step.augment, int(step.batch_size), number):
                 batch = run.opts.batch(items)
                 with torch.no_grad(), torch.autocast(run.device.type, enabled=False):
                     first = method.model_output(method.infer(model, batch.images)).logits

@@ -1,5 +1,6 @@
-"""``python -m rayexperts.eval probes RUN_DIR [--probes a,b] [--device cpu]``: representation probes
-of a finished run (docs/methods.md "Evaluation every run should be able to report")."""
+"""``python -m rayexperts.eval probes RUN_DIR [--probes a,b] [--device cpu]`` (``rayexperts probes``, whose parser
+is in rayexperts/cli.py): representation probes of a finished run (docs/methods.md "Evaluation every run should be
+able to report")."""
 
 from __future__ import annotations
 
@@ -9,24 +10,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rayexperts.errors import InputError
+
 if TYPE_CHECKING:
     import pandas as pd
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m rayexperts.eval", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("probes", help="feature accuracy, NCM, cRT, tau-norm, LWS and ECL feature distance")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with config.yaml and a checkpoint")
-    p.add_argument("--probes", help="comma-separated subset of feature_accuracy,ncm,crt,tau_norm,lws,feature_distance"
-                   " (default: all)")
-    p.add_argument("--device", default="cpu", help="torch device for features and probes (default cpu)")
-    p.add_argument("--tau", type=float, default=1.0, help="tau of tau_norm (default 1.0)")
-    p.add_argument("--tau-on-val", action="store_true", help="pick tau in 0..2 on the val split when there is one")
-    p.add_argument("--feature-accuracy-epochs", type=int, help="default 200 (MLLT)")
-    p.add_argument("--crt-epochs", type=int, help="default 10")
-    p.add_argument("--lws-epochs", type=int, help="default 10")
-    return parser
 
 
 def _format(df: pd.DataFrame) -> str:
@@ -47,11 +34,11 @@ def _format(df: pd.DataFrame) -> str:
     return "\n\n".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(args: argparse.Namespace) -> int:
+    """The probes once their arguments are parsed (:func:`rayexperts.cli.probes`); bad input raises
+    :class:`~rayexperts.errors.InputError` (:class:`~rayexperts.eval.probes.ProbeError`)."""
     if not Path(args.run_dir).is_dir():  # fail before importing torch (load_run checks again)
-        print(f"error: run directory {args.run_dir} does not exist", file=sys.stderr)
-        return 2
+        raise InputError(f"run directory {args.run_dir} does not exist")
     from rayexperts.eval.probes import PROBES, ProbeOptions, run_probes
 
     opts = ProbeOptions(tau=args.tau, tau_on_val=args.tau_on_val)
@@ -60,15 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         if epochs is not None:
             opts = replace(opts, **{name: replace(getattr(opts, name), epochs=epochs)})
     probes = [p.strip() for p in args.probes.split(",") if p.strip()] if args.probes else PROBES
-    try:
-        df = run_probes(args.run_dir, probes, args.device, opts)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    df = run_probes(args.run_dir, probes, args.device, opts)
     print(_format(df))
     print(f"\nwritten to {args.run_dir.rstrip('/')}/probes.parquet")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `rayexperts probes ...`: rayexperts.cli.main maps errors to exit statuses
+    import runpy
+
+    sys.argv[1:] = ["probes", *(sys.argv[2:] if sys.argv[1:2] == ["probes"] else sys.argv[1:])]
+    runpy.run_module("rayexperts.cli", run_name="__main__")

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from rayexperts.data import LTDataset, TransformedDataset, build_dataset, build_transform
+from rayexperts.errors import InputError
 from rayexperts.eval.tables import GROUPS
 from rayexperts.methods import METHODS, Method
 from rayexperts.models import find_experts
@@ -47,7 +48,7 @@ COLUMNS = [
 TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # τ ∈ {0, 0.1, …, 2.0} when picked on val
 
 
-class ProbeError(ValueError):
+class ProbeError(InputError, ValueError):
     """A run directory cannot be probed; the message names the directory or the probe."""
 
 

@@ -1,5 +1,5 @@
 """``rayexperts eval RUN_DIR [key=value ...]``: a run's checkpoint evaluated on another data set, split or test
-distribution, every view as the run's own evaluation computes it (``rayexperts.engine.run.Run.evaluate``, test-time
+distribution, every view as the run's own evaluation computes it (``rayexperts.engine.loop.evaluate_splits``, test-time
 views re-learnt on the split they are evaluated on), into ``RUN_DIR/eval/<name>.parquet`` with the
 ``metrics.parquet`` columns. The run's own files are not touched.
 
@@ -64,6 +64,8 @@ def evaluate_run(run_dir: str, overrides: dict[str, Any] | None = None, checkpoi
     import torch
 
     from rayexperts.data.imbalance import shot_group
+    from rayexperts.engine.loop import evaluate_splits
+    from rayexperts.engine.results import result_rows
     from rayexperts.engine.run import Run
     from rayexperts.rundir import identity, load_model_state
 
@@ -88,8 +90,8 @@ def evaluate_run(run_dir: str, overrides: dict[str, Any] | None = None, checkpoi
     state = _read_state(spec.checkpoint, identity(spec.cfg, len(spec.classes)))
     load_model_state(run.model, state["model"])
     epoch = int(state["epoch"]) - 1
-    accs = run.evaluate(last=True)
-    rows, _ = run.result_rows(epoch, accs, {})
+    accs = evaluate_splits(run, last=True)
+    rows, _ = result_rows(run, epoch, accs, {})
     df = pd.DataFrame(rows)
     df["epoch"] = df["epoch"].astype("int64")
     df["checkpoint"] = spec.checkpoint.uri.rsplit("/", 1)[-1]

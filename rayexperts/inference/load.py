@@ -192,16 +192,22 @@ class Preprocess:
     ``[C, H, W]`` tensor. Encoded images and PIL images are converted to the run's channels (RGB, or L for the
     1-channel digits) as ``rayexperts.data.sources.decode_image`` does. Picklable (Ray tasks carry it)."""
 
-    def __init__(self, image_kind: str, image_size: int, channels: int, options: dict[str, Any]) -> None:
-        self.image_kind, self.image_size, self.channels, self.options = image_kind, image_size, channels, dict(options)
+    def __init__(self, image_kind: str, image_size: int, channels: int, options: dict[str, Any],
+                 augment: str = "none") -> None:
+        self.image_kind, self.image_size, self.channels = image_kind, image_size, channels
+        self.options, self.augment = dict(options), augment
         self._transform = None
 
     @classmethod
-    def of(cls, cfg: DictConfig, kind: str | None = None) -> Preprocess:
-        d = cfg.data
-        options = {"autoaugment_fill": int(d.autoaugment_fill), "cutout_fill": str(d.cutout_fill),
-                   "crop_scale_min": float(d.crop_scale_min), "normalize": str(d.normalize)}
-        return cls(kind or image_kind(cfg), int(d.image_size), in_channels(cfg), options)
+    def of(cls, cfg: DictConfig, kind: str | None = None, model_data: dict[str, Any] | None = None) -> Preprocess:
+        """The test view the run evaluated with: ``data.augment``'s (``recipes.TEST_VIEWS``, else "none"), with the
+        options training used (``engine.loaders.augment_options``: a timm backbone's own mean, std, crop and
+        interpolation from ``model_data`` where the config leaves them to the model)."""
+        from rayexperts.engine.loaders import augment_options
+
+        opts = augment_options(cfg, model_data, in_channels(cfg))
+        options = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in vars(opts).items()}
+        return cls(kind or image_kind(cfg), int(cfg.data.image_size), in_channels(cfg), options, str(cfg.data.augment))
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_transform": None}
@@ -209,25 +215,31 @@ class Preprocess:
     @property
     def transform(self):
         if self._transform is None:
-            from rayexperts.data.transforms import AugmentOptions, build_transform
+            from rayexperts.data.augment.per_image import build_transform
+            from rayexperts.data.augment.recipes import AugmentOptions
 
-            self._transform = build_transform(self.image_kind, "none", train=False, image_size=self.image_size,
-                                              options=AugmentOptions(**self.options))
+            self._transform = build_transform(self.image_kind, self.augment, train=False,
+                                              image_size=self.image_size, options=AugmentOptions(**self.options))
         return self._transform
 
     def describe(self) -> dict[str, Any]:
         """What the transform does, for ``export.json`` (so a consumer without rayexperts can redo it)."""
-        from rayexperts.data.transforms import AugmentOptions, NATIVE_SIZE, mean_std
+        from rayexperts.data.augment.recipes import AugmentOptions, recipe, view_side
 
-        mean, std = mean_std(self.image_kind, AugmentOptions(**self.options))
-        size = NATIVE_SIZE.get(self.image_kind, self.image_size)
+        resolved = recipe(self.image_kind, self.augment, train=False, image_size=self.image_size,
+                          options=AugmentOptions(**self.options))
+        mean, std = resolved.norm.params["mean"], resolved.norm.params["std"]
         steps = [f"decode, convert to {'L' if self.channels == 1 else 'RGB'}"]
-        if self.image_kind == "imagenet":
-            steps += [f"resize shorter side to {round(self.image_size * 256 / 224)} (bilinear, antialias)",
-                      f"center crop {self.image_size}"]
+        for op in resolved.steps:
+            if op.name == "resize_centre_crop":
+                steps += [f"resize shorter side to {op.params['resize']} ({op.params.get('interpolation', 'bilinear')}"
+                          f", antialias)", f"center crop {op.params['size']}"]
+            else:
+                steps.append(f"{op.name} {dict(op.params)}")
         steps += ["x / 255", "(x - mean) / std per channel"]
-        return {"image_kind": self.image_kind, "image_size": size, "channels": self.channels, "mean": list(mean),
-                "std": list(std), "layout": "NCHW float32", "steps": steps, "options": self.options}
+        return {"image_kind": self.image_kind, "image_size": view_side(resolved, self.image_kind, self.image_size),
+                "channels": self.channels, "mean": list(mean), "std": list(std), "layout": "NCHW float32",
+                "steps": steps, "options": self.options}
 
     def decode(self, data: bytes):
         """Encoded bytes → a PIL image in the run's channels (``OSError``/``ValueError`` when unreadable)."""
@@ -345,7 +357,10 @@ def build(spec: RunSpec, state: dict[str, Tensor] | None = None, epoch: int = 0,
     from rayexperts.engine.loop import LoopOptions
 
     opts = LoopOptions.from_config(cfg, torch.device(device))
-    module = LoadedModel(method, model, spec, epoch, every_view, Preprocess.of(cfg), opts.channels_last, opts.tta_flip)
+    from rayexperts.models.backbones import timm_data_config
+
+    module = LoadedModel(method, model, spec, epoch, every_view, Preprocess.of(cfg, model_data=timm_data_config(model)),
+                         opts.channels_last, opts.tta_flip)
     module.requires_grad_(False)
     module.to(device=torch.device(device), memory_format=opts.memory_format)
     return module.eval()

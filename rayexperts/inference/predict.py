@@ -187,11 +187,9 @@ def predict(run_dir: str, input_path: str, out: str, view: str | None = None, to
     kind, items = list_input(input_path)
     if not str(out).endswith(".parquet"):
         raise DataError(f"--out {out}: the output is a Parquet file (FILE.parquet)")
-    from rayexperts.inference.load import Preprocess
-
-    preprocess = Preprocess.of(spec.cfg)
     module = build(spec)  # the checkpoint loads here (a mismatch fails before Ray starts) and gives the input shape
-    shape = tuple(module.preprocess(_probe_image(module.preprocess)).shape)
+    preprocess = module.preprocess  # the run's own test view (a timm backbone's mean, std and crop included)
+    shape = tuple(preprocess(_probe_image(preprocess)).shape)
     del module
 
     import ray

@@ -1,5 +1,6 @@
-"""Config → Ray objects: a Train run (``train``), a two-stage CBD job (``ensemble``), a Tune sweep (``tune``),
-the throughput benchmark (``bench``), connecting to a cluster (``cluster``).
+"""Config → Ray objects: a Train run (``train``), a config's prerequisite runs then its own (``stages``), a
+two-stage CBD job (``ensemble``), a Tune sweep (``tune``), a published table re-run (``reproduce``), connecting to a
+cluster (``cluster``).
 
 Ray prints a worker's lines on the driver and folds lines that look alike across processes into one
 ("[repeated 2x across cluster]"); that would fold the progress lines of teachers training side by side.

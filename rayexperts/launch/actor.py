@@ -16,9 +16,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from rayexperts import registry
-from rayexperts.config import from_dict, to_dict
 from rayexperts.launch.cluster import ship_plugins
-from rayexperts.launch.trainer import fit_trainer, local_cpus, uses_ray_train, worker_resources
+from rayexperts.launch.torch_trainer import fit_trainer, local_cpus, uses_ray_train, worker_resources
 from rayexperts.rundir import RunDir
 from rayexperts.trace import mark
 
@@ -34,19 +33,21 @@ class RunActor:
     def __repr__(self) -> str:  # Ray's prefix for this actor's output lines
         return self.name
 
-    def train(self, cfg_dict: dict[str, Any], plugins: dict[str, Any], threads: int) -> str:
-        """Train; on failure the traceback goes to ``<run dir>/error.log`` before re-raising."""
+    def train(self, cfg: DictConfig, plugins: dict[str, Any] | None, threads: int) -> str:
+        """Train the driver's resolved config ``cfg`` (never recomposed here); ``plugins``: what the driver
+        shipped (:func:`~rayexperts.launch.cluster.ship_plugins`), registered once in this process (None: this
+        is the driver's process). On failure the traceback goes to ``<run dir>/error.log`` before re-raising."""
         mark(f"actor start {self.name}")
-        registry.load_plugins(shipped=plugins)
-        cfg = from_dict(cfg_dict)
-        rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
+        if plugins is not None:
+            registry.load_plugins(shipped=plugins)
+        rundir = RunDir.for_config(cfg)
         try:
             if uses_ray_train(cfg):
                 fit_trainer(cfg)  # the caller checked the directory and wrote config.yaml
             else:
-                from rayexperts.engine.worker import train_here  # this actor's process, not the driver
+                from rayexperts.engine.entry import train_one_worker  # this actor's process, not the driver
 
-                train_here({"config": cfg_dict, "threads": threads, "plugins": plugins})
+                train_one_worker(cfg, threads)
         except BaseException:
             rundir.write_text("error.log", traceback.format_exc())
             raise
@@ -56,16 +57,16 @@ class RunActor:
 
 def train_in_process(cfg: DictConfig) -> str:
     """``run.ray=false``: :meth:`RunActor.train` called in this process instead of in a Ray actor: the same
-    plugins (what :func:`~rayexperts.launch.cluster.ship_plugins` sends an actor, without pickling), config,
-    torch threads (this machine's CPUs, or ``scaling.cpus_per_worker``), loop, checkpoints and run directory,
-    and no Ray imported. The caller has checked the run directory and written ``config.yaml``; the process's
-    torch thread count is restored afterwards."""
+    config object (this process's plugins already registered), torch threads (this machine's CPUs, or
+    ``scaling.cpus_per_worker``), loop, checkpoints and run directory, and no Ray imported. The caller has
+    checked the run directory and written ``config.yaml``; the process's torch thread count is restored
+    afterwards."""
     import torch
 
     _cpus, _gpus, threads = worker_resources(cfg, total_cpus=local_cpus())
     before = torch.get_num_threads()
     try:
-        return RunActor(str(cfg.run.name)).train(to_dict(cfg), registry.ship(), threads)  # ship_plugins() unpickled
+        return RunActor(str(cfg.run.name)).train(cfg, None, threads)
     finally:
         torch.set_num_threads(before)
 
@@ -81,4 +82,4 @@ def start_run(cfg: DictConfig) -> tuple[Any, Any]:
     failures = int(cfg.run.max_failures)
     actor = ray.remote(RunActor).options(**resources, max_restarts=failures, max_task_retries=failures)
     handle = actor.remote(str(cfg.run.name))
-    return handle, handle.train.remote(to_dict(cfg), ship_plugins(), threads)
+    return handle, handle.train.remote(cfg, ship_plugins(), threads)  # the resolved config, pickled by Ray

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from rayexperts import registry
+from rayexperts.errors import InputError
 from rayexperts.trace import mark
 
 CONNECT_TIMEOUT_S = float(os.environ.get("RAYEXPERTS_CONNECT_TIMEOUT_S", "30"))  # how long RAY_ADDRESS may stay silent
 
 
-class ClusterUnreachable(ConnectionError):
+class ClusterUnreachable(InputError, ConnectionError):
     """``RAY_ADDRESS`` names a cluster that does not answer; the message names the address."""
 
 

@@ -13,17 +13,17 @@ import ast
 import math
 import re
 import subprocess
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from rayexperts.data.imbalance import shot_group
+from rayexperts.errors import InputError
 
 
-class CompareError(ValueError):
+class CompareError(InputError, ValueError):
     """Bad input to the comparison: one line naming the file and what is wrong with it."""
 
 
@@ -95,6 +95,20 @@ def _ldam_args(path: Path) -> dict:
 
 
 FORMATS: dict[str, Callable[[Path], tuple[pd.DataFrame, dict]]] = {"ldam-drw": parse_ldam_drw}
+
+
+def read_segments(fmt: str, logs: Sequence[Path]) -> tuple[pd.DataFrame, dict]:
+    """Their run from the logs of its segments, in order: a run resumed from its own checkpoint (the authors'
+    ``--resume``) starts a new log at the checkpoint's epoch, and an epoch logged twice keeps the later segment's
+    row. The arguments are the first segment's, with the ``start_epoch`` of each segment."""
+    parts, first = [], None
+    for log in logs:
+        df, args = FORMATS[fmt](Path(log))
+        parts.append(df)
+        first = first if first is not None else {**args, "segments": []}
+        first["segments"].append(int(df["epoch"].iloc[0]))
+    table = pd.concat(parts, ignore_index=True).drop_duplicates("epoch", keep="last")
+    return table.sort_values("epoch", ignore_index=True), first
 
 
 # -- our run ---------------------------------------------------------------------------------------------------------
@@ -218,7 +232,8 @@ def one_step(code: Path, cfg, their_args: dict, steps: int = 3, batch_size: int 
 
     import torch
 
-    from rayexperts.data.batched import BatchRng, batch_transform
+    from rayexperts.data.augment.batched.core import BatchRng
+    from rayexperts.data.augment.batched.pipelines import batch_transform
     from rayexperts.engine.loop import LoopOptions, train_step
     from rayexperts.engine.schedule import StepSchedule, build_optimizer, set_lr
     from rayexperts.methods import METHODS
@@ -387,15 +402,18 @@ def plot(table: pd.DataFrame, path: Path, labels: tuple[str, str]) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
 
 
-def compare(code: Path, ours_dir: Path, log: Path, out: Path, view: str = "expert0", fmt: str = "ldam-drw",
-            one_step_cfg=None) -> Path:
+def compare(code: Path, ours_dir: Path, log: Path | Sequence[Path], out: Path, view: str = "expert0",
+            fmt: str = "ldam-drw", one_step_cfg=None) -> Path:
     """Write ``compare.md``, ``compare.png`` and ``compare.parquet`` (per epoch) under ``out``; returns the Markdown.
-    With ``one_step_cfg`` (our run's resolved config) ``compare.md`` also gets :func:`one_step` (LDAM-DRW's code)."""
+    ``log``: their log, or the logs of a resumed run's segments in order (:func:`read_segments`). With
+    ``one_step_cfg`` (our run's resolved config) ``compare.md`` also gets :func:`one_step` (LDAM-DRW's code)."""
     if fmt not in FORMATS:
         raise CompareError(f"unknown --format {fmt!r}: choose {', '.join(FORMATS)}")
     commit = code_commit(code)
     ours = read_ours(ours_dir, view)
-    theirs, args = FORMATS[fmt](log)
+    logs = [log] if isinstance(log, (str, Path)) else list(log)
+    theirs, args = read_segments(fmt, logs)
+    log = ", ".join(map(str, logs)) + (f" (segments from epochs {args['segments']}, 0-based)" if len(logs) > 1 else "")
     table = side_by_side(ours, theirs)
     summ = summary(table)
     both = table.dropna(subset=["ours", "theirs"])
@@ -418,27 +436,10 @@ def compare(code: Path, ours_dir: Path, log: Path, out: Path, view: str = "exper
     return md
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="compare_official", description=__doc__.split("\n\n")[0])
-    p.add_argument("--code", required=True, type=Path, help="the authors' checkout (its commit is recorded)")
-    p.add_argument("--ours", required=True, type=Path, help="our run directory (metrics.parquet)")
-    p.add_argument("--log", required=True, type=Path,
-                   help="their log (LDAM-DRW: log_test.csv, its folder, or the run folder)")
-    p.add_argument("--out", type=Path, default=Path("compare"), help="output folder (default ./compare)")
-    p.add_argument("--view", default="expert0", help="our view to compare (default expert0: the plain softmax)")
-    p.add_argument("--format", default="ldam-drw", choices=sorted(FORMATS), help="their log format")
-    p.add_argument("--one-step", action="store_true",
-                   help="also train one step of both codes from the same weights on the same batch (LDAM-DRW's "
-                        "models/resnet_cifar.py and cifar_train.py's schedule, our run's config.yaml)")
-    a = p.parse_args(argv)
-    try:
-        cfg = None
-        if a.one_step:
-            cfg = run_preset_config(a.ours)
-        md = compare(a.code, a.ours, a.log, a.out, a.view, a.format, cfg)
-    except CompareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def main(a: argparse.Namespace) -> int:
+    """``jobs/compare_official.py`` once its arguments are parsed (:func:`rayexperts.cli.compare_official`)."""
+    cfg = run_preset_config(a.ours) if a.one_step else None
+    md = compare(a.code, a.ours, a.log, a.out, a.view, a.format, cfg)
     print(md.read_text())
     print(f"wrote {md}, {md.with_suffix('.png')}, {md.with_suffix('.parquet')}")
     return 0

@@ -1,13 +1,12 @@
-"""Two-stage jobs (``jobs/cbd_ens.py``): a method's prerequisite runs in parallel, then its own run.
+"""Two-stage jobs (``rayexperts cbd``, ``jobs/cbd_ens.py``): a method's prerequisite runs in parallel, then its own
+run, with a summary of both.
 
 CBD / CBD_ENS (docs/methods.md "CBD") is such a method: its prerequisites are the K teachers
-(``cbd.teachers``), its own run the class-balanced student. Stage 1: every prerequisite trains from its
-own Ray actor (:mod:`rayexperts.launch.actor`: in the actor for one worker, a Ray Train run for more), so
-all K start at once and Ray packs them onto the cluster; torch threads per worker = the CPU share. A finished run
-(its latest checkpoint at the last epoch) is not retrained. One run failing does not stop the
-others: the job waits for all, writes the summary, then raises :class:`PrerequisiteFailed` naming
-it and its log. Stage 2: the method's own run (:func:`~rayexperts.launch.train.run_training`) on the job's
-``scaling``.
+(``cbd.teachers``), its own run the class-balanced student. Stage 1 (:func:`~rayexperts.launch.stages.
+train_prerequisites`): every prerequisite trains from its own Ray actor, all at once; a finished one is not
+retrained; one failing does not stop the others, the job writes the summary, then raises
+:class:`~rayexperts.launch.stages.PrerequisiteFailed`. Stage 2: the method's own run
+(:func:`~rayexperts.launch.train.run_training`) on the job's ``scaling``.
 
 The job directory (docs/results.md) ``run.storage_path/run.name/``: ``config.yaml``, the
 prerequisites' run directories (CBD: ``teachers/teacher<i>/``), the method's (CBD: ``student/``),
@@ -17,8 +16,7 @@ and ``summary.parquet``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -26,104 +24,13 @@ from omegaconf import DictConfig
 
 from rayexperts.config import ConfigError, load_config, parse_overrides
 from rayexperts.eval.tables import SHOT_COLUMNS, shot_table
-from rayexperts.launch.cluster import dashboard_wanted, ensure_ray
-from rayexperts.launch.actor import start_run
-from rayexperts.launch.trainer import uses_ray_train
+from rayexperts.launch.stages import Outcome, is_finished, train_prerequisites
 from rayexperts.launch.train import default_run_name, needs_ray, preflight, run_training
 from rayexperts.methods import METHODS
-from rayexperts.rundir import IDENTITY_KEYS, RunDir
+from rayexperts.rundir import RunDir
 
 DEMO_PRESET = "cbd_digits"
 SUMMARY_COLUMNS = ["model", "top1", "top1_many", "top1_medium", "top1_few", "started_at", "finished_at"]
-
-
-class PrerequisiteFailed(RuntimeError):
-    """One or more prerequisite runs (CBD: teachers) failed; the message names each, its run directory
-    and its error log."""
-
-
-TeacherFailed = PrerequisiteFailed  # CBD's word for it
-
-
-@dataclass
-class Outcome:
-    """How one run of the job ended: ``finished``, ``skipped`` (already done) or ``failed``."""
-
-    name: str
-    cfg: DictConfig
-    path: str
-    status: str
-    error: str = ""
-
-
-def reuse_keys(cfg: DictConfig) -> tuple[str, ...]:
-    """What a finished run directory must agree on to be reused: the identity keys, the seed and the
-    augmentation (a teacher), and the method's path keys (CBD's student: the same teachers)."""
-    return (*IDENTITY_KEYS, "seed", "data.augment", *METHODS.get(cfg.method).path_keys)
-
-
-def is_finished(cfg: DictConfig) -> bool:
-    """True when ``cfg``'s run directory holds the checkpoint and the evaluation of its last epoch.
-    A directory holding another configuration (:func:`reuse_keys`) is refused."""
-    return RunDir.of(cfg.run.storage_path, cfg.run.name).holds_finished_run(cfg, reuse_keys(cfg))
-
-
-def _describe(cfg: DictConfig) -> str:
-    return f"{cfg.method}, {cfg.data.augment}, seed {cfg.seed}"
-
-
-def train_in_parallel(cfgs: list[DictConfig], tag: str, ray_train_later: bool = False,
-                      on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Train every unfinished run concurrently, each from its own actor; wait for all, report each.
-    ``ray_train_later``: the job goes on with a multi-worker run (the local instance's dashboard);
-    ``on_done`` is told of every run as it ends (a skipped one at once)."""
-    import ray
-
-    outcomes: dict[int, Outcome] = {}
-    pending: dict[Any, tuple[int, Any]] = {}
-    ray_train = ray_train_later or uses_ray_train(*cfgs)
-    for i, cfg in enumerate(cfgs):
-        rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
-        name, path = cfg.run.name, rundir.uri
-        if is_finished(cfg):
-            print(f"[{tag}] {name}: finished checkpoint found in {path}: reused (not retrained)", flush=True)
-            outcomes[i] = Outcome(name, cfg, path, "skipped")
-            if on_done is not None:
-                on_done(outcomes[i])
-            continue
-        ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train))  # only when something is left to train
-        rundir.write_config(cfg)  # is_finished checked the directory
-        actor, ref = start_run(cfg)
-        pending[ref] = (i, actor)
-        print(f"[{tag}] {name} ({_describe(cfg)}) launched: {path}", flush=True)
-    while pending:
-        [ref], _ = ray.wait(list(pending), num_returns=1)
-        i, _actor = pending.pop(ref)
-        cfg = cfgs[i]
-        name, path = cfg.run.name, RunDir.of(cfg.run.storage_path, cfg.run.name).uri
-        try:
-            ray.get(ref)
-            outcomes[i] = Outcome(name, cfg, path, "finished")
-            print(f"[{tag}] {name} finished: {path}", flush=True)
-        except Exception as e:  # RayTaskError / ActorDiedError: keep waiting for the others
-            outcomes[i] = Outcome(name, cfg, path, "failed", _root_cause(e))
-            print(f"[{tag}] {name} FAILED: {outcomes[i].error}", flush=True)
-        if on_done is not None:
-            on_done(outcomes[i])
-    return [outcomes[i] for i in range(len(cfgs))]
-
-
-def _root_cause(e: BaseException) -> str:
-    """The last line of the innermost error (Ray wraps the worker's exception twice)."""
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(e).__name__
-
-
-def raise_failed(failed: list[Outcome], where: str) -> None:
-    if failed:
-        raise PrerequisiteFailed("; ".join(
-            f"{t.name} failed ({t.error}); run directory {t.path}, traceback in {t.path}/error.log" for t in failed
-        ) + f". {where}; re-run to retry.")
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -180,21 +87,18 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     method = METHODS.get(cfg.method)
     if not cfg.run.name:
         cfg.run.name = default_run_name(cfg)
-    first = method.prerequisites(cfg)  # config errors before Ray starts
-    if not first:
+    if not method.prerequisites(cfg):  # config errors before Ray starts
         raise ConfigError(f"method={cfg.method} has no runs to train first (CBD's teachers): use jobs/train.py")
     needs_ray(cfg, f"method={cfg.method} (its first runs train in parallel as Ray actors)")
     preflight(cfg)
-    job = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    job = RunDir.for_config(cfg)
     job.write_config(cfg)
     started = time.time()
-    outcomes = train_in_parallel(first, str(cfg.method), ray_train_later=uses_ray_train(cfg))
-    summary = write_summary(job, outcomes)
-    raise_failed([o for o in outcomes if o.status == "failed"],
-                 f"The other runs' results are kept in {job}/summary.parquet")
+    main_cfg, outcomes = train_prerequisites(cfg, str(cfg.method),
+                                             f"The other runs' results are kept in {job}/summary.parquet",
+                                             on_outcomes=lambda done: write_summary(job, done))
     print(f"[{cfg.method}] stage 1 done in {time.time() - started:.1f} s", flush=True)
-    main_cfg = method.after_prerequisites(cfg, [o.path for o in outcomes])
-    main_dir = RunDir.of(main_cfg.run.storage_path, main_cfg.run.name)
+    main_dir = RunDir.for_config(main_cfg)
     if is_finished(main_cfg):
         print(f"[{cfg.method}] {main_cfg.run.name}: finished checkpoint found in {main_dir}: reused (not retrained)",
               flush=True)
@@ -215,4 +119,4 @@ def resolve_job_config(config: str | None, overrides: Sequence[str]) -> DictConf
     return load_config(config, {"method": "cbd", **flat})
 
 
-__all__ = ["SHOT_COLUMNS", "PrerequisiteFailed", "TeacherFailed", "is_finished", "run_ensemble"]
+__all__ = ["SHOT_COLUMNS", "run_ensemble"]

@@ -65,14 +65,14 @@ class Row:
 def row_config(preset: str, data: str, storage: str, overrides: Sequence[str], epochs: int | None, use_gpu: bool):
     """The row's resolved config and the dotted overrides that give it (also the child's command line): the
     protocol, the catalogue's overrides of the preset, ``--epochs`` as a short protocol (every epoch count
-    scaled alike: :func:`rayexperts.launch.reproduce.short_protocol`), then the user's."""
+    scaled alike: :func:`rayexperts.launch.reproduce_plan.short_protocol`), then the user's."""
     from rayexperts.config import load_config, parse_overrides
 
     catalogue = " ".join(dict.fromkeys(str(o) for o in catalogue_rows(preset)["overrides"] if str(o).strip()))
     dotted = list(dict.fromkeys([*PROTOCOL, *catalogue.split(), f"scaling.use_gpu={str(use_gpu).lower()}",
                                  f"data.root={data}", f"run.storage_path={storage}", f"run.name={preset}", *overrides]))
     if epochs:
-        from rayexperts.launch.reproduce import short_protocol
+        from rayexperts.launch.reproduce_plan import short_protocol
 
         base = load_config(preset, parse_overrides(dotted))
         dotted += [f"{k}={json.dumps(v)}" for k, v in short_protocol(base, None, epochs).items()]
@@ -186,7 +186,7 @@ def row_results(row: Row, cfg) -> None:
     catalogue's numbers only); and the median training images/s of its epochs after the first (which holds the
     compile and the caching)."""
     from rayexperts.analysis import select_epochs
-    from rayexperts.launch.reproduce import METRIC_COLUMN
+    from rayexperts.launch.reproduce_report import METRIC_COLUMN
     from rayexperts.registry import METHODS
 
     path = Path(row.run_dir) / "metrics.parquet"
@@ -266,26 +266,10 @@ def print_row(row: Row) -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="jobs/gpu_rows.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/gpu_rows", help="rows.json, rows.md, rows.log and the run directories (runs/)")
-    p.add_argument("--data", default=str(PACKAGE_ROOT.parent / "shared" / "data" / "cifar10-jpeg.parquet"),
-                   help="the CIFAR-10 Parquet file (data.root)")
-    p.add_argument("--budget", type=float, default=540.0, help="seconds for all rows")
-    p.add_argument("--rows", default=",".join(ROWS), help="presets, in the order to train them")
-    p.add_argument("--min-row-s", type=float, default=60.0, help="a row starts only with this many seconds left")
-    p.add_argument("--epochs", type=int, default=None, help="a short protocol: this many epochs (not the paper's)")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU (the test suite's rehearsal)")
-    p.add_argument("overrides", nargs="*", help="dotted keys for every row, e.g. model.backbone=resnet8 train.compile=off")
-    return p.parse_args(list(argv))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Train the rows; 0 when every row ran without an error (finished, or stopped by the budget), 1 if one failed,
-    2 for bad input."""
+def main(args: argparse.Namespace) -> int:
+    """Train the rows (``args``: :func:`rayexperts.cli.gpu_rows`); 0 when every row ran without an error (finished,
+    or stopped by the budget), 1 if one failed; bad input raises :class:`~rayexperts.config.ConfigError`."""
     started = time.monotonic()
-    args = parse(sys.argv[1:] if argv is None else argv)
     from importlib.metadata import version
 
     from rayexperts.config import ConfigError
@@ -301,14 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     deadline = started + args.budget - MARGIN_S
     out = Path(args.out).resolve()
-    try:
-        if not Path(args.data).is_file():
-            raise ConfigError(f"--data {args.data}: no such file (the CIFAR-10 Parquet file)")
-        planned = [(p, *row_config(p, str(Path(args.data).resolve()), str(out / "runs"), args.overrides, args.epochs,
-                                   cuda)) for p in [s.strip() for s in args.rows.split(",") if s.strip()]]
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not Path(args.data).is_file():
+        raise ConfigError(f"--data {args.data}: no such file (the CIFAR-10 Parquet file)")
+    planned = [(p, *row_config(p, str(Path(args.data).resolve()), str(out / "runs"), args.overrides, args.epochs,
+                               cuda)) for p in [s.strip() for s in args.rows.split(",") if s.strip()]]
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name(0) if cuda else "CPU"
     summary: dict[str, Any] = {

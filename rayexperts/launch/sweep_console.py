@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig
 
-from rayexperts.analysis import cell, config_rows
+from rayexperts.analysis import cell, config_rows, in_percent
 from rayexperts.launch.sweep_search import TIME_ATTR
 from rayexperts.launch.sweep_space import Space
 from rayexperts.launch.train import root_error
@@ -81,16 +81,12 @@ def tune_console(verbose: bool) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def is_top1(metric: str) -> bool:
-    """An accuracy (shown in %): ``top1``, ``val_top1_few``, ..."""
-    return "top1" in metric or "top5" in metric
-
-
 def shown_value(metric: str, value: Any) -> str:
-    """A metric for people: accuracies in % (files keep fractions), others as they are."""
+    """A metric for people: accuracies and ECE in % (:func:`~rayexperts.analysis.in_percent`; files keep fractions),
+    others as they are."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if is_top1(metric):
+    if in_percent(metric):
         return f"{100 * float(value):.2f} %"
     return f"{float(value):.4f}" if isinstance(value, float) else str(value)
 
@@ -142,7 +138,7 @@ def _progress_callback(cfg: DictConfig, space: Space):
     from ray.tune import Callback
 
     keys, metric, mode, epochs = list(space), str(cfg.tune.metric), str(cfg.tune.mode), int(cfg.train.epochs)
-    sweep_uri = RunDir.of(cfg.run.storage_path, cfg.run.name).uri
+    sweep_uri = RunDir.for_config(cfg).uri
 
     class SweepProgress(Callback):
         HEARTBEAT_S = 60.0
@@ -186,7 +182,7 @@ def best_lines(best: pd.Series, metric: str, sweep: str = "") -> list[str]:
     def value(col: str) -> str:
         sd = best.get(f"{col}_sd")
         spread = f" ± {shown_value(col, sd).removesuffix(' %')}" if n > 1 and sd is not None and not pd.isna(sd) else ""
-        return shown_value(col, best.get(col, math.nan)).removesuffix(" %") + spread + (" %" if is_top1(col) else "")
+        return shown_value(col, best.get(col, math.nan)).removesuffix(" %") + spread + (" %" if in_percent(col) else "")
 
     of = f" of sweep {sweep}" if sweep else ""
     if n > 1:
@@ -198,14 +194,14 @@ def best_lines(best: pd.Series, metric: str, sweep: str = "") -> list[str]:
 
 def trials_for_people(trials: pd.DataFrame, space: Space, metric: str) -> pd.DataFrame:
     """The trials table as printed, one row per configuration: searched keys, epochs done, the tuned metric and
-    test top-1 (accuracies in %, their headers say so; several seeds: mean ± sd of n); trials.parquet keeps
+    test top-1 (accuracies and ECE in %, their headers say so; several seeds: mean ± sd of n); trials.parquet keeps
     fractions and the seeds' own rows."""
     trials = config_rows(trials)
     seeds = "n_seeds" in trials and (trials["n_seeds"] > 1).any()
     shown = ["trial_id", "status", *space, TIME_ATTR, metric, "top1", *(["n_seeds"] if seeds else [])]
     table = trials[[c for c in shown if c in trials]].copy()
     for col, label in ((metric, metric), ("top1", "test top1")):
-        if col in table and is_top1(col):
+        if col in table and in_percent(col):
             sd = trials.get(f"{col}_sd") if seeds else None
             table[col] = [percent(v, None if sd is None else sd.loc[i]) for i, v in table[col].items()]
             table = table.rename(columns={col: f"{label} (%)" if sd is None else f"{label} (%, mean ± sd)"})
@@ -220,8 +216,9 @@ def percent(value: Any, sd: Any = None) -> str:
 
 
 def sweep_summary(out: dict[str, Any], space: Space) -> tuple[list[str], int]:
-    """What :func:`main` prints after a sweep (one string per line) and its exit status: the trials table,
-    each failed trial's error and directory, the best configuration (ties named) or why there is none."""
+    """What :func:`~rayexperts.launch.tune.sweep_command` prints after a sweep (one string per line) and its exit
+    status: the trials table, each failed trial's error and directory, the best configuration (ties named) or why
+    there is none."""
     trials, best, metric = config_rows(out["trials"]), out["best"], str(out["config"].tune.metric)
     lines = ["", f"sweep directory: {out['path']}", trials_for_people(trials, space, metric).to_string(index=False)]
     failures = out.get("failures") or []

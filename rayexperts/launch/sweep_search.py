@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rayexperts.config import ConfigError
 from rayexperts.launch.sweep_space import Space, TrialPlan, plan_trials, to_param_space
-from rayexperts.launch.trainer import uses_ray_train
+from rayexperts.launch.torch_trainer import uses_ray_train
 
 TIME_ATTR = "epochs_done"  # a trial's epochs so far: ASHA's and PBT's clock
 CONTINUOUS = ("uniform", "loguniform")  # what PBT can perturb (randint values would stop being integers)

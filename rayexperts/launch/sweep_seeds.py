@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from rayexperts.config import to_dict, with_overrides
+from rayexperts.config import with_overrides
 from rayexperts.rundir import RunDir
 
 SEED_DIR = "seed_{}"
@@ -55,17 +55,18 @@ def mean_metrics(reports: list[dict[str, Any]]) -> dict[str, Any]:
 _END = object()
 
 
-def train_seeds(configs: list[DictConfig], threads: int, plugins: dict[str, Any],
+def train_seeds(configs: list[DictConfig], threads: int,
                 prepare: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
     """Train ``configs`` (one per seed) in this Tune trial, one epoch of each in turn, reporting their mean to Tune
     after each epoch (``prepare`` turns it into Tune's result; None: an epoch without evaluation, not reported)."""
     import ray.tune
 
-    from rayexperts.engine.worker import Reporter, _one_worker_run, run_epochs
+    from rayexperts.engine.entry import one_worker_run
+    from rayexperts.engine.fit import Reporter, run_epochs
 
     n = len(configs)
     for cfg in configs:
-        RunDir.of(cfg.run.storage_path, cfg.run.name).write_config(cfg)
+        RunDir.for_config(cfg).write_config(cfg)
     checkpoint = ray.tune.get_checkpoint()
     restored, latest = _restored(checkpoint, n)
     turns = [threading.Semaphore(0) for _ in range(n)]
@@ -75,7 +76,7 @@ def train_seeds(configs: list[DictConfig], threads: int, plugins: dict[str, Any]
     def seed(k: int) -> None:
         try:
             turns[k].acquire()
-            run = _one_worker_run({"config": to_dict(configs[k]), "threads": threads, "plugins": plugins})
+            run = one_worker_run(configs[k], threads)
 
             def report(metrics: dict[str, Any], checkpoint: str | None) -> None:
                 slots[k] = (metrics, checkpoint)

@@ -3,23 +3,21 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 from omegaconf import DictConfig
 
-from rayexperts.config import ConfigError, result_settings
-from rayexperts.data.errors import DataError
+from rayexperts.config import ConfigError, result_settings, settings
+from rayexperts.errors import InputError, RunError
 from rayexperts.eval.tables import shot_table
 from rayexperts.launch.actor import start_run, train_in_process
-from rayexperts.launch.trainer import fit_trainer, uses_ray_train
+from rayexperts.launch.torch_trainer import fit_trainer, uses_ray_train
 from rayexperts.launch.cluster import dashboard_wanted, ensure_ray
-from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
+from rayexperts.rundir import RunDir
 from rayexperts.trace import mark
 
 
@@ -48,24 +46,34 @@ def announce(cfg: DictConfig, what: str) -> RunDir:
     if not cfg.run.name:
         cfg.run.name = default_run_name(cfg)
     preflight(cfg)
-    rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    rundir = RunDir.for_config(cfg)
     print(f"[rayexperts] {rayexperts.__version__} from {rayexperts.PACKAGE_DIR}; {what}: {rundir}", flush=True)
     return rundir
 
 
-class RunFailed(RuntimeError):
+class RunFailed(RunError):
     """A run failed inside Ray; the message is one line naming the run, the error and its traceback's file."""
 
 
-# The project's own errors: their one-line message is the whole story, whichever process raised them.
-PROJECT_ERRORS = (ConfigError, DataError, CheckpointMismatch, StorageError)
+_PREFLIGHT_PASSED: set[str] = set()  # the settings preflight() has passed in this process
 
 
 def preflight(cfg: DictConfig) -> None:
     """Everything about ``cfg`` that can be checked in the driver, before Ray starts and before anything is
-    written: the data set's ``data.root`` and split files, ``model.weights``, MLflow, the storage."""
+    written: the data set's ``data.root`` and split files, ``model.weights``, MLflow, the storage. Once per
+    config and process: the same settings checked again (a job's :func:`announce`, then :func:`run_training`)
+    pass at once."""
+    import json
+
+    from rayexperts.config.validation import check_weights_source
+    from rayexperts.launch.ray_job import check_storage
     from rayexperts.registry import DATASETS
 
+    check_storage(cfg)  # first: in a Ray job, storage in its temporary working directory is refused
+    key = json.dumps(settings(cfg), sort_keys=True, default=str)
+    if key in _PREFLIGHT_PASSED:
+        return
+    check_weights_source(cfg.model)
     DATASETS.get(str(cfg.data.name)).check(cfg.data, str(cfg.data.name))
     if cfg.model.weights or cfg.model.finetune != "full" or str(cfg.model.backbone).startswith("timm/"):
         from rayexperts.models.backbones import check_backbone  # docs/pretrained.md: imports torch, hence only here
@@ -78,6 +86,7 @@ def preflight(cfg: DictConfig) -> None:
         raise ConfigError(f"run.mlflow_tracking_uri={cfg.run.mlflow_tracking_uri!r} is set, but mlflow is not "
                           "installed: pip install 'rayexperts[mlflow]'")
     RunDir(cfg.run.storage_path).check_writable()
+    _PREFLIGHT_PASSED.add(key)
 
 
 def needs_ray(cfg: DictConfig, what: str) -> None:
@@ -115,7 +124,7 @@ def run_failure(error: BaseException, rundir: RunDir, cfg: DictConfig) -> BaseEx
     rundir.mark_failed(line)
     if cfg.run.verbose:
         print(rundir.read_text("error.log"), file=sys.stderr)
-    if isinstance(root, PROJECT_ERRORS):
+    if isinstance(root, (InputError, RunError)):  # the project's own: the one-line message is the whole story
         return root
     return RunFailed(f"run {cfg.run.name} failed: {type(root).__name__}: {line} (traceback: {rundir.uri}/error.log)")
 
@@ -129,7 +138,7 @@ def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, An
     if not cfg.run.name:
         cfg.run.name = default_run_name(cfg)
     preflight(cfg)
-    rundir = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    rundir = RunDir.for_config(cfg)
     resuming = rundir.holds_run_of(cfg)  # another configuration's directory is refused before Ray starts
     if resuming:
         rundir.check_schedule(cfg)
@@ -170,20 +179,3 @@ def run_training(cfg: DictConfig, callbacks: list | None = None) -> dict[str, An
 def final_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Many / Medium / Few / All top-1 (%) of every view at the last evaluated epoch."""
     return shot_table(metrics[metrics["epoch"] == metrics["epoch"].max()], "view")
-
-
-def job_parser(prog: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
-    """``[--config PRESET_OR_YAML] [--print-config] [key=value ...]``, shared by the jobs."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a shipped preset name (rayexperts presets lists them) or a YAML file")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config, each value with the layer that set it, and exit (no Ray)")
-    parser.add_argument("overrides", nargs="*", help="dotted config keys, e.g. train.epochs=15 model.num_experts=3")
-    return parser
-
-
-def parse_cli(argv: Sequence[str], prog: str, description: str, epilog: str = "") -> argparse.Namespace:
-    return job_parser(prog, description, epilog).parse_args(list(argv))
-
-

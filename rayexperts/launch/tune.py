@@ -25,11 +25,9 @@ The sweep's concerns live beside this module: the spaces in :mod:`.sweep_space`,
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,22 +36,22 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from rayexperts.analysis import best_trial, cell, tied_trials
-from rayexperts.config import (ConfigError, file_layers, from_dict, load_config, parse_overrides, provenance, settings,
+from rayexperts.config import (ConfigError, file_layers, load_config, parse_overrides, provenance, settings,
                                to_dict, to_yaml, with_overrides)
-from rayexperts.data import DataError, build_dataset
-from rayexperts.launch.cluster import ClusterUnreachable, dashboard_wanted, ensure_ray, ship_plugins
-from rayexperts.launch.ensemble import PrerequisiteFailed, raise_failed, train_in_parallel
-from rayexperts.launch.trainer import uses_ray_train, worker_threads
+from rayexperts.data import build_dataset
+from rayexperts.launch.cluster import dashboard_wanted, ensure_ray, ship_plugins
+from rayexperts.launch.stages import train_prerequisites
+from rayexperts.launch.torch_trainer import uses_ray_train, worker_threads
 from rayexperts.launch.train import announce, needs_ray, run_training, timestamped_run_name
 from rayexperts.launch.sweep_console import (_DropRecords, _progress_callback, _trial_dirname,  # noqa: F401
-                                            best_lines, error_line, failure_line, is_top1, percent, shown_value,
+                                            best_lines, error_line, failure_line, percent, shown_value,
                                             sweep_summary, trial_line, trials_for_people, tune_console)
 from rayexperts.launch.sweep_search import TIME_ATTR, check_search, scheduler, searcher
 from rayexperts.launch.sweep_seeds import SEED_DIR, aggregate_trials, seed_configs, train_seeds
 from rayexperts.methods import METHODS
 from rayexperts.launch.sweep_space import (DISTRIBUTIONS, POINT_KEY, Space, TrialPlan, load_space,  # noqa: F401
                                            plan_trials, to_param_space)
-from rayexperts.rundir import CheckpointMismatch, RunDir, StorageError
+from rayexperts.rundir import RunDir
 from rayexperts.trace import mark
 
 # A multi-worker trial only drives its Train run: no CPU, so the workers get every core. Tune needs a
@@ -113,16 +111,12 @@ def max_concurrent(cfg: DictConfig) -> int:
     return max(1, math.floor(min(fits) + 1e-9))
 
 
-def after_prerequisites(cfg: DictConfig) -> DictConfig:
-    """A method with runs that must finish first (CBD's teachers) sweeps its own stage against them:
-    they are trained once, in parallel (finished ones skipped), under the sweep directory."""
-    method = METHODS.get(cfg.method)
-    first = method.prerequisites(cfg)
+def swept_stage(cfg: DictConfig) -> DictConfig:
+    """What the trials sweep: ``cfg``, or for a method with runs that must finish first (CBD's teachers) its own
+    stage against them; they are trained once, in parallel (finished ones skipped), under the sweep directory."""
+    main, first = train_prerequisites(cfg, str(cfg.method), "The sweep did not start")
     if not first:
         return cfg
-    outcomes = train_in_parallel(first, str(cfg.method), ray_train_later=uses_ray_train(cfg))
-    raise_failed([o for o in outcomes if o.status == "failed"], "The sweep did not start")
-    main = method.after_prerequisites(cfg, [o.path for o in outcomes])
     return with_overrides(main, {"run.storage_path": cfg.run.storage_path, "run.name": cfg.run.name}, "sweep")
 
 
@@ -168,16 +162,17 @@ def view_metrics(reported: dict[str, Any], view: str) -> dict[str, Any]:
     return {**reported, **chosen, "view": view}
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: str, plugins: dict[str, Any]) -> None:
-    """One Tune trial: the base config with the sampled ``params``, its run directory Tune's trial
-    directory; trained in this process (one worker) or through a Ray Train run (several)."""
+def run_trial(params: dict[str, Any], base: DictConfig, sweep: str, plugins: dict[str, Any]) -> None:
+    """One Tune trial: the sweep driver's resolved config ``base`` (never recomposed here) with the sampled
+    ``params``, its run directory Tune's trial directory; trained in this process (one worker) or through a
+    Ray Train run (several). The driver's ``plugins`` are registered once, here."""
     import ray.tune
 
     from rayexperts import registry
 
     mark("trial start")
     registry.load_plugins(shipped=plugins)
-    cfg = from_dict(base)
+    cfg = base
     method = METHODS.get(cfg.method)
     params = {k: method.search_value(k, v, cfg) for k, v in params.items() if k != POINT_KEY}
     trial = _trial_dirname(ray.tune.get_context().get_trial_id())
@@ -187,19 +182,18 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], sweep: str, plugins:
     if uses_ray_train(cfg):
         run_training(cfg, callbacks=[_report_callback(cfg)])
         return
-    rundir = RunDir.of(sweep, trial)
+    rundir = RunDir.for_config(cfg)
     if rundir.holds_run_of(cfg):
         print(f"[rayexperts] {rundir} exists: resuming from Tune's latest checkpoint if there is one", flush=True)
     rundir.write_config(cfg)
     metric, view = str(cfg.tune.metric), str(cfg.tune.view)
     if int(cfg.tune.seeds_per_config) > 1:  # one configuration, its seeds in seed_<k>/ (launch/sweep_seeds.py)
-        train_seeds(seed_configs(cfg, rundir.uri), worker_threads(cfg.scaling.cpus_per_worker), plugins,
+        train_seeds(seed_configs(cfg, rundir.uri), worker_threads(cfg.scaling.cpus_per_worker),
                     lambda reported: trial_result(reported, metric, view))
         return
-    from rayexperts.engine.worker import tune_trial  # the trial's process, not the sweep's driver
+    from rayexperts.engine.entry import tune_trial
 
-    tune_trial({"config": to_dict(cfg), "threads": worker_threads(cfg.scaling.cpus_per_worker), "plugins": plugins},
-               lambda reported: trial_result(reported, metric, view))
+    tune_trial(cfg, worker_threads(cfg.scaling.cpus_per_worker), lambda reported: trial_result(reported, metric, view))
 
 
 def trial_resources(cfg: DictConfig) -> dict[str, float]:
@@ -219,9 +213,9 @@ def build_tuner(cfg: DictConfig, space: Space):
     the searcher's state too). A new sweep says in one line how it searches (:func:`~.sweep_search.searcher`)."""
     from ray import tune
 
-    sweep = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    sweep = RunDir.for_config(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=to_dict(cfg), sweep=sweep.uri, plugins=ship_plugins()), trial_resources(cfg)
+        tune.with_parameters(run_trial, base=cfg, sweep=sweep.uri, plugins=ship_plugins()), trial_resources(cfg)
     )
     if tune.Tuner.can_restore(sweep.uri):
         return tune.Tuner.restore(sweep.uri, trainable, resume_unfinished=True, resume_errored=True)
@@ -281,7 +275,7 @@ def trials_table(results, space: Space, cfg: DictConfig) -> pd.DataFrame:
     error, and the last evaluation of the tuned view read from the run directory (current even for trials a
     continued sweep resumed)."""
     view = str(cfg.tune.view) or METHODS.get(str(cfg.method)).primary_view_for(cfg)
-    sweep = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    sweep = RunDir.for_config(cfg)
     n = int(cfg.tune.seeds_per_config)
     rows = []
     for r in results:
@@ -315,7 +309,7 @@ def _last_row(metrics: pd.DataFrame | None, view: str) -> dict[str, Any]:
 def best_config(best: pd.Series, cfg: DictConfig) -> str:
     """``best.yaml``: the best configuration's full config (its first seed; one seed: ``tune.seeds_per_config=1``),
     runnable with ``jobs/train.py --config``; its head gives the validation and test numbers in %."""
-    trial = RunDir.of(cfg.run.storage_path, cfg.run.name).child(str(best["run"])).config()
+    trial = RunDir.for_config(cfg).child(str(best["run"])).config()
     trial = with_overrides(trial, {"run.storage_path": cfg.run.storage_path, "run.name": f"{cfg.run.name}-best",
                                    "tune.seeds_per_config": 1}, f"best trial of sweep {cfg.run.name}")
     head = "".join(f"# {line}\n" for line in best_lines(best, str(cfg.tune.metric), str(cfg.run.name)))
@@ -332,9 +326,9 @@ def run_sweep(cfg: DictConfig, space: Space) -> dict[str, Any]:
     ensure_ray(dashboard=dashboard_wanted(cfg.run.dashboard, ray_train=uses_ray_train(*runs)))
     if cfg.scaling.cpus_per_worker <= 0:
         cfg = with_overrides(cfg, {"scaling.cpus_per_worker": _cpu_share(cfg)}, "sweep: CPU share per trial")
-    sweep = RunDir.of(cfg.run.storage_path, cfg.run.name)
+    sweep = RunDir.for_config(cfg)
     check_same_sweep(sweep, cfg, space)
-    cfg = after_prerequisites(cfg)
+    cfg = swept_stage(cfg)
     tuner = build_tuner(cfg, space)
     with tune_console(bool(cfg.run.verbose)):
         results = tuner.fit()
@@ -371,37 +365,16 @@ def resolve_sweep_config(config: str | None, overrides: Sequence[str]) -> DictCo
     return sweep_config(cfg)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rayexperts sweep", description="A Ray Tune sweep whose trials are training runs.",
-        epilog="The trials print no epoch lines unless run.verbose is set (run.verbose=true). The sweep directory is "
-               "run.storage_path/run.name (default sweep-<method>-<data>-<date>-<time>, new on every call): re-run "
-               "with the same run.name to continue a sweep. python jobs/sweep.py takes the same arguments.")
-    parser.add_argument("--space", required=True, help="a search space YAML (tune_spaces/*.yaml)")
-    parser.add_argument("--config", help="a shipped preset name or a YAML file")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the trials' base config, each value with the layer that set it, and exit (no Ray; "
-                             "--space not needed)")
-    parser.add_argument("overrides", nargs="*", help="dotted config keys, e.g. tune.num_samples=16 tune.scheduler=fifo")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        if args.print_config:  # rayexperts sweep answers it before parsing (without --space)
-            from rayexperts.config import explain
-
-            print(explain(args.config, list(args.overrides)))
-            return 0
-        cfg = resolve_sweep_config(args.config, args.overrides)
-        needs_ray(cfg, "a sweep (Ray Tune)")
-        space = load_space(args.space, cfg)
-        check_search(cfg, space)
-        announce(cfg, "sweep directory")
-        out = run_sweep(cfg, space)
-    except (ConfigError, DataError, CheckpointMismatch, StorageError, ClusterUnreachable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except PrerequisiteFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def sweep_command(space_file: str, config: str | None, overrides: Sequence[str]) -> int:
+    """``rayexperts sweep --space FILE [--config X] [key=value ...]`` once parsed (:mod:`rayexperts.cli`): check
+    everything before Ray starts, run the sweep, print its summary; the exit status (1: no trial reported the
+    tuned metric)."""
+    cfg = resolve_sweep_config(config, overrides)
+    needs_ray(cfg, "a sweep (Ray Tune)")
+    space = load_space(space_file, cfg)
+    check_search(cfg, space)
+    announce(cfg, "sweep directory")
+    out = run_sweep(cfg, space)
     lines, status = sweep_summary(out, space)
     print("\n".join(lines), flush=True)
     return status

@@ -83,6 +83,10 @@ class Method:
     # The loss can be taken against two target sets of one (mixed) batch: train.mixup_alpha > 0 is allowed
     # (:meth:`mixed_step`). A method whose step is more than forward + loss(out, targets) says False.
     supports_mixup: ClassVar[bool] = False
+    # Overrides (``key=value``) that let the method run on the tiny 8x8 digits-lt set with the default model where
+    # it cannot (e.g. it needs a timm ViT): what the tests and diagnostics that run every registered method add
+    # (``rayexperts.diagnostics.runs.run_config``). Empty: the defaults run.
+    demo_overrides: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: DictConfig, class_counts: Tensor, in_channels: int = 3) -> None:
         self.cfg = cfg

@@ -101,7 +101,7 @@ def teacher_config(cfg: DictConfig, i: int) -> DictConfig:
         "scaling.cpus_per_worker": float(c.teacher_cpus),
         "scaling.use_gpu": float(c.teacher_gpus) > 0,
         **({"scaling.gpus_per_worker": float(c.teacher_gpus)} if float(c.teacher_gpus) > 0 else {}),
-        "run.storage_path": RunDir.of(cfg.run.storage_path, cfg.run.name).child("teachers").uri,
+        "run.storage_path": RunDir.for_config(cfg).child("teachers").uri,
         "run.name": f"teacher{i}",
     }
     layers = [(f"cbd job {cfg.run.name}", {"method": alias["method"], **core}),
@@ -185,7 +185,7 @@ class ClassBalancedDistillation(Method):
         return with_overrides(cfg, {
             "model.backbone": str(cfg.cbd.student_backbone or cfg.model.backbone),
             TEACHER_RUNS: list(run_dirs),
-            "run.storage_path": RunDir.of(cfg.run.storage_path, cfg.run.name).uri,
+            "run.storage_path": RunDir.for_config(cfg).uri,
             "run.name": "student",
         }, "cbd student")
 

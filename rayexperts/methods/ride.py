@@ -152,7 +152,7 @@ class RIDERouter(Method):
         shared = {k: OmegaConf.select(cfg, k) for k in _SHARED_WITH_STAGE1}
         stage1 = load_config(str(cfg.ride_ea.stage1), {
             **{k: v for k, v in shared.items() if v is not None}, "run.name": "experts",
-            "run.storage_path": RunDir.of(cfg.run.storage_path, cfg.run.name).uri})
+            "run.storage_path": RunDir.for_config(cfg).uri})
         if stage1.method != "ride":
             raise ConfigError(f"ride_ea.stage1={cfg.ride_ea.stage1!r} trains method={stage1.method}, not ride")
         return [stage1]
@@ -160,7 +160,7 @@ class RIDERouter(Method):
     @classmethod
     def after_prerequisites(cls, cfg: DictConfig, run_dirs: list[str]) -> DictConfig:
         return with_overrides(cfg, {"ride_ea.experts_run": run_dirs[0],
-                                    "run.storage_path": RunDir.of(cfg.run.storage_path, cfg.run.name).uri,
+                                    "run.storage_path": RunDir.for_config(cfg).uri,
                                     "run.name": "router"}, "ride_ea router")
 
     @classmethod

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rayexperts.config import ConfigError, load_config
+from rayexperts.config import load_config
 from rayexperts.registry import DATASETS, METHODS
 
 
@@ -35,17 +35,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m rayexperts.models
     p.add_argument("--config", help="a shipped preset name or a YAML file")
     p.add_argument("overrides", nargs="*", help="dotted config keys, e.g. method=mllt data.name=cifar100-lt")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from rayexperts.models.summary import describe_model, summary_text
+    cfg = load_config(args.config, args.overrides)
+    from rayexperts.models.summary import describe_model, summary_text
 
-        model, shape = build(cfg)
-    except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, shape = build(cfg)
     print(summary_text(model, shape, describe_model(cfg)))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `rayexperts models ...`: rayexperts.cli.main maps errors to exit statuses
+    import runpy
+
+    sys.argv[1:1] = ["models"]
+    runpy.run_module("rayexperts.cli", run_name="__main__")

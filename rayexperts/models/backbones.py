@@ -90,7 +90,8 @@ def build_backbone(
 
 class TimmBackbone(nn.Module):
     """A timm model without its classifier (``num_classes=0``): image → pooled pre-logits feature
-    ``[B, out_dim]``, ``out_dim`` = the model's ``num_features``. The whole model is one trunk (no stages)."""
+    ``[B, out_dim]``, ``out_dim`` = the model's ``num_features``. The whole model is one trunk (no stages); with
+    ``tokens`` (a trunk whose last blocks the experts own, ``model.expert_part=blocks``) its unpooled tokens."""
 
     def __init__(self, name: str, in_channels: int = 3, *, download: bool = False,
                  timm_kwargs: Mapping[str, Any] | None = None) -> None:
@@ -107,10 +108,11 @@ class TimmBackbone(nn.Module):
                                   "lists them)") from e
             raise
         self.out_dim = int(self.net.num_features)
+        self.tokens = False
         self.classifier_name = str(getattr(self.net, "pretrained_cfg", {}).get("classifier") or "")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        return self.net.forward_features(x) if self.tokens else self.net(x)
 
     def file_key(self, key: str) -> str | None:
         """A weights file's key (timm's own names) → this module's; the file's classifier is dropped."""
@@ -136,7 +138,9 @@ def timm_data_config(model: nn.Module) -> dict[str, Any] | None:
 def check_backbone(model_cfg: Any, in_channels: int) -> None:
     """The driver's check of a pretrained backbone's keys before Ray starts, on a backbone built on the meta device
     (no memory, no init): a timm name timm lacks, ``model.weights`` (the file is read whole, so a truncated one is
-    refused, and its shapes compared) and a fine-tuning mode that finds nothing to adapt."""
+    refused, and its shapes compared), a fine-tuning mode that finds nothing to adapt and ``model.expert_part=blocks``
+    on a model whose last ``model.expert_blocks`` blocks cannot be split off."""
+    from rayexperts.models.expert_parts import last_blocks_check
     from rayexperts.models.finetune import apply_finetune, finetune_options
 
     with torch.device("meta"):
@@ -145,6 +149,8 @@ def check_backbone(model_cfg: Any, in_channels: int) -> None:
                                   **({} if is_timm(model_cfg.backbone) else {"shortcut": str(model_cfg.shortcut)}))
     if model_cfg.get("weights"):
         load_weights(backbone, model_cfg.weights, strict=bool(model_cfg.get("weights_strict", True)))
+    if model_cfg.get("expert_part", "head") == "blocks" and isinstance(backbone, TimmBackbone):
+        last_blocks_check(backbone.net, int(model_cfg.get("expert_blocks", 1)), str(model_cfg.backbone))
     with torch.device("meta"):
         apply_finetune([backbone], **finetune_options(model_cfg))
 

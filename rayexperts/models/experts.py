@@ -23,6 +23,7 @@ from rayexperts.models.backbones import (
 )
 from rayexperts.models.base import PooledStages
 from rayexperts.models.base import zero_init_residual as _zero_init_residual
+from rayexperts.models.expert_parts import split_trunk
 from rayexperts.models.finetune import apply_finetune, finetune_options, is_adapter
 from rayexperts.models.heads import build_classifier
 from rayexperts.models.output import ModelOutput
@@ -42,6 +43,9 @@ class MultiExpertNet(nn.Module):
     ``cosine_bias`` adds a bias to cosine classifiers; ``zero_init_residual`` starts every residual
     block's last BatchNorm at γ = 0 (random initialisation only); ``head_init="kaiming_normal"`` redraws the
     linear classifiers' weights with ``kaiming_normal_`` (LDAM-DRW's ``_weights_init``; docs/compare.md).
+    A timm backbone is one trunk: with ``shared_stages`` its K experts are heads on it (``expert_part="head"``);
+    ``expert_part="adapter"`` or ``"blocks"`` puts K experts on one trunk for any method
+    (:mod:`rayexperts.models.expert_parts`; docs/pretrained.md "Multi-expert methods on one trunk").
     """
 
     def __init__(
@@ -67,6 +71,8 @@ class MultiExpertNet(nn.Module):
         timm_kwargs: dict[str, Any] | None = None,
         finetune: dict[str, Any] | None = None,
         grad_checkpointing: bool = False,
+        expert_part: str = "head",
+        expert_blocks: int = 1,
     ) -> None:
         super().__init__()
         if num_experts < 1:
@@ -77,6 +83,7 @@ class MultiExpertNet(nn.Module):
             raise ValueError(f"head_init={head_init!r} applies to the linear classifier, not {classifier!r}")
         if num_experts == 1:
             shared_stages = 0
+        self.finetune = dict(finetune or {"mode": "full"})
         options = dict(backbone_options or {})
         timm = is_timm(backbone)
         if timm:
@@ -85,10 +92,12 @@ class MultiExpertNet(nn.Module):
                     weights_strict=weights_strict, timm_kwargs=timm_kwargs, **options)
         # loaded or downloaded weights (pretrained parts: train.backbone_lr_scale; docs/pretrained.md)
         self.pretrained = weights is not None or (allow_download and (pretrained or not timm))
-        if timm and shared_stages:  # a timm model is one trunk; the experts are heads on its feature
-            self.trunk = build_backbone(backbone, **load)
-            self.experts = nn.ModuleList(nn.Identity() for _ in range(num_experts))
-            dim = self.trunk.out_dim
+        finetune_parts, adapter_sets = None, 1
+        if timm and num_experts > 1 and (shared_stages or expert_part != "head"):  # K experts on one timm trunk
+            trunk = build_backbone(backbone, **load)
+            dim = trunk.out_dim
+            self.trunk, self.experts, finetune_parts, adapter_sets = split_trunk(
+                trunk, expert_part, num_experts, self.finetune["mode"], expert_blocks=expert_blocks, name=backbone)
         elif shared_stages == 0:
             self.trunk: nn.Module = nn.Identity()
             self.experts = nn.ModuleList(build_backbone(backbone, **load) for _ in range(num_experts))
@@ -128,8 +137,7 @@ class MultiExpertNet(nn.Module):
             for head in self.heads:
                 nn.init.kaiming_normal_(head.weight)
         # after the heads (which always train), so that a seed draws the same heads in every mode
-        self.finetune = dict(finetune or {"mode": "full"})
-        apply_finetune([self.trunk, self.experts], **self.finetune)
+        apply_finetune(finetune_parts or [self.trunk, self.experts], **self.finetune, sets=adapter_sets)
         # what a checkpoint leaves out (rundir.model_state): the weights file holds them, named by its sha256
         self.frozen_by_finetune = [n for n, p in self.named_parameters() if not p.requires_grad] \
             if self.finetune["mode"] != "full" and weights is not None else []
@@ -187,6 +195,8 @@ def build_experts(
         timm_kwargs=dict(model_cfg.get("timm_kwargs") or {}),
         finetune=finetune_options(model_cfg),
         grad_checkpointing=bool(model_cfg.get("grad_checkpointing", False)),
+        expert_part=str(model_cfg.get("expert_part", "head")),
+        expert_blocks=int(model_cfg.get("expert_blocks", 1)),
     )
 
 

@@ -10,6 +10,10 @@ experts' own stages) after building it, before the method's heads, which always 
 * ``adaptformer``: the backbone is frozen; each transformer block's MLP gets a parallel bottleneck adapter,
   ``mlp(h) + s · up(relu(down(h)))`` on the MLP's input ``h``, with ``up`` = 0 (Chen et al. 2022, AdaptFormer's
   parallel form), so step 0 is the plain model.
+
+With ``sets = K > 1`` (``model.expert_part=adapter``, docs/pretrained.md "Multi-expert methods on one trunk") every
+adapted layer holds K independent adapters, one per expert, stacked along a first dimension: the trunk sees the
+batch K times (``[K·B, ...]``, expert k's copy at rows ``k·B .. (k+1)·B − 1``) and chunk k goes through adapter k.
 """
 
 from __future__ import annotations
@@ -44,6 +48,26 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale
 
 
+class MultiLoRALinear(nn.Module):
+    """K LoRA updates on one frozen ``base``: chunk k of the input's batch (``[K·B, ..., in]``) gets
+    ``base(x) + (alpha / rank) · x A_kᵀ B_kᵀ``; each ``A_k`` drawn as :class:`LoRALinear` draws it, ``B_k = 0``."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, sets: int) -> None:
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_a = nn.Parameter(torch.empty(sets, rank, base.in_features, **kw))
+        self.lora_b = nn.Parameter(torch.zeros(sets, base.out_features, rank, **kw))
+        for a in self.lora_a.data:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = x.reshape(self.lora_a.shape[0], -1, x.shape[-1])  # [K, B·..., in]
+        delta = xs @ self.lora_a.transpose(1, 2) @ self.lora_b.transpose(1, 2)
+        return self.base(x) + delta.reshape(*x.shape[:-1], -1) * self.scale
+
+
 class Adapter(nn.Module):
     """AdaptFormer's bottleneck: ``scale · up(relu(down(x)))``, ``up`` zero-initialised."""
 
@@ -59,12 +83,33 @@ class Adapter(nn.Module):
         return self.up(torch.relu(self.down(x))) * self.scale
 
 
+class MultiAdapter(nn.Module):
+    """K :class:`Adapter` bottlenecks stacked: chunk k of the input's batch (``[K·B, ..., dim]``) gets
+    ``scale · up_k(relu(down_k(x)))``; each ``down_k`` drawn as :class:`Adapter` draws it, ``up_k = 0``."""
+
+    def __init__(self, dim: int, width: int, scale: float, sets: int) -> None:
+        super().__init__()
+        self.scale = scale
+        self.down_weight = nn.Parameter(torch.empty(sets, width, dim))
+        self.down_bias = nn.Parameter(torch.zeros(sets, 1, width))
+        self.up_weight = nn.Parameter(torch.zeros(sets, dim, width))
+        self.up_bias = nn.Parameter(torch.zeros(sets, 1, dim))
+        for w in self.down_weight.data:
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xs = x.reshape(self.down_weight.shape[0], -1, x.shape[-1])  # [K, B·..., dim]
+        h = torch.relu(xs @ self.down_weight.transpose(1, 2) + self.down_bias)
+        return ((h @ self.up_weight.transpose(1, 2) + self.up_bias) * self.scale).reshape(x.shape)
+
+
 class MlpWithAdapter(nn.Module):
     """A transformer block's MLP with a parallel :class:`Adapter` on its input."""
 
-    def __init__(self, mlp: nn.Module, dim: int, width: int, scale: float) -> None:
+    def __init__(self, mlp: nn.Module, dim: int, width: int, scale: float, sets: int = 1) -> None:
         super().__init__()
-        self.mlp, self.adapter = mlp, Adapter(dim, width, scale)
+        self.mlp = mlp
+        self.adapter = Adapter(dim, width, scale) if sets == 1 else MultiAdapter(dim, width, scale, sets)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(x) + self.adapter(x)
@@ -72,9 +117,10 @@ class MlpWithAdapter(nn.Module):
 
 def apply_finetune(parts: Sequence[nn.Module], mode: str, *, lora_rank: int = 8, lora_alpha: float = 8.0,
                    lora_targets: Iterable[str] = ("qkv", "proj"), adapter_width: int = 64,
-                   adapter_scale: float = 0.1) -> int:
+                   adapter_scale: float = 0.1, sets: int = 1) -> int:
     """Apply fine-tuning ``mode`` to the backbone ``parts`` in place; returns the number of layers adapted
-    (0 for full, linear and bias). A mode that finds nothing to adapt is a :class:`ConfigError`."""
+    (0 for full, linear and bias). ``sets`` > 1: K adapters per layer, one per expert (lora and adaptformer only).
+    A mode that finds nothing to adapt is a :class:`ConfigError`."""
     if mode not in MODES:
         raise ConfigError(f"unknown model.finetune={mode!r} (choose one of {', '.join(MODES)})")
     if mode == "full":
@@ -83,14 +129,16 @@ def apply_finetune(parts: Sequence[nn.Module], mode: str, *, lora_rank: int = 8,
         for name, p in part.named_parameters():
             p.requires_grad_(mode == "bias" and name.rsplit(".", 1)[-1] == "bias")
     if mode in ("linear", "bias"):
+        if sets != 1:
+            raise ConfigError(f"model.finetune={mode} has no adapters to give each expert: use lora or adaptformer")
         return 0
     adapted = 0
     targets = tuple(str(t) for t in lora_targets)
     for part in parts:
         if mode == "lora":
-            adapted += _add_lora(part, targets, int(lora_rank), float(lora_alpha))
+            adapted += _add_lora(part, targets, int(lora_rank), float(lora_alpha), sets)
         else:
-            adapted += _add_adapters(part, int(adapter_width), float(adapter_scale))
+            adapted += _add_adapters(part, int(adapter_width), float(adapter_scale), sets)
     if adapted == 0:
         what = (f"no nn.Linear named by model.lora_targets={list(targets)}" if mode == "lora"
                 else "no transformer block with an `mlp` (AdaptFormer adapts ViT-style blocks)")
@@ -110,22 +158,23 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _add_lora(part: nn.Module, targets: tuple[str, ...], rank: int, alpha: float) -> int:
+def _add_lora(part: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, sets: int = 1) -> int:
     found = [(name, m) for name, m in part.named_modules() if isinstance(m, nn.Linear) and _matches(name, targets)]
     for name, linear in found:
         parent, _, child = name.rpartition(".")
-        setattr(part.get_submodule(parent) if parent else part, child, LoRALinear(linear, rank, alpha))
+        lora = LoRALinear(linear, rank, alpha) if sets == 1 else MultiLoRALinear(linear, rank, alpha, sets)
+        setattr(part.get_submodule(parent) if parent else part, child, lora)
     return len(found)
 
 
-def _add_adapters(part: nn.Module, width: int, scale: float) -> int:
+def _add_adapters(part: nn.Module, width: int, scale: float, sets: int = 1) -> int:
     blocks = [m for m in part.modules() if isinstance(getattr(m, "mlp", None), nn.Module)
               and not isinstance(m.mlp, MlpWithAdapter)]
     for block in blocks:
         fc1 = next((m for m in block.mlp.modules() if isinstance(m, nn.Linear)), None)
         if fc1 is None:
             continue
-        block.mlp = MlpWithAdapter(block.mlp, fc1.in_features, width, scale)
+        block.mlp = MlpWithAdapter(block.mlp, fc1.in_features, width, scale, sets)
     return sum(isinstance(getattr(b, "mlp", None), MlpWithAdapter) for b in blocks)
 
 
@@ -156,5 +205,5 @@ def optimizer_groups(model: nn.Module, backbone_lr_scale: float = 1.0) -> list[d
                         {"params": rest, "lr_scale": 1.0}) if g["params"]]
 
 
-__all__ = ["MODES", "Adapter", "LoRALinear", "MlpWithAdapter", "apply_finetune", "finetune_options", "is_adapter", "optimizer_groups",
-           "parameter_counts"]
+__all__ = ["MODES", "Adapter", "LoRALinear", "MlpWithAdapter", "MultiAdapter", "MultiLoRALinear", "apply_finetune",
+           "finetune_options", "is_adapter", "optimizer_groups", "parameter_counts"]

@@ -1,4 +1,5 @@
-"""Training-step throughput: plain PyTorch vs Ray Train (1 worker) vs Ray Train (N workers).
+"""Training-step throughput: plain PyTorch vs Ray Train (1 worker) vs Ray Train (N workers)
+(``jobs/bench_throughput.py``).
 
 The same :class:`~rayexperts.engine.run.Run` (model, loss, data pipeline: ``data.cache`` picks the
 per-image loader or the device path) is timed each way, so the difference is what Ray adds.
@@ -7,7 +8,6 @@ Images/s counts all workers' images.
 
 from __future__ import annotations
 
-import itertools
 import tempfile
 import time
 from typing import Any
@@ -15,33 +15,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from rayexperts.config import to_dict, with_overrides
-from rayexperts.engine.loop import train_one_epoch
+from rayexperts.config import with_overrides
+from rayexperts.diagnostics.runs import Steps
+from rayexperts.engine.entry import start_worker
+from rayexperts.engine.loop import seed_epoch, train_one_epoch
 from rayexperts.engine.run import Run
-from rayexperts.engine.worker import start_worker
-from rayexperts.launch.trainer import worker_resources
-
-
-class _Steps:
-    """The first ``n`` batches of a loader, with a length (the loop needs one for the LR schedule)."""
-
-    def __init__(self, loader, n: int) -> None:
-        self.loader, self.n = loader, n
-
-    def __iter__(self):
-        return itertools.islice(iter(self.loader), self.n)
-
-    def __len__(self) -> int:
-        return self.n
+from rayexperts.launch.cluster import ship_plugins
+from rayexperts.launch.torch_trainer import worker_resources
 
 
 def time_steps(run: Run, warmup: int, steps: int) -> float:
     """Images/s of ``steps`` training steps of this worker, after ``warmup`` untimed steps."""
-    run.start_epoch(0)
-    train_one_epoch(run.method, run.model, run.optimizer, _Steps(run.train_loader, warmup), 0, run.lr_at, run.opts)
-    run.start_epoch(1)
+    seed_epoch(run, 0)
+    train_one_epoch(run.method, run.model, run.optimizer, Steps(run.train_loader, warmup), 0, run.lr_at, run.opts)
+    seed_epoch(run, 1)
     start = time.perf_counter()
-    train_one_epoch(run.method, run.model, run.optimizer, _Steps(run.train_loader, steps), 1, run.lr_at, run.opts)
+    train_one_epoch(run.method, run.model, run.optimizer, Steps(run.train_loader, steps), 1, run.lr_at, run.opts)
     elapsed = time.perf_counter() - start
     return steps * (int(run.cfg.train.batch_size) // run.world) / elapsed
 
@@ -49,8 +38,8 @@ def time_steps(run: Run, warmup: int, steps: int) -> float:
 def time_pipeline(run: Run, warmup: int, steps: int) -> float:
     """Seconds per batch of the training data pipeline alone (sampling, decoding, augmentation, every view
     the method asks for; no model): with :func:`time_steps`, the pipeline's share of a step."""
-    run.start_epoch(0)
-    batches = iter(_Steps(run.train_loader, warmup + steps))
+    seed_epoch(run, 0)
+    batches = iter(Steps(run.train_loader, warmup + steps))
     for _ in range(warmup):
         next(batches)
     start = time.perf_counter()
@@ -92,7 +81,8 @@ def through_ray(cfg: DictConfig, warmup: int, steps: int, workers: int, storage:
     cpus, gpus, threads = worker_resources(cfg)
     trainer = TorchTrainer(
         _bench_worker,
-        train_loop_config={"config": to_dict(cfg), "threads": threads, "warmup": warmup, "steps": steps},
+        train_loop_config={"config": cfg, "threads": threads, "plugins": ship_plugins(), "warmup": warmup,
+                           "steps": steps},
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=bool(cfg.scaling.use_gpu),

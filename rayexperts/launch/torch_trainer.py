@@ -1,16 +1,14 @@
 """A run's workers: their resources and torch threads, and a multi-worker run through Ray Train V2's
-``TorchTrainer`` (one per-worker function, plain PyTorch: :func:`rayexperts.engine.worker.train_loop_per_worker`,
-on ``scaling.num_workers`` workers)."""
+``TorchTrainer`` (one per-worker function, plain PyTorch: :func:`rayexperts.engine.entry.ray_train_worker`, on
+``scaling.num_workers`` workers, each given the driver's resolved config)."""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 from omegaconf import DictConfig
 
-from rayexperts.config import to_dict
 from rayexperts.launch.cluster import ship_plugins
 from rayexperts.rundir import RunDir
 
@@ -51,18 +49,12 @@ def worker_threads(cpus: float) -> int:
 POLL_INTERVAL_S = 0.25  # Ray Train's controller polls its workers this often (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """What each Ray Train worker runs: :func:`rayexperts.engine.worker.train_loop_per_worker`, imported
-    there, so that the driver never imports the engine (torchvision, the data pipeline)."""
-    from rayexperts.engine.worker import train_loop_per_worker as loop
-
-    loop(loop_config)
-
-
 def build_trainer(cfg: DictConfig, callbacks: list | None = None):
     """The ``TorchTrainer`` for ``cfg`` (run.name must be set)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from rayexperts.engine.entry import ray_train_worker  # torch is imported by the workers, not here
 
     # Worker prints go straight to stdout (Ray forwards them once) instead of through Train's logger.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -74,8 +66,8 @@ def build_trainer(cfg: DictConfig, callbacks: list | None = None):
     cpus, gpus, threads = worker_resources(cfg)
     resources = {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "threads": threads, "plugins": ship_plugins()},
+        ray_train_worker,
+        train_loop_config={"config": cfg, "threads": threads, "plugins": ship_plugins()},
         scaling_config=ScalingConfig(
             num_workers=int(cfg.scaling.num_workers),
             use_gpu=bool(cfg.scaling.use_gpu),
